@@ -1,0 +1,5 @@
+import sys
+
+from cnnperf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Drop-in ``nn`` modules backed by cnnperf's fused ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
+
+__all__ = ["FusedConv2dBiasReLU"]
+
+
+class FusedConv2dBiasReLU(nn.Conv2d):
+    """``nn.Conv2d`` followed by ReLU, computed by one fused op.
+
+    Same constructor, parameters and ``state_dict`` as :class:`torch.nn.Conv2d`, so a checkpoint moves either
+    way. ``padding_mode`` other than ``'zeros'`` pads explicitly first, as ``nn.Conv2d`` does.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            pad = self._reversed_padding_repeated_twice
+            input = nn.functional.pad(input, pad, mode=self.padding_mode)
+            return conv2d_bias_relu(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d_bias_relu(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                self.groups)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "FusedConv2dBiasReLU":
+        """A fused layer that shares ``conv``'s parameters (no copy), on the same device and dtype."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in ("_modules",)})
+        fused._parameters = dict(conv._parameters)
+        fused._buffers = dict(conv._buffers)
+        fused._modules = dict(conv._modules)
+        return fused

@@ -1,0 +1,1 @@
+"""One module per op: argument checks, the custom op with its autograd, and the Triton launchers."""

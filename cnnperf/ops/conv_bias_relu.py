@@ -1,0 +1,439 @@
+"""conv2d + bias + ReLU: argument checks, the custom op, its autograd, and the Triton launchers.
+
+One path through the layers::
+
+    cnnperf.functional.conv2d_bias_relu / cnnperf.nn.FusedConv2dBiasReLU
+      -> conv2d_bias_relu() here: checks and normalises the arguments once, applies autocast
+      -> torch.ops.cnnperf.conv2d_bias_relu (custom op: fake impl for torch.compile, autograd below)
+           -> Triton kernels (kernels/conv_bias_relu.py) or cnnperf.reference, per cnnperf.backend
+
+Layouts: the Triton path works in NHWC (channels_last). The forward saves input, weight and the output only
+(no pre-activation), so the fused layer keeps no more activation memory than eager conv + ReLU; the ReLU mask
+of the backward is ``output > 0``.
+
+Memory format of the results, the same in the real and the fake implementation (torch.compile relies on it):
+CUDA -> channels_last always; CPU -> channels_last when the input is channels_last, else contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cnnperf import backend, reference
+
+OP = "conv2d_bias_relu"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry: checks once, then the custom op.
+# ---------------------------------------------------------------------------------------------------------
+
+def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one fused op.
+
+    Accepts every argument form of :func:`torch.nn.functional.conv2d`: ints or pairs, ``padding='same'`` or
+    ``'valid'``, unbatched (C, H, W) input, no bias, groups. Under :func:`torch.autocast` it computes in the
+    autocast dtype, as ``nn.Conv2d`` does.
+
+    Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias (C_out,).
+    Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last memory on CUDA.
+    """
+    _check_tensors(input, weight, bias)
+    groups = _check_groups(groups, input, weight)
+    stride = _pair("stride", stride, minimum=1)
+    dilation = _pair("dilation", dilation, minimum=1)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+
+    if isinstance(padding, str):
+        input, padding = _string_padding(padding, input, weight, stride, dilation)
+    else:
+        padding = _pair("padding", padding, minimum=0)
+    _check_output_size(input, weight, stride, padding, dilation)
+
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+
+    out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def _check_tensors(input, weight, bias):
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"{OP}: input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{OP}: weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+    tensors = [("input", input), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in tensors:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{OP}: {name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
+                            f"got {t.dtype} with shape {tuple(t.shape)}")
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} {tuple(t.shape)} on {t.device}" for name, t in tensors)
+        raise RuntimeError(f"{OP}: all tensors must be on one device; got {where}")
+    if not torch.is_autocast_enabled(input.device.type):
+        dtypes = {t.dtype for _, t in tensors}
+        if len(dtypes) > 1:
+            what = ", ".join(f"{name} {t.dtype} {tuple(t.shape)}" for name, t in tensors)
+            raise TypeError(f"{OP}: input, weight and bias must have one dtype; got {what}")
+
+
+def _check_groups(groups, input, weight) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{OP}: groups must be a positive int, got {groups!r}")
+    c_in = input.shape[-3]
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    if c_in != c_in_g * groups:
+        raise ValueError(f"{OP}: input has {c_in} channels (shape {tuple(input.shape)}) but weight "
+                         f"{tuple(weight.shape)} with groups={groups} expects {c_in_g * groups}")
+    if c_out % groups:
+        raise ValueError(f"{OP}: weight has {c_out} output channels (shape {tuple(weight.shape)}), "
+                         f"not divisible by groups={groups}")
+    return groups
+
+
+def _pair(name: str, value, minimum: int) -> list[int]:
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 1:
+        value = (value[0], value[0])
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{OP}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{OP}: {name} must be >= {minimum}, got {tuple(value)}")
+    return [int(value[0]), int(value[1])]
+
+
+def _string_padding(padding: str, input, weight, stride, dilation):
+    """'valid' is no padding; 'same' pads so that OH == H (stride 1 only), asymmetric as torch does it."""
+    if padding == "valid":
+        return input, [0, 0]
+    if padding != "same":
+        raise ValueError(f"{OP}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    if stride != [1, 1]:
+        raise ValueError(f"{OP}: padding='same' is not supported for strided convolutions (stride={tuple(stride)})")
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    symmetric = [t // 2 for t in totals]
+    extra = [t % 2 for t in totals]
+    if any(extra):
+        # Odd total padding: torch puts the extra row/column at the bottom/right. Pad it explicitly.
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
+    return input, symmetric
+
+
+def _check_output_size(input, weight, stride, padding, dilation):
+    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"{OP}: output would be empty ({oh}x{ow}): input {tuple(input.shape)}, weight "
+                         f"{tuple(weight.shape)}, stride={tuple(stride)}, padding={tuple(padding)}, "
+                         f"dilation={tuple(dilation)}")
+
+
+def _output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
+    return tuple((x + 2 * p - d * (k - 1) - 1) // s + 1
+                 for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
+
+
+def _memory_format(input: torch.Tensor) -> torch.memory_format:
+    if input.device.type == "cuda":
+        return torch.channels_last
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The custom ops (registered with torch.library so that torch.compile traces them without graph breaks).
+# ---------------------------------------------------------------------------------------------------------
+
+def _unsupported(input, weight, output_numel: int) -> str | None:
+    """Why the Triton kernels cannot take this call, or None when they can."""
+    if input.dtype not in _TRITON_DTYPES:
+        return f"dtype {input.dtype} is not covered by the Triton kernels (float16, bfloat16, float32 are)"
+    if max(input.numel(), output_numel, weight.numel()) > _INT32_MAX:
+        return (f"tensors over 2**31 elements use 64-bit indexing, which the kernels do not "
+                f"(input {tuple(input.shape)}, output {output_numel} elements)")
+    return None
+
+
+@torch.library.custom_op("cnnperf::conv2d_bias_relu", mutates_args=())
+def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    fmt = _memory_format(input)
+    path = backend.choose(OP, input.device.type,
+                          _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow))
+    if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
+        path = _auto_pick(("fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
+                           tuple(padding), tuple(dilation), groups),
+                          lambda: conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups),
+                          lambda: _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt))
+    if path == "triton":
+        out = conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        out = _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt)
+    return out.contiguous(memory_format=fmt)
+
+
+def _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt):
+    if fmt == torch.channels_last:  # cuDNN then writes channels_last directly, no copy afterwards
+        input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    return reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+
+
+@_conv2d_bias_relu_op.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups):
+    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
+    return out.contiguous(memory_format=_memory_format(input))
+
+
+@torch.library.custom_op("cnnperf::conv2d_bias_relu_backward", mutates_args=())
+def _conv2d_bias_relu_backward_op(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                  output: torch.Tensor, stride: list[int], padding: list[int],
+                                  dilation: list[int], groups: int,
+                                  output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias); an entry not asked for in ``output_mask`` is an empty tensor."""
+    path = backend.choose(OP, input.device.type, _unsupported(input, weight, output.numel()))
+    args = (grad_output, input, weight, output, stride, padding, dilation, groups, output_mask)
+    if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
+        path = _auto_pick(("bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
+                           tuple(dilation), groups, tuple(output_mask)),
+                          lambda: conv_bias_relu_backward(*args), lambda: reference.conv2d_bias_relu_backward(*args))
+    if path == "triton":
+        grads = conv_bias_relu_backward(*args)
+    else:
+        grads = reference.conv2d_bias_relu_backward(*args)
+    return _backward_results(grads, input, weight, output_mask)
+
+
+def _backward_results(grads, input, weight, output_mask):
+    gi, gw, gb = grads
+    empty = input.new_empty((0,))
+    gi = gi.contiguous(memory_format=_memory_format(input)) if output_mask[0] else empty
+    gw = gw.contiguous() if output_mask[1] else empty
+    gb = gb.contiguous() if output_mask[2] else empty
+    return gi, gw, gb
+
+
+@_conv2d_bias_relu_backward_op.register_fake
+def _(grad_output, input, weight, output, stride, padding, dilation, groups, output_mask):
+    grads = (input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+    return _backward_results(grads, input, weight, output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight, output)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_output):
+    input, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return None, None, None, None, None, None, None
+    gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
+        grad_output, input, weight, output, stride, padding, dilation, groups, mask)
+    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None)
+
+
+_conv2d_bias_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# auto on a GPU: per shape, time the Triton kernels against cuDNN once and keep the faster.
+# ---------------------------------------------------------------------------------------------------------
+
+_auto_choice: dict[tuple, str] = {}
+
+
+def _auto_pick(key: tuple, run_triton, run_reference, timer=None) -> str:
+    """The faster of "triton" and "reference" for ``key``, measured on first use and cached.
+
+    ``timer(fn) -> milliseconds`` defaults to ``triton.testing.do_bench`` (median). While a CUDA graph is
+    being captured nothing can be timed, and the Triton path is taken.
+    """
+    if key in _auto_choice:
+        return _auto_choice[key]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "triton"
+    if timer is None:
+        import triton.testing
+
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    t_triton, t_reference = timer(run_triton), timer(run_reference)
+    _auto_choice[key] = "triton" if t_triton <= t_reference else "reference"
+    return _auto_choice[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton launchers (NHWC). Shapes are checked above; inside, the values are trusted.
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from cnnperf.kernels import conv_bias_relu as K
+    return K
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with channel stride 1 and flattenable spatial dims (channels_last), copying only if needed."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _weight_khwc(weight: torch.Tensor) -> torch.Tensor:
+    """Weight as a contiguous (C_out, KH, KW, C_in/groups) tensor: the layout every kernel reads."""
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not backend.interpret():
+        return "tf32"  # the flag torch's own convolutions follow
+    return "ieee"
+
+
+def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """Triton forward: implicit GEMM over NHWC, bias and ReLU in the epilogue. Returns channels_last output."""
+    K = _kernels()
+    x = _nhwc(input)
+    w = _weight_khwc(weight)
+    n, c_in, h, wd = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    oh, ow = _output_hw((h, wd), (kh, kw), stride, padding, dilation)
+    y = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
+    m = n * oh * ow
+    c_out_g = c_out // groups
+    b = bias if bias is not None else w  # never read when HAS_BIAS is False
+    args = (x, w, b, y, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
+    const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
+
+    def grid(meta):
+        return (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(c_out_g, meta["BLOCK_N"]), groups)
+
+    if backend.interpret():
+        K._conv_bias_relu_fwd_kernel[grid](*args, **const, **K.INTERPRET_FWD_CONFIG)
+    else:
+        K.conv_bias_relu_fwd_autotuned(x.dtype)[grid](*args, **const)
+    return y.permute(0, 3, 1, 2)
+
+
+def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding, dilation, groups, output_mask):
+    """Triton backward: ReLU mask + bias-gradient reduction in one pass, then dgrad and wgrad implicit GEMMs."""
+    K = _kernels()
+    n, c_in, h, wd = input.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    _, _, oh, ow = output.shape
+    m = n * oh * ow
+    c_out_g = c_out // groups
+    go = grad_output if _flat_spatial(grad_output) else _nhwc(grad_output)
+    y = output if _flat_spatial(output) else _nhwc(output)
+    prec = _input_precision(input.dtype)
+
+    # 1. g = grad_output * (output > 0), stored NHWC [M, C_out]; bias-gradient partial sums per row block.
+    g = torch.empty((m, c_out), device=go.device, dtype=go.dtype)
+    cfg = K.MASK_CONFIG
+    m_blocks = triton_cdiv(m, cfg["BLOCK_M"])
+    partial_b = torch.empty((m_blocks, c_out) if output_mask[2] else (1,), device=go.device, dtype=torch.float32)
+    K._relu_mask_bias_grad_kernel[(m_blocks, triton_cdiv(c_out, cfg["BLOCK_C"]))](
+        go, y, g, partial_b, m, c_out, oh * ow,
+        go.stride(0), go.stride(3), go.stride(1), y.stride(0), y.stride(3), y.stride(1),
+        COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        num_warps=cfg["num_warps"])
+    grad_bias = partial_b.sum(0).to(weight.dtype) if output_mask[2] else None
+
+    w = _weight_khwc(weight) if output_mask[0] else None
+    grad_input = grad_weight = None
+    if output_mask[0]:
+        dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
+        args = (g, w, dx, n, h, wd, c_in, oh, ow, c_out,
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
+        const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
+        pixels = n * h * wd
+
+        def grid(meta):
+            return (triton_cdiv(pixels, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]), groups)
+
+        if backend.interpret():
+            K._conv_dgrad_kernel[grid](*args, **const, **K.INTERPRET_DGRAD_CONFIG)
+        else:
+            K.conv_dgrad_autotuned(input.dtype)[grid](*args, **const)
+        grad_input = dx.permute(0, 3, 1, 2)
+
+    if output_mask[1]:
+        x = _nhwc(input)
+        split = _wgrad_split(m, c_out_g, c_in_g * kh * kw * groups, g.device)
+        partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
+        args = (g, x, partial_w, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, split)
+        const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
+
+        def grid(meta):
+            tiles = triton_cdiv(c_out_g, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
+            return (tiles, split, groups)
+
+        if backend.interpret():
+            K._conv_wgrad_kernel[grid](*args, **const, **K.INTERPRET_WGRAD_CONFIG)
+        else:
+            K.conv_wgrad_autotuned(input.dtype)[grid](*args, **const)
+        grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
+        grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def _flat_spatial(t: torch.Tensor) -> bool:
+    """Whether (H, W) of a 4-D tensor can be read as one axis of stride ``t.stride(3)`` (NCHW and NHWC can)."""
+    return t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1
+
+
+def _wgrad_split(m: int, c_out_g: int, k_total: int, device: torch.device) -> int:
+    """How many slices the wgrad reduction over M = N*OH*OW is cut into (deterministic: summed afterwards).
+
+    Enough programs to fill the GPU about twice at a nominal 64x64 tile, each slice at least 512 rows, and
+    the fp32 workspace at most 256 MB.
+    """
+    if device.type != "cuda":
+        return min(2, max(1, m // 64))  # the interpreter: still exercise the split
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton_cdiv(c_out_g, 64) * triton_cdiv(k_total, 64)
+    split = max(1, min(triton_cdiv(2 * sms, tiles), m // 512))
+    workspace_cap = (256 << 20) // max(1, 4 * c_out_g * k_total)
+    return int(max(1, min(split, workspace_cap, 128)))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def flops(input_shape: Sequence[int], weight_shape: Sequence[int], output_hw: Sequence[int]) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the forward convolution, for throughput figures."""
+    n = input_shape[0]
+    c_out, c_in_g, kh, kw = weight_shape
+    return 2 * n * c_out * math.prod(output_hw) * c_in_g * kh * kw

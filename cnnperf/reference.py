@@ -1,0 +1,56 @@
+"""Reference PyTorch ops: the CPU path of every cnnperf op and the float64 oracle of every test.
+
+Each function here computes exactly what the matching Triton op computes, with plain PyTorch, in the dtype of
+its inputs. Tests call them on inputs upcast to float64 and compare the kernels against the result with the
+tolerance table in :mod:`cnnperf.testing`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def conv2d_bias_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``relu(conv2d(input, weight, bias))`` with explicit, symmetric integer padding.
+
+    input: (N, C_in, H, W); weight: (C_out, C_in / groups, KH, KW); bias: (C_out,) or None.
+    Returns (N, C_out, OH, OW) in the dtype of ``input``.
+    """
+    return F.relu(F.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups))
+
+
+def conv2d_bias_relu_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    output: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`conv2d_bias_relu` from its saved ``output`` (no pre-activation is kept).
+
+    The ReLU mask is ``output > 0``; ``output_mask`` says which of (grad_input, grad_weight, grad_bias) to
+    compute, the others are returned as None.
+    """
+    grad_pre = grad_output * (output > 0).to(grad_output.dtype)
+    bias_sizes = [weight.shape[0]] if output_mask[2] else None
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_pre, input, weight, bias_sizes,
+        list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2])],
+    )
+    return grad_input, grad_weight, grad_bias
