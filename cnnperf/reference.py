@@ -46,7 +46,7 @@ def conv2d_bias_relu_backward(
     The ReLU mask is ``output > 0``; ``output_mask`` says which of (grad_input, grad_weight, grad_bias) to
     compute, the others are returned as None.
     """
-    grad_pre = grad_output * (output > 0).to(grad_output.dtype)
+    grad_pre = torch.where(output > 0, grad_output, 0)  # as torch's threshold_backward
     bias_sizes = [weight.shape[0]] if output_mask[2] else None
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_pre, input, weight, bias_sizes,

@@ -1,0 +1,284 @@
+"""Triton kernels of the fused conv2d + bias + ReLU, and their config lists.
+
+All kernels work on NHWC (channels_last) activations, so that the GEMM's reduction axis (channels) is
+contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups), contiguous.
+
+- ``_conv_bias_relu_fwd_kernel``: implicit GEMM, M = N*OH*OW output pixels, N = C_out/groups, K = KH*KW*C_in/g,
+  one loop over (kh, kw, channel block); bias + ReLU in the epilogue. Groups are the grid's second axis.
+- ``_relu_mask_bias_grad_kernel``: g = grad_out * (out > 0), and the bias gradient's partial sums per row block
+  in the same pass (summed afterwards on the host side: deterministic, no atomics).
+- ``_conv_dgrad_kernel``: grad_input as an implicit GEMM over input pixels: for each (kh, kw) the output pixel
+  that read this input pixel, if any (stride and dilation handled with masks).
+- ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
+  to an fp32 workspace and summed afterwards (deterministic).
+
+Accumulation is fp32 throughout; ``INPUT_PRECISION`` is "tf32" or "ieee" for fp32 operands of ``tl.dot``.
+Indices are 32-bit: the host sends tensors over 2**31 elements to the reference path.
+"""
+
+import triton
+import triton.language as tl
+
+
+def _configs(rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in rows]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit operands; fp32 operands use half the BLOCK_K so
+# that the pipelined tiles stay within sm_80's 163 KB of shared memory (checked by `cnnperf audit`).
+FWD_CONFIGS_16 = _configs([
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (64, 64, 32, 4, 5), (128, 256, 64, 8, 3),
+])
+FWD_CONFIGS_32 = _configs([
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
+])
+# dgrad: M = input pixels, N = C_in/groups, K = (kh, kw, C_out/groups).
+DGRAD_CONFIGS_16 = FWD_CONFIGS_16
+DGRAD_CONFIGS_32 = FWD_CONFIGS_32
+# wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels.
+WGRAD_CONFIGS_16 = _configs([
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4),
+])
+WGRAD_CONFIGS_32 = _configs([
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
+])
+# The interpreter cannot autotune (it has no GPU to time configs): one fixed, small config each.
+INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+INTERPRET_DGRAD_CONFIG = INTERPRET_FWD_CONFIG
+INTERPRET_WGRAD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1}
+# The mask/bias pass is memory-bound: one config, no tuning.
+MASK_CONFIG = {"BLOCK_M": 64, "BLOCK_C": 64, "num_warps": 4}
+
+_SHAPE_KEY = ["N", "H", "W", "C_in", "OH", "OW", "C_out", "stride_h", "stride_w", "dil_h", "C_in_g", "C_out_g"]
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to a (pid_m, pid_n) tile, GROUP_M row tiles at a time, for L2 reuse."""
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _conv_bias_relu_fwd_kernel(
+    x_ptr,  # input, NHWC memory: x[n, h, w, c] at n*sxn + h*sxh + w*sxw + c
+    w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
+    b_ptr,  # bias (C_out,), read only if HAS_BIAS
+    y_ptr,  # output, contiguous NHWC (N*OH*OW, C_out)
+    N, H, W, C_in,  # input sizes (C_in: all groups)
+    OH, OW, C_out,  # output sizes (C_out: all groups)
+    sxn, sxh, sxw,  # input strides in elements; the channel stride is 1
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    C_in_g, C_out_g,  # channels per group
+    KH: tl.constexpr, KW: tl.constexpr,  # filter size
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    group = tl.program_id(1)
+    M = N * OH * OW
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_out_g, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out_g
+    n_idx = offs_m // (OH * OW)
+    hw = offs_m % (OH * OW)
+    ih0 = (hw // OW) * stride_h - pad_h
+    iw0 = (hw % OW) * stride_w - pad_w
+    x_pix = x_ptr + n_idx * sxn + group * C_in_g  # per-row base, channel 0 of this group
+    co = group * C_out_g + offs_n
+    w_rows = w_ptr + co * (KH * KW * C_in_g)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_blocks = tl.cdiv(C_in_g, BLOCK_K)
+    # One flat loop over (kh, kw, channel block) so that Triton pipelines its loads.
+    for it in range(0, KH * KW * c_blocks):
+        khw = it // c_blocks
+        c0 = (it % c_blocks) * BLOCK_K
+        ih = ih0 + (khw // KW) * dil_h
+        iw = iw0 + (khw % KW) * dil_w
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in_g
+        a = tl.load((x_pix + ih * sxh + iw * sxw)[:, None] + offs_k[None, :],
+                    mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_rows[None, :] + khw * C_in_g + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = tl.maximum(acc, 0.0)
+    y_offs = offs_m[:, None] * C_out + co[None, :]
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _relu_mask_bias_grad_kernel(
+    go_ptr,  # grad of the output, 4-D with flattenable (OH, OW): go[n, c, p] at n*sgn + p*sgp + c*sgc
+    y_ptr,  # saved output, same indexing with its own strides
+    g_ptr,  # out: grad_out * (y > 0), contiguous (M, C), M = N*OH*OW
+    partial_ptr,  # out: fp32 (cdiv(M, BLOCK_M), C) per-row-block sums of g (the bias gradient), if COMPUTE_BIAS
+    M, C, P,  # rows, channels, pixels per image (OH*OW)
+    sgn, sgp, sgc,
+    syn, syp, syc,
+    COMPUTE_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    n_idx = offs_m // P
+    p = offs_m % P
+    go = tl.load(go_ptr + (n_idx * sgn + p * sgp)[:, None] + offs_c[None, :] * sgc, mask=mask, other=0.0)
+    y = tl.load(y_ptr + (n_idx * syn + p * syp)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0)
+    g = tl.where(y > 0, go, tl.zeros_like(go))
+    tl.store(g_ptr + offs_m[:, None] * C + offs_c[None, :], g, mask=mask)
+    if COMPUTE_BIAS:
+        tl.store(partial_ptr + pid_m * C + offs_c, tl.sum(g.to(tl.float32), axis=0), mask=offs_c < C)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
+    w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
+    dx_ptr,  # out: grad of the input, contiguous NHWC (N*H*W, C_in)
+    N, H, W, C_in,
+    OH, OW, C_out,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    C_in_g, C_out_g,
+    KH: tl.constexpr, KW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    group = tl.program_id(1)
+    M = N * H * W
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_in_g, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
+    mask_m = offs_m < M
+    mask_n = offs_n < C_in_g
+    n_idx = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    th0 = hw // W + pad_h  # = oh * stride_h + kh * dil_h for the output pixel that read it
+    tw0 = hw % W + pad_w
+    g_img = g_ptr + n_idx * (OH * OW * C_out) + group * C_out_g
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_blocks = tl.cdiv(C_out_g, BLOCK_K)
+    for it in range(0, KH * KW * k_blocks):
+        khw = it // k_blocks
+        k0 = (it % k_blocks) * BLOCK_K
+        th = th0 - (khw // KW) * dil_h
+        tw = tw0 - (khw % KW) * dil_w
+        oh = th // stride_h
+        ow = tw // stride_w
+        # th, tw >= 0 first: the division of a negative value is never used.
+        row_ok = (mask_m & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
+                  & (oh < OH) & (ow < OW))
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # output channels within the group
+        mask_k = offs_k < C_out_g
+        a = tl.load((g_img + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :],
+                    mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + khw * C_in_g)[:, None]
+                    + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    dx_offs = offs_m[:, None] * C_in + (group * C_in_g + offs_n)[None, :]
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
+    x_ptr,  # input, NHWC memory: x[n, h, w, c] at n*sxn + h*sxh + w*sxw + c
+    dw_ptr,  # out: fp32 workspace (SPLIT, C_out, KH*KW*C_in_g); slice s holds the sum over its rows
+    N, H, W, C_in,
+    OH, OW, C_out,
+    sxn, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    C_in_g, C_out_g,
+    SPLIT,  # number of slices of the reduction over M = N*OH*OW (the grid's second axis)
+    KH: tl.constexpr, KW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    group = tl.program_id(2)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(C_out_g, BLOCK_M)
+    tiles_n = tl.cdiv(C_in_g, BLOCK_N)
+    pid = tl.program_id(0)
+    khw = pid // (tiles_m * tiles_n)
+    pid_m, pid_n = _grouped_tile(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
+    kh = khw // KW
+    kw = khw % KW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within the group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
+    mask_m = offs_m < C_out_g
+    mask_n = offs_n < C_in_g
+    M = N * OH * OW
+    rows = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_K) * BLOCK_K
+    start = split * rows
+    end = tl.minimum(start + rows, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # output pixels
+        mask_k = offs_k < end
+        n_idx = offs_k // (OH * OW)
+        hw = offs_k % (OH * OW)
+        ih = (hw // OW) * stride_h - pad_h + kh * dil_h
+        iw = (hw % OW) * stride_w - pad_w + kw * dil_w
+        pix_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(g_ptr + offs_k[None, :] * C_out + (group * C_out_g + offs_m)[:, None],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(x_ptr + (n_idx * sxn + ih * sxh + iw * sxw + group * C_in_g)[:, None] + offs_n[None, :],
+                    mask=pix_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    k_total = KH * KW * C_in_g
+    dw_offs = (split * C_out + group * C_out_g + offs_m)[:, None] * k_total + khw * C_in_g + offs_n[None, :]
+    tl.store(dw_ptr + dw_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _autotuned(kernel, configs):
+    return triton.autotune(configs=configs, key=_SHAPE_KEY)(kernel)
+
+
+_FWD = {16: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_16),
+        32: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_32)}
+_DGRAD = {16: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_16),
+          32: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_32)}
+_WGRAD = {16: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_16),
+          32: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_32)}
+
+
+def _bits(dtype):
+    return 32 if dtype.itemsize == 4 else 16
+
+
+def conv_bias_relu_fwd_autotuned(dtype):
+    """The forward kernel autotuned over the config list for ``dtype``'s width (a torch dtype)."""
+    return _FWD[_bits(dtype)]
+
+
+def conv_dgrad_autotuned(dtype):
+    """The dgrad kernel autotuned over the config list for ``dtype``'s width."""
+    return _DGRAD[_bits(dtype)]
+
+
+def conv_wgrad_autotuned(dtype):
+    """The wgrad kernel autotuned over the config list for ``dtype``'s width."""
+    return _WGRAD[_bits(dtype)]
