@@ -13,21 +13,13 @@ import torch
 import torch.nn.functional as F
 
 
-def conv2d_bias_relu(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
-    """``relu(conv2d(input, weight, bias))`` with explicit, symmetric integer padding.
+def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``relu(conv2d(input, weight, bias, ...))``, with every argument form ``F.conv2d`` takes.
 
-    input: (N, C_in, H, W); weight: (C_out, C_in / groups, KH, KW); bias: (C_out,) or None.
+    input: (N, C_in, H, W) or (C_in, H, W); weight: (C_out, C_in / groups, KH, KW); bias: (C_out,) or None.
     Returns (N, C_out, OH, OW) in the dtype of ``input``.
     """
-    return F.relu(F.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups))
+    return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
 
 
 def conv2d_bias_relu_backward(

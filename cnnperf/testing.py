@@ -55,3 +55,33 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
     scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
     torch.testing.assert_close(got, ref, atol=tol.atol * scale, rtol=tol.rtol,
                                msg=lambda m: f"{name} ({dtype}, tol {tol}, scale {scale:.3g}): {m}")
+
+
+def check_against_reference(fn, ref_fn, inputs, *, tf32: bool = False, grad_output=None):
+    """Compare ``fn(*inputs)`` and every input gradient with ``ref_fn`` run on float64 copies of the inputs.
+
+    ``inputs`` are tensors (or None, passed through); floating tensors that require grad get their gradients
+    compared too. Both sides are back-propagated with the same random ``grad_output`` (drawn from the global
+    RNG when not given). Returns the output of ``fn``.
+    """
+    def upcast(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+    ref_inputs = [upcast(t) for t in inputs]
+    out = fn(*inputs)
+    ref = ref_fn(*ref_inputs)
+    assert_close(out, ref, dtype=out.dtype, tf32=tf32, name="output")
+    if not out.requires_grad:
+        return out
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    out.backward(grad_output)
+    ref.backward(grad_output.to(torch.float64))
+    for i, (t, r) in enumerate(zip(inputs, ref_inputs)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            if t.grad is None:
+                raise AssertionError(f"input {i} {tuple(t.shape)}: no gradient")
+            assert_close(t.grad, r.grad, dtype=t.dtype, tf32=tf32, name=f"grad of input {i} {tuple(t.shape)}")
+    return out

@@ -1,0 +1,255 @@
+"""conv2d_bias_relu: argument forms, errors, autograd, autocast, torch.compile, the layer and the backend choice.
+
+These run the reference path (fast on the CPU); the Triton kernels themselves are tested under the
+interpreter in test_conv_bias_relu_triton.py against the same float64 oracle.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnperf import backend, reference
+from cnnperf.functional import conv2d_bias_relu
+from cnnperf.nn import FusedConv2dBiasReLU
+from cnnperf.ops import conv_bias_relu as op
+from cnnperf.testing import assert_close, check_against_reference
+
+
+def _tensors(n, c_in, h, w, c_out, k, groups=1, bias=True, dtype=torch.float32):
+    x = torch.randn(n, c_in, h, w, dtype=dtype, requires_grad=True) if n else \
+        torch.randn(c_in, h, w, dtype=dtype, requires_grad=True)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    wt = (torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype) / (c_in // groups * kh * kw) ** 0.5)
+    b = torch.randn(c_out, dtype=dtype, requires_grad=True) if bias else None
+    return x, wt.requires_grad_(), b
+
+
+ARG_FORMS = [
+    dict(stride=1, padding=0, dilation=1),
+    dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(stride=[2, 2], padding=[3, 3], dilation=[1, 1]),
+    dict(stride=(1,), padding=(1,), dilation=(2,)),
+    dict(padding="valid"),
+    dict(padding="same"),
+    dict(padding="same", dilation=2),
+]
+
+
+@pytest.mark.parametrize("kwargs", ARG_FORMS, ids=str)
+@pytest.mark.parametrize("k", [3, (2, 4), 1])
+def test_argument_forms_match_conv2d_relu(kwargs, k):
+    x, w, b = _tensors(2, 4, 9, 8, 6, k)
+    check_against_reference(lambda x, w, b: conv2d_bias_relu(x, w, b, **kwargs),
+                            lambda x, w, b: F.relu(F.conv2d(x, w, b, **kwargs)), [x, w, b])
+
+
+@pytest.mark.parametrize("case", ["unbatched", "no_bias", "groups", "depthwise", "channels_last"])
+def test_input_forms(case):
+    groups = {"groups": 2, "depthwise": 6}.get(case, 1)
+    x, w, b = _tensors(0 if case == "unbatched" else 2, 6, 7, 7, 6, 3, groups=groups, bias=case != "no_bias")
+    if case == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out = check_against_reference(
+        lambda x, w, b: conv2d_bias_relu(x, w, b, padding=1, groups=groups),
+        lambda x, w, b: F.relu(F.conv2d(x, w, b, padding=1, groups=groups)), [x, w, b])
+    if case == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: conv2d_bias_relu(x, w, b, (2, 1), 1, (1, 2), 2), (x, w, b))
+
+
+def test_opcheck_custom_op():
+    """Schema, fake (meta) implementation, autograd registration and dispatch of the custom op."""
+    x, w, b = _tensors(2, 4, 8, 8, 6, 3)
+    torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu.default, (x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    x, w, _ = _tensors(2, 4, 8, 8, 6, 3, groups=2)
+    torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu.default, (x, w, None, [2, 1], [0, 1], [1, 2], 2))
+    out = conv2d_bias_relu(x, w, None, (2, 1), (0, 1), (1, 2), 2).detach()
+    torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu_backward.default,
+                          (torch.randn_like(out), x.detach(), w.detach(), out, [2, 1], [0, 1], [1, 2], 2,
+                           [True, True, False]))
+
+
+def test_saves_no_more_activation_memory_than_eager():
+    x, w, b = _tensors(2, 8, 16, 16, 16, 3)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    fused = saved_bytes(lambda: conv2d_bias_relu(x, w, b, padding=1))
+    eager = saved_bytes(lambda: F.relu(F.conv2d(x, w, b, padding=1)))
+    assert 0 < fused <= eager
+
+
+def test_autocast_cpu_bfloat16_matches_conv2d():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    fused = FusedConv2dBiasReLU(4, 8, 3, padding=1)
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.relu(conv(x))
+        got = fused(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    oracle = F.relu(F.conv2d(*(t.bfloat16().double() for t in (x, conv.weight, conv.bias)), padding=1))
+    assert_close(got, oracle, torch.bfloat16)
+    got.float().sum().backward()
+    assert fused.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    model = nn.Sequential(FusedConv2dBiasReLU(3, 8, 3, padding=1), nn.MaxPool2d(2),
+                          FusedConv2dBiasReLU(8, 8, 3, stride=2, padding=1), nn.Flatten())
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
+    got = compiled(x)
+    assert_close(got, expected.double(), torch.float32)
+    got.sum().backward()
+    grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    expected.sum().backward()
+    assert_close(grad, model[0].weight.grad.double(), torch.float32)
+
+
+def test_layer_state_dict_round_trip():
+    conv = nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=1, bias=True)
+    fused = FusedConv2dBiasReLU(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=1, bias=True)
+    fused.load_state_dict(conv.state_dict())
+    back = nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2))
+    back.load_state_dict(fused.state_dict())
+    assert fused.state_dict().keys() == conv.state_dict().keys()
+    for key, value in conv.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    x = torch.randn(2, 3, 10, 9)
+    assert_close(fused(x), F.relu(conv(x)).double(), torch.float32)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular", "replicate"])
+def test_layer_padding_modes(padding_mode):
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode)
+    fused = FusedConv2dBiasReLU(3, 4, 3, padding=1, padding_mode=padding_mode)
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 3, 6, 7)
+    assert_close(fused(x), F.relu(conv(x)).double(), torch.float32)
+
+
+def test_from_conv_shares_parameters():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    fused = FusedConv2dBiasReLU.from_conv(conv)
+    assert fused.weight is conv.weight and fused.bias is None
+    assert isinstance(fused, nn.Conv2d) and fused.kernel_size == (3, 3)
+
+
+# --- bad input: a clear error naming the argument and the shapes -------------------------------------------
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda: (torch.randn(2, 3, 4, 4, 1), torch.randn(4, 3, 3, 3), None), ValueError, ["input", "(2, 3, 4, 4, 1)"]),
+    (lambda: (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3), None), ValueError, ["weight", "(4, 3, 3)"]),
+    (lambda: (torch.randn(2, 5, 8, 8), torch.randn(4, 3, 3, 3), None), ValueError,
+     ["5 channels", "(2, 5, 8, 8)", "(4, 3, 3, 3)"]),
+    (lambda: (torch.randint(0, 5, (2, 3, 8, 8)), torch.randn(4, 3, 3, 3), None), TypeError,
+     ["input", "torch.int64", "(2, 3, 8, 8)"]),
+    (lambda: (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)), ValueError, ["bias", "(5,)"]),
+    (lambda: (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, device="meta"), None), RuntimeError,
+     ["one device", "input (2, 3, 8, 8) on cpu", "weight (4, 3, 3, 3) on meta"]),
+    (lambda: (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, dtype=torch.float64), None), TypeError,
+     ["torch.float32", "torch.float64"]),
+    (lambda: (torch.randn(2, 3, 2, 2), torch.randn(4, 3, 3, 3), None), ValueError, ["empty", "(2, 3, 2, 2)"]),
+])
+def test_bad_input_names_argument_and_shapes(make, exc, words):
+    x, w, b = make()
+    with pytest.raises(exc) as err:
+        conv2d_bias_relu(x, w, b)
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(stride=0), ["stride", ">= 1"]),
+    (dict(padding=-1), ["padding", ">= 0"]),
+    (dict(dilation=(1, 2, 3)), ["dilation"]),
+    (dict(padding="full"), ["padding", "'full'"]),
+    (dict(padding="same", stride=2), ["same", "strided"]),
+    (dict(groups=2), ["groups=2"]),
+    (dict(groups=0), ["groups"]),
+])
+def test_bad_arguments(kwargs, words):
+    x, w, b = _tensors(1, 3, 8, 8, 4, 3)
+    with pytest.raises(ValueError) as err:
+        conv2d_bias_relu(x, w, b, **kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+# --- backend choice ---------------------------------------------------------------------------------------
+
+def test_backend_rules(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("CNNPERF_BACKEND", "auto")
+    assert backend.choose("op", "cpu", None) == "reference"
+    monkeypatch.setenv("CNNPERF_BACKEND", "triton")
+    with pytest.raises(backend.UnsupportedError, match="cpu tensors"):
+        backend.choose("op", "cpu", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.choose("op", "cpu", None) == "triton"
+    with pytest.raises(backend.UnsupportedError, match="dtype torch.float64"):
+        backend.choose("op", "cpu", "dtype torch.float64 is not covered")
+    monkeypatch.setenv("CNNPERF_BACKEND", "fast")
+    with pytest.raises(ValueError, match="CNNPERF_BACKEND"):
+        backend.choose("op", "cpu", None)
+    with backend.override("reference"):
+        assert backend.choose("op", "cpu", None) == "reference"
+
+
+def test_auto_takes_reference_for_float64_with_one_warning(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_warned", set())
+    x, w, b = _tensors(1, 2, 5, 5, 3, 3, dtype=torch.float64)
+    with backend.override("auto"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = conv2d_bias_relu(x, w, b)
+    messages = [str(c.message) for c in caught if "reference" in str(c.message)]
+    assert len(messages) == 1 and "float64" in messages[0]
+    assert_close(out, reference.conv2d_bias_relu(x, w, b))
+
+
+def test_forced_triton_on_float64_raises():
+    x, w, b = _tensors(1, 2, 5, 5, 3, 3, dtype=torch.float64)
+    if not backend.device_runs_triton("cpu"):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    with backend.override("triton"), pytest.raises(backend.UnsupportedError, match="float64"):
+        conv2d_bias_relu(x, w, b)
+
+
+def test_auto_pick_keeps_the_faster_and_caches(monkeypatch):
+    monkeypatch.setattr(op, "_auto_choice", {})
+    times = {"t": 2.0, "r": 1.0}
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())
+        return times[calls[-1]]
+
+    assert op._auto_pick("k", lambda: "t", lambda: "r", timer=timer) == "reference"
+    times["r"] = 3.0
+    assert op._auto_pick("k", lambda: "t", lambda: "r", timer=timer) == "reference"  # cached
+    assert op._auto_pick("k2", lambda: "t", lambda: "r", timer=timer) == "triton"
+    assert calls == ["t", "r", "t", "r"]
