@@ -9,6 +9,10 @@ from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
 
 __all__ = ["FusedConv2dBiasReLU"]
 
+# torch.fx records conv2d_bias_relu as one call instead of tracing into its argument checks, so models made
+# of fused layers stay symbolically traceable (and fuse() can run on them again).
+torch.fx.wrap("conv2d_bias_relu")
+
 
 class FusedConv2dBiasReLU(nn.Conv2d):
     """``nn.Conv2d`` followed by ReLU, computed by one fused op.

@@ -51,7 +51,9 @@ INTERPRET_WGRAD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M"
 # The mask/bias pass is memory-bound: one config, no tuning.
 MASK_CONFIG = {"BLOCK_M": 64, "BLOCK_C": 64, "num_warps": 4}
 
-_SHAPE_KEY = ["N", "H", "W", "C_in", "OH", "OW", "C_out", "stride_h", "stride_w", "dil_h", "C_in_g", "C_out_g"]
+# Autotune key: the problem's shape (tensor dtypes are added by the autotuner itself).
+_SHAPE_KEY = ["N", "H", "W", "C_in", "OH", "OW", "C_out", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w",
+              "dil_h", "dil_w"]
 
 
 @triton.jit

@@ -253,3 +253,10 @@ def test_auto_pick_keeps_the_faster_and_caches(monkeypatch):
     assert op._auto_pick("k", lambda: "t", lambda: "r", timer=timer) == "reference"  # cached
     assert op._auto_pick("k2", lambda: "t", lambda: "r", timer=timer) == "triton"
     assert calls == ["t", "r", "t", "r"]
+
+
+def test_fused_layer_is_fx_traceable():
+    model = nn.Sequential(FusedConv2dBiasReLU(3, 4, 3, padding=1), nn.MaxPool2d(2))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(traced(x), model(x))
