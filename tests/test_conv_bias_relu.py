@@ -128,6 +128,16 @@ def test_torch_compile_fullgraph(compile_backend):
     assert_close(grad, model[0].weight.grad.double(), torch.float32)
 
 
+def test_torch_compile_under_autocast():
+    layer = FusedConv2dBiasReLU(3, 4, 3, padding=1)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = compiled(x), layer(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+
+
 def test_layer_state_dict_round_trip():
     conv = nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=1, bias=True)
     fused = FusedConv2dBiasReLU(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=1, bias=True)

@@ -17,6 +17,7 @@ CUDA -> channels_last always; CPU -> channels_last when the input is channels_la
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -421,11 +422,16 @@ def _wgrad_split(m: int, c_out_g: int, k_total: int, device: torch.device) -> in
     """
     if device.type != "cuda":
         return min(2, max(1, m // 64))  # the interpreter: still exercise the split
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton_cdiv(c_out_g, 64) * triton_cdiv(k_total, 64)
     split = max(1, min(triton_cdiv(2 * sms, tiles), m // 512))
     workspace_cap = (256 << 20) // max(1, 4 * c_out_g * k_total)
     return int(max(1, min(split, workspace_cap, 128)))
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def triton_cdiv(a: int, b: int) -> int:
