@@ -1,5 +1,328 @@
-"""fuse(model): placeholder, replaced by the real implementation."""
+"""``fuse(model)``: each ``Conv2d -> ReLU`` of a model becomes one :class:`cnnperf.nn.FusedConv2dBiasReLU`.
+
+Two ways of finding the pattern, tried from the model down:
+
+- ``nn.Sequential``: consecutive children. The conv becomes the fused layer in its slot, the ReLU (and a folded
+  BatchNorm2d) become ``nn.Identity``, so the Sequential keeps its indices and the other layers their
+  ``state_dict`` keys. Then each child is fused in turn.
+- any other module: ``torch.fx`` tracing. A conv node whose only user is a ReLU (``nn.ReLU``, ``F.relu``,
+  ``torch.relu``, ``Tensor.relu``, in-place or not) is fused and the ReLU node removed. If anything was fused,
+  the module is replaced by the rewritten ``torch.fx.GraphModule``; it keeps the qualified names of the
+  submodules it calls, so the ``state_dict`` keys stay the same. A module that cannot be traced is left as it
+  is and its children are fused one by one.
+
+In eval mode ``Conv2d -> BatchNorm2d -> ReLU`` is fused too, with the BatchNorm folded into the conv's weight
+and bias. A ``Conv2d -> BatchNorm2d`` without a ReLU after it is left as it is (folding it would not give a
+fused layer; :func:`torch.fx.experimental.optimization.fuse` does that).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from cnnperf.nn import FusedConv2dBiasReLU
+
+__all__ = ["fuse", "FuseReport", "REPORT_ATTRIBUTE"]
+
+REPORT_ATTRIBUTE = "cnnperf_fuse_report"  # the attribute of the returned model that holds its FuseReport
+
+_log = logging.getLogger(__name__)
+
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def fuse(model, *, inplace=False):
-    raise NotImplementedError
+@dataclass
+class FuseReport:
+    """What :func:`fuse` did. Names are qualified module names in the input model (``""`` is the model itself).
+
+    fused: the convs that are now ``FusedConv2dBiasReLU`` layers (under the same name in the returned model).
+    folded_bn: the BatchNorm2d layers folded into them (gone from the returned model).
+    skipped: ``(name, reason)`` for each ``nn.Conv2d`` left as it is.
+    untraced: ``(name, error)`` for each module ``torch.fx`` could not trace (its children were fused instead).
+    """
+
+    fused: list[str] = field(default_factory=list)
+    folded_bn: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"cnnperf.fuse: {len(self.fused)} Conv2d+ReLU fused ({len(self.folded_bn)} with BatchNorm2d "
+                 f"folded), {len(self.skipped)} Conv2d left as they are"]
+        lines += [f"  fused     {name}" for name in self.fused]
+        lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"  untraced  {name or '(model)'}: {error}" for name, error in self.untraced]
+        return "\n".join(lines)
+
+
+def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` with each ``Conv2d -> ReLU`` as one :class:`~cnnperf.nn.FusedConv2dBiasReLU` layer.
+
+    Only exact ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.ReLU`` layers are fused, and only when the conv's
+    output goes to the ReLU alone (through the BatchNorm2d alone, if there is one). With ``model`` in eval mode,
+    ``Conv2d -> BatchNorm2d -> ReLU`` is fused as well, the BatchNorm folded into the conv's weight and bias
+    (computed in float64, stored in the conv's dtype; a bias is created if the conv had none). In training mode
+    no BatchNorm is folded. Layers with hooks are not fused (the hooks would no longer see what they expect).
+
+    Modules rewritten through ``torch.fx`` come back as ``GraphModule``: their Python control flow is fixed as
+    it was when traced (branches on ``self.training`` included), so fuse a model in the mode it will run in.
+
+    Args:
+        model: the model; it is left unchanged unless ``inplace``.
+        inplace: fuse ``model`` itself instead of a deep copy. Its submodules are replaced in place, so it
+            computes what the returned model computes; when ``model`` itself is rewritten by ``torch.fx``, the
+            returned GraphModule shares its layers and parameters instead. Always use the returned model.
+
+    Returns:
+        The fused model, with a :class:`FuseReport` as its attribute ``cnnperf_fuse_report``; the report is also
+        logged at INFO level to the ``cnnperf.fuse`` logger. Its ``state_dict`` has the input's keys, less
+        those of folded BatchNorms (fused layers keep the conv's keys; a folded one gains ``bias``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = FuseReport()
+    model = _fuse_module(model, "", fold=not model.training, report=report)
+    setattr(model, REPORT_ATTRIBUTE, report)
+    _log.info("%s", report)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The walk down the module tree.
+# ---------------------------------------------------------------------------------------------------------
+
+def _fuse_module(module: nn.Module, name: str, fold: bool, report: FuseReport) -> nn.Module:
+    """``module`` fused: the same object changed in place, or the GraphModule that replaces it."""
+    if not any(type(m) is nn.Conv2d for m in module.modules()):
+        return module
+    if type(module) is nn.Sequential:
+        _fuse_sequential(module, name, fold, report)
+        return module
+    try:
+        traced = _trace(module)
+    except Exception as error:  # any failure to trace (TraceError, TypeError, ...) means: try the children
+        report.untraced.append((name, f"{type(error).__name__}: {error}".splitlines()[0]))
+        _fuse_children(module, name, fold, report)
+        return module
+    return traced if _fuse_graph(traced, name, fold, report) else module
+
+
+def _fuse_children(module: nn.Module, name: str, fold: bool, report: FuseReport) -> None:
+    """Fuse each child of a module that torch.fx cannot trace (so what follows its convs is unknown)."""
+    for child_name, child in list(module.named_children()):
+        qualified = _join(name, child_name)
+        if type(child) is nn.Conv2d:
+            report.skipped.append((qualified, "called by a module that torch.fx cannot trace"))
+            continue
+        fused = _fuse_module(child, qualified, fold, report)
+        if fused is not child:
+            setattr(module, child_name, fused)
+
+
+class _Tracer(torch.fx.Tracer):
+    """The default tracer, with fused layers as leaves (their forward checks shapes, which a Proxy cannot pass)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FusedConv2dBiasReLU) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(module)
+    return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two pattern finders. Each hands (conv, BatchNorm2d or None, ReLU module or None) to _fused_layer.
+# ---------------------------------------------------------------------------------------------------------
+
+def _fuse_sequential(seq: nn.Sequential, name: str, fold: bool, report: FuseReport) -> None:
+    """Fuse consecutive children of ``seq``, and fuse inside the other children, in order."""
+    children = list(seq.named_children())
+    layers = [m for _, m in children] + [None]  # None: the end of the Sequential
+    for i, (child_name, layer) in enumerate(children):
+        qualified = _join(name, child_name)
+        if type(layer) is not nn.Conv2d:
+            if seq[i] is layer:  # not a ReLU or BatchNorm2d already replaced by Identity
+                seq[i] = _fuse_module(layer, qualified, fold, report)
+            continue
+        bn = layers[i + 1] if type(layers[i + 1]) is nn.BatchNorm2d else None
+        relu = layers[i + 2] if bn is not None else layers[i + 1]
+        if type(relu) is not nn.ReLU:
+            report.skipped.append((qualified, f"followed by {_chain(bn, _layer_name(relu))}, not a ReLU"))
+            continue
+        bn_name = _join(name, children[i + 1][0]) if bn is not None else None
+        fused = _fused_layer(qualified, layer, bn_name, bn, relu, fold, report)
+        if fused is None:
+            continue
+        seq[i] = fused
+        for j in range(i + 1, i + (3 if bn is not None else 2)):
+            seq[j] = nn.Identity()
+
+
+def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseReport) -> bool:
+    """Fuse in ``gm``'s graph; whether anything was fused. Fused layers are installed in ``gm`` only."""
+    modules = dict(gm.named_modules())
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    read_directly = {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
+    seen = set()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) is not nn.Conv2d or node.target in seen:
+            continue
+        seen.add(node.target)
+        qualified = _join(name, node.target)
+        if calls[node.target] > 1:
+            # One module, several call sites: replacing it would change all of them.
+            report.skipped.append((qualified, f"called {calls[node.target]} times in forward"))
+            continue
+        if node.target in read_directly:
+            report.skipped.append((qualified, "its parameters are also read directly in forward"))
+            continue
+        found = _graph_chain(node, modules)
+        if isinstance(found, str):
+            report.skipped.append((qualified, found))
+            continue
+        bn_node, relu_node = found
+        bn = modules[bn_node.target] if bn_node is not None else None
+        relu = modules[relu_node.target] if relu_node.op == "call_module" else None
+        bn_name = _join(name, bn_node.target) if bn_node is not None else None
+        fused = _fused_layer(qualified, modules[node.target], bn_name, bn, relu, fold, report)
+        if fused is None:
+            continue
+        # gm's containers are its own (GraphModule builds them), so the traced module is not touched.
+        gm.set_submodule(node.target, fused)
+        relu_node.replace_all_uses_with(node)
+        gm.graph.erase_node(relu_node)
+        if bn_node is not None:
+            gm.graph.erase_node(bn_node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()  # drops folded BatchNorms (and their state_dict keys)
+        gm.recompile()
+    return changed
+
+
+def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module]):
+    """``(bn_node or None, relu_node)`` when the conv's output goes to a ReLU alone, else the reason it does not."""
+    user = _sole_user(conv_node)
+    if user is None:
+        return f"its output has {len(conv_node.users)} users; only a ReLU as the one user can be fused"
+    bn_node = None
+    if user.op == "call_module" and type(modules[user.target]) is nn.BatchNorm2d:
+        bn_node, user = user, _sole_user(user)
+        if user is None:
+            return f"followed by BatchNorm2d, whose output has {len(bn_node.users)} users"
+    if not _is_relu_node(user, conv_node if bn_node is None else bn_node, modules):
+        bn = modules[bn_node.target] if bn_node is not None else None
+        return f"followed by {_chain(bn, _node_name(user, modules))}, not a ReLU"
+    return bn_node, user
+
+
+def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu_node(node: torch.fx.Node, producer: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a ReLU of ``producer``'s output (and of nothing else)."""
+    if node.all_input_nodes != [producer]:
+        return False
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One pattern: the fused layer, or None with the reason in the report.
+# ---------------------------------------------------------------------------------------------------------
+
+def _fused_layer(name: str, conv: nn.Conv2d, bn_name: str | None, bn: nn.BatchNorm2d | None,
+                 relu: nn.ReLU | None, fold: bool, report: FuseReport) -> FusedConv2dBiasReLU | None:
+    """The fused layer for ``conv [-> bn] -> relu`` (``relu`` None: a functional ReLU), or None if not fusable."""
+    if any(getattr(m, hooks) for m in (conv, bn, relu) if m is not None for hooks in _HOOK_DICTS):
+        report.skipped.append((name, "it or a layer after it has hooks, which the fused layer would bypass"))
+        return None
+    if bn is None:
+        fused = FusedConv2dBiasReLU.from_conv(conv)
+    else:
+        reason = _why_not_foldable(bn, fold)
+        if reason is not None:
+            report.skipped.append((name, f"followed by BatchNorm2d {bn_name}: {reason}"))
+            return None
+        fused = _fold_batchnorm(conv, bn)
+        report.folded_bn.append(bn_name)
+    report.fused.append(name)
+    return fused
+
+
+def _why_not_foldable(bn: nn.BatchNorm2d, fold: bool) -> str | None:
+    if not fold:
+        return "BatchNorm is folded only in eval mode"
+    if bn.training:
+        return "it is in training mode although the model is in eval mode"
+    if not bn.track_running_stats or bn.running_mean is None:
+        return "track_running_stats=False, so it normalises with batch statistics even in eval mode"
+    return None
+
+
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FusedConv2dBiasReLU:
+    """``relu(bn(conv(x)))`` of an eval-mode ``bn`` as one fused layer with new parameters (``conv`` unchanged).
+
+    weight' = weight * s, bias' = (bias - running_mean) * s + beta, with s = gamma / sqrt(running_var + eps);
+    computed in float64 and stored in the conv weight's dtype, on its device.
+    """
+    weight = conv.weight.detach()
+
+    def f64(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        if t is None:  # no conv bias, or a BatchNorm with affine=False
+            return torch.full((weight.shape[0],), default, dtype=torch.float64, device=weight.device)
+        return t.detach().to(device=weight.device, dtype=torch.float64)
+
+    scale = f64(bn.weight, 1.0) / torch.sqrt(f64(bn.running_var, 1.0) + bn.eps)
+    new_weight = f64(weight, 0.0) * scale.reshape(-1, 1, 1, 1)
+    new_bias = (f64(conv.bias, 0.0) - f64(bn.running_mean, 0.0)) * scale + f64(bn.bias, 0.0)
+
+    fused = FusedConv2dBiasReLU.from_conv(conv)
+    requires_grad = conv.weight.requires_grad
+    fused.weight = nn.Parameter(new_weight.to(weight.dtype), requires_grad=requires_grad)
+    fused.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=requires_grad)
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names for the report.
+# ---------------------------------------------------------------------------------------------------------
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _chain(bn: nn.BatchNorm2d | None, after: str) -> str:
+    return f"BatchNorm2d and {after}" if bn is not None else after
+
+
+def _layer_name(layer: nn.Module | None) -> str:
+    return type(layer).__name__ if layer is not None else "the end of the Sequential"
+
+
+def _node_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op == "output":
+        return "the module's output"
+    return getattr(node.target, "__name__", str(node.target))

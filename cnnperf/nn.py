@@ -33,9 +33,12 @@ class FusedConv2dBiasReLU(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d) -> "FusedConv2dBiasReLU":
         """A fused layer that shares ``conv``'s parameters (no copy), on the same device and dtype."""
         fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in ("_modules",)})
-        fused._parameters = dict(conv._parameters)
-        fused._buffers = dict(conv._buffers)
-        fused._modules = dict(conv._modules)
+        nn.Module.__init__(fused)  # fresh hook, parameter, buffer and module dicts: nothing shared with conv
+        module_state = set(fused.__dict__)
+        fused.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in module_state})
+        fused.training = conv.training
+        fused._parameters.update(conv._parameters)
+        fused._buffers.update(conv._buffers)
+        fused._non_persistent_buffers_set.update(conv._non_persistent_buffers_set)
+        fused._modules.update(conv._modules)
         return fused

@@ -165,6 +165,8 @@ def test_from_conv_shares_parameters():
     fused = FusedConv2dBiasReLU.from_conv(conv)
     assert fused.weight is conv.weight and fused.bias is None
     assert isinstance(fused, nn.Conv2d) and fused.kernel_size == (3, 3)
+    fused.register_forward_hook(lambda *args: None)
+    assert not conv._forward_hooks  # hooks are the layer's own, not shared with conv
 
 
 # --- bad input: a clear error naming the argument and the shapes -------------------------------------------

@@ -1,0 +1,452 @@
+"""cnnperf.fuse: which layers it fuses, that the fused model computes the same outputs and gradients, and that
+it leaves the input model alone.
+
+Models are float64 where outputs are compared, so that the comparison (cnnperf.testing, float64 row) sees only
+the rounding of BatchNorm folding; one test checks a float32 model against its float64 reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import cnnperf
+from cnnperf import testing
+from cnnperf.fuse import REPORT_ATTRIBUTE, FuseReport
+from cnnperf.nn import FusedConv2dBiasReLU
+
+RELU_TARGETS = (F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and helpers.
+# ---------------------------------------------------------------------------------------------------------
+
+def vgg_net(batchnorm: bool) -> nn.Sequential:
+    """VGG-style: nested conv blocks, a bare conv -> ReLU, and a last conv that no ReLU follows. Input 16x16."""
+
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        if batchnorm:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.ReLU(inplace=True))
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True))
+
+    return nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+
+
+class FunctionalNet(nn.Module):
+    """ReLUs as functions and tensor methods, in-place or not: only torch.fx sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.conv4 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = self.conv3(x).relu_()
+        return F.relu(self.conv4(x), inplace=True)
+
+
+class TwoUsers(nn.Module):
+    """``conv``'s output goes to the ReLU and to the add: it must stay a plain conv. ``other`` fuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(self.other(F.relu(y) + y))
+
+
+class SharedConv(nn.Module):
+    """``conv`` is called twice: replacing it would change both calls. ``other`` fuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = F.relu(self.conv(x))
+        return F.relu(self.other(x))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow, which torch.fx cannot trace; its children still fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.block = FunctionalNet()
+        self.block.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.block(self.features(x))
+        if x.sum() > 0:
+            x = F.relu(self.head(x))
+        return x
+
+
+class WithFusedLayer(nn.Module):
+    """Already has a FusedConv2dBiasReLU, whose forward torch.fx must not trace into."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = FusedConv2dBiasReLU(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(self.pre(x)))
+
+
+def resnet18() -> nn.Module:
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters away from (0, 1), so that folding them is not a no-op."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.track_running_stats:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def fused_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, FusedConv2dBiasReLU)]
+
+
+def count(model: nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in model.modules())
+
+
+def report(model: nn.Module) -> FuseReport:
+    return getattr(model, REPORT_ATTRIBUTE)
+
+
+def relu_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes
+            if (n.op == "call_module" and type(modules[n.target]) is nn.ReLU)
+            or (n.op in ("call_function", "call_method") and n.target in RELU_TARGETS)]
+
+
+def assert_same_outputs(model: nn.Module, fused: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = model(x.clone())
+        actual = fused(x.clone())
+    testing.assert_close(actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.Sequential.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["plain", "batchnorm"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sequential_fuses_and_keeps_outputs(batchnorm, mode):
+    model = randomize_batchnorm(vgg_net(batchnorm)).double().train(mode == "train")
+    fused = cnnperf.fuse(model)
+
+    folds = batchnorm and mode == "eval"
+    expected = ["0.0", "2.0", "3"] if folds or not batchnorm else ["3"]
+    assert fused_layers(fused) == expected
+    assert report(fused).fused == expected
+    assert report(fused).folded_bn == (["0.1", "2.1"] if folds else [])
+    assert ("6", "followed by Flatten, not a ReLU") in report(fused).skipped
+    assert type(fused) is nn.Sequential and type(fused[0]) is nn.Sequential  # structure kept
+    # The ReLU (and a folded BatchNorm) become Identity, so the indices stay.
+    assert type(fused[4]) is nn.Identity and len(fused) == len(model)
+    assert count(fused, nn.ReLU) == (2 if batchnorm and not folds else 0)
+    assert count(fused, nn.BatchNorm2d) == (0 if folds or not batchnorm else 2)
+
+    assert_same_outputs(model, fused, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
+def test_fold_keeps_conv_arguments_and_creates_bias():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False, padding_mode="reflect")
+    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(6), nn.ReLU())).double().eval()
+    fused = cnnperf.fuse(model)
+
+    layer = fused[0]
+    assert type(layer) is FusedConv2dBiasReLU
+    for attribute in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
+        assert getattr(layer, attribute) == getattr(conv, attribute), attribute
+    assert layer.bias is not None and layer.bias.dtype == torch.float64
+    assert conv.bias is None  # the input model's conv is untouched
+    assert_same_outputs(model, fused, torch.randn(2, 4, 11, 13, dtype=torch.float64))
+
+
+def test_fold_float32_matches_float64_reference():
+    model = randomize_batchnorm(vgg_net(batchnorm=True)).eval()
+    fused = cnnperf.fuse(model)
+    assert fused[0][0].weight.dtype == fused[0][0].bias.dtype == torch.float32
+    assert report(fused).folded_bn == ["0.1", "2.1"]
+
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        actual = fused(x)
+        reference = model.double()(x.double())  # the unfused model, converted in place after fusing a copy
+    testing.assert_close(actual, reference, torch.float32)
+
+
+def test_batchnorm_without_affine_is_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU())
+    model = randomize_batchnorm(model).double().eval()
+    fused = cnnperf.fuse(model)
+    assert report(fused).folded_bn == ["1"]
+    assert_same_outputs(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def bn_left_in_training() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model[1].train()
+    return model
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval(),
+     "track_running_stats=False"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)).eval(),
+     "followed by BatchNorm2d and MaxPool2d, not a ReLU"),
+    (bn_left_in_training, "in training mode although the model is in eval mode"),
+], ids=["no-running-stats", "no-relu", "bn-in-training"])
+def test_eval_batchnorm_not_folded(make, reason):
+    model = randomize_batchnorm(make()).double()
+    fused = cnnperf.fuse(model)
+
+    assert [type(m) for m in fused] == [type(m) for m in model]
+    assert report(fused).fused == [] and report(fused).folded_bn == []
+    [(name, why)] = report(fused).skipped
+    assert name == "0" and reason in why
+    assert_same_outputs(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_conv_with_hook_is_not_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    model[0].register_forward_hook(lambda module, args, output: None)
+    fused = cnnperf.fuse(model)
+    assert type(fused[0]) is nn.Conv2d and type(fused[1]) is nn.ReLU
+    assert type(fused[2]) is FusedConv2dBiasReLU
+    assert "hooks" in dict(report(fused).skipped)["0"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.fx.
+# ---------------------------------------------------------------------------------------------------------
+
+def test_functional_relu_is_fused_through_fx():
+    model = FunctionalNet().double()
+    fused = cnnperf.fuse(model)
+
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert fused_layers(fused) == ["conv1", "conv2", "conv3", "conv4"]
+    assert report(fused).fused == ["conv1", "conv2", "conv3", "conv4"]
+    assert relu_nodes(fused) == []  # the ReLUs are gone, not left to run twice
+    assert_same_outputs(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_conv_with_two_users_is_not_fused():
+    model = TwoUsers().double()
+    fused = cnnperf.fuse(model)
+
+    assert type(fused.conv) is nn.Conv2d and type(fused.other) is FusedConv2dBiasReLU
+    assert dict(report(fused).skipped)["conv"].startswith("its output has 2 users")
+    assert len(relu_nodes(fused)) == 1  # the ReLU of conv stays
+    assert_same_outputs(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_conv_called_twice_is_not_fused():
+    model = SharedConv().double()
+    fused = cnnperf.fuse(model)
+
+    assert type(fused.conv) is nn.Conv2d and type(fused.other) is FusedConv2dBiasReLU
+    assert report(fused).skipped == [("conv", "called 2 times in forward")]
+    assert_same_outputs(model, fused, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+
+
+def test_untraceable_module_fuses_its_children():
+    model = Branchy().double()
+    fused = cnnperf.fuse(model)
+
+    assert type(fused) is Branchy
+    assert [name for name, _ in report(fused).untraced] == [""]
+    assert isinstance(fused.block, torch.fx.GraphModule)
+    assert fused_layers(fused) == ["features.0", "block.conv1", "block.conv2", "block.conv3", "block.conv4"]
+    assert dict(report(fused).skipped)["head"] == "called by a module that torch.fx cannot trace"
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert model(x).sum() > 0  # the branch through head is taken
+    assert_same_outputs(model, fused, x)
+
+
+def test_existing_fused_layer_does_not_stop_tracing():
+    model = WithFusedLayer().double()
+    fused = cnnperf.fuse(model)
+    assert report(fused).untraced == []
+    assert fused_layers(fused) == ["pre", "conv"] and report(fused).fused == ["conv"]
+    assert_same_outputs(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ResNet-18.
+# ---------------------------------------------------------------------------------------------------------
+
+FOLDABLE_RESNET18 = ["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+
+
+def test_resnet18_eval_folds_stem_and_block_conv1():
+    model = randomize_batchnorm(resnet18()).double().eval()
+    fused = cnnperf.fuse(model)
+
+    assert fused_layers(fused) == FOLDABLE_RESNET18
+    assert report(fused).folded_bn == [name.replace("conv", "bn") for name in FOLDABLE_RESNET18]
+    # conv2 -> bn2 and downsample conv -> bn go to the residual add: not fused, BatchNorm kept.
+    assert count(fused, nn.BatchNorm2d) == 8 + 3
+    assert count(fused, nn.Conv2d) == 8 + 3
+    skipped = dict(report(fused).skipped)
+    assert len(skipped) == 11 and skipped["layer1.0.conv2"] == "followed by BatchNorm2d and add, not a ReLU"
+    assert_same_outputs(model, fused, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_resnet18_train_folds_no_batchnorm():
+    model = resnet18().double().train()
+    fused = cnnperf.fuse(model)
+
+    assert report(fused).fused == [] and report(fused).folded_bn == []
+    assert fused_layers(fused) == [] and count(fused, nn.BatchNorm2d) == 20
+    assert "folded only in eval mode" in dict(report(fused).skipped)["layer1.0.conv1"]
+    assert type(fused) is type(model)  # nothing fused: the module is not replaced by a GraphModule
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The input model, state_dict, gradients, report.
+# ---------------------------------------------------------------------------------------------------------
+
+def snapshot(model: nn.Module):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, [(name, type(m)) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("make", [lambda: vgg_net(batchnorm=True), resnet18, Branchy],
+                         ids=["sequential", "resnet18", "untraceable"])
+def test_input_model_is_unchanged(make):
+    model = randomize_batchnorm(make()).eval()
+    state, types = snapshot(model)
+    fused = cnnperf.fuse(model)
+
+    assert fused_layers(fused)  # something was fused
+    after_state, after_types = snapshot(model)
+    assert after_types == types
+    assert after_state.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(after_state[key], value), key
+    assert not hasattr(model, REPORT_ATTRIBUTE)
+
+
+def test_inplace_modifies_the_model():
+    model = randomize_batchnorm(vgg_net(batchnorm=True)).double().eval()
+    reference = cnnperf.fuse(model)
+    fused = cnnperf.fuse(model, inplace=True)
+
+    assert fused is model
+    assert fused_layers(model) == ["0.0", "2.0", "3"]
+    assert "0.1.running_mean" not in model.state_dict()
+    assert_same_outputs(reference, model, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
+def test_inplace_replaces_traced_children():
+    model = Branchy().double()
+    reference = cnnperf.fuse(model)
+    fused = cnnperf.fuse(model, inplace=True)
+
+    assert fused is model and isinstance(model.block, torch.fx.GraphModule)
+    assert type(model.features[0]) is FusedConv2dBiasReLU
+    assert_same_outputs(reference, model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [lambda: vgg_net(batchnorm=False), FunctionalNet], ids=["sequential", "fx"])
+def test_state_dict_moves_between_fused_and_plain(make):
+    fused = cnnperf.fuse(make().double())
+    plain = make().double()  # other weights (the seed moved on)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert not torch.allclose(fused(x), plain(x))
+
+    other_plain = make().double()
+    other_plain.load_state_dict(fused.state_dict())  # strict: the same keys both ways
+    assert_same_outputs(fused, other_plain, x)
+    fused.load_state_dict(plain.state_dict())
+    assert_same_outputs(plain, fused, x)
+
+
+@pytest.mark.parametrize("make", [lambda: vgg_net(batchnorm=True), lambda: vgg_net(batchnorm=False),
+                                  FunctionalNet], ids=["sequential-bn", "sequential", "fx"])
+def test_gradients_match_unfused(make):
+    model = make().double().train()
+    fused = cnnperf.fuse(model)
+    assert fused_layers(fused)
+
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    grad_out = None
+    grads = []
+    for net in (model, fused):
+        net.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = net(xi)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        out.backward(grad_out)
+        grads.append({"input": xi.grad, **{name: p.grad for name, p in net.named_parameters()}})
+
+    expected, actual = grads
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert grad is not None and actual[name] is not None, name
+        testing.assert_close(actual[name], grad, name=f"grad of {name}")
+
+
+def test_report_is_logged_and_printable(caplog):
+    with caplog.at_level(logging.INFO, logger="cnnperf.fuse"):
+        fused = cnnperf.fuse(TwoUsers())
+    text = str(report(fused))
+    assert text.startswith("cnnperf.fuse: 1 Conv2d+ReLU fused (0 with BatchNorm2d folded), 1 Conv2d left")
+    assert "skipped   conv: its output has 2 users" in text
+    assert text in caplog.text
+
+
+def test_rejects_non_module():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        cnnperf.fuse(lambda x: x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_layer_stays_on_the_device():
+    model = randomize_batchnorm(vgg_net(batchnorm=True)).cuda().eval()
+    fused = cnnperf.fuse(model)
+    assert {p.device.type for p in fused.parameters()} == {"cuda"}
+    assert {p.dtype for p in fused.parameters()} == {torch.float32}
+
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        reference = model.double()(x.double())
+        actual = fused(x)
+    testing.assert_close(actual, reference, torch.float32, tf32=True)
