@@ -7,7 +7,7 @@
 """
 
 from cnnperf import backend, functional, nn
-from cnnperf.fuse import fuse
+from cnnperf.fuse import FuseReport, fuse
 
 __version__ = "0.1.0"
-__all__ = ["backend", "functional", "nn", "fuse", "__version__"]
+__all__ = ["backend", "functional", "nn", "fuse", "FuseReport", "__version__"]
