@@ -7,6 +7,7 @@ tolerance table in :mod:`cnnperf.testing`.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -46,3 +47,32 @@ def conv2d_bias_relu_backward(
         [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2])],
     )
     return grad_input, grad_weight, grad_bias
+
+
+def grad_norm_accumulate(grads: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Per-tensor ``sum |g|^p`` (``max |g|`` for p = inf) of ``grads``, as one fp32 (fp64 if any grad is) vector.
+
+    The additive form is what a distributed all-reduce sums across shards; :func:`grad_norm_finalize` takes
+    it from there. All grads are on one device.
+    """
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    norms = torch.stack(torch._foreach_norm(list(grads), norm_type, dtype=dtype))  # accumulated in dtype
+    return norms if math.isinf(norm_type) else norms.pow(norm_type)
+
+
+def grad_norm_finalize(acc: torch.Tensor, norm_type: float, max_norm: float,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(per-tensor norms, total norm, finite flag, clip coefficient) from :func:`grad_norm_accumulate`'s vector.
+
+    ``scale``: the gradients carry a loss scale (GradScaler) that the reported norms divide out. The clip
+    coefficient is ``min(1, max_norm / (total + 1e-6))`` as in ``torch.nn.utils.clip_grad_norm_`` (NaN stays NaN).
+    """
+    if math.isinf(norm_type):
+        norms, total = acc, acc.amax() if acc.numel() else acc.new_zeros(())  # amax propagates NaN
+    else:
+        norms, total = acc.pow(1.0 / norm_type), acc.sum().pow(1.0 / norm_type)
+    if scale is not None:
+        inv = 1.0 / scale.to(acc.dtype)
+        norms, total = norms * inv, total * inv
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return norms, total, torch.isfinite(total), coef

@@ -1,0 +1,314 @@
+"""Gradient norms and clipping over all parameters: argument checks, the device table, the launchers.
+
+One path::
+
+    cnnperf.clip_grad_norm_ / cnnperf.grad_norms (here)
+      -> per-tensor sum |g|^p of the local gradients: Triton (kernels/grad_norm.py, one launch over all tensors)
+         or cnnperf.reference.grad_norm_accumulate, per cnnperf.backend
+      -> all-reduce of that vector when the gradients are shards (FSDP2 DTensors or ``process_group=``)
+      -> per-tensor norms, total, finite flag, clip coefficient (one program, or the reference)
+      -> clip: every gradient times the coefficient, read from device memory (no host synchronisation)
+
+A gradient clip is a function, not an autograd node: it acts on ``.grad`` after backward.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from cnnperf import backend, reference
+
+OP = "clip_grad_norm_"
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class GradNorms(NamedTuple):
+    """What :func:`grad_norms` returns; every field is a tensor on the gradients' device."""
+
+    total: torch.Tensor  # 0-dim: the norm of all gradients together
+    per_param: torch.Tensor  # 1-D: the norm of each gradient, in parameter order (parameters without .grad left out)
+    finite: torch.Tensor  # 0-dim bool: whether ``total`` is finite
+
+
+def grad_norms(parameters, norm_type: float = 2.0, *, process_group=None) -> GradNorms:
+    """Total norm, per-parameter norms and a finite flag of the gradients, computed in one pass.
+
+    ``parameters``: a tensor or an iterable of tensors; those without ``.grad`` are skipped.
+    ``norm_type``: 2 and ``inf`` run the fused kernels; other p > 0 take the reference path.
+    ``process_group``: the gradients are shards of the full gradients across this group (DTensor gradients
+    from FSDP2 are recognised without it); their norms are all-reduced so every rank gets the global ones.
+    Norms are fp32 (fp64 if any gradient is). No host synchronisation.
+    """
+    grads = _grads(parameters)
+    norm_type = _check_norm_type(norm_type)
+    if not grads:
+        zero = torch.zeros(())
+        return GradNorms(zero, torch.zeros(0), torch.tensor(True))
+    norms, total, finite, _, _ = _norms(grads, norm_type, max_norm=1.0, scale=None, process_group=process_group)
+    return GradNorms(total, norms, finite)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None, *, scaler=None, process_group=None) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: scale all gradients so their total norm is at most
+    ``max_norm``, and return the total norm (0-dim, on the gradients' device, in their dtype).
+
+    Same arguments and semantics as torch's (``foreach`` is accepted and only used on the reference path).
+    No host synchronisation, except with ``error_if_nonfinite=True``, which must look at the norm.
+
+    ``scaler``: a :class:`torch.amp.GradScaler` whose scale the gradients still carry (``scaler.unscale_``
+    not called): the gradients are clipped against ``max_norm * scale`` in the same pass, the returned norm is
+    the unscaled one, and ``scaler.step`` still skips the step on inf/NaN. ``process_group``: see
+    :func:`grad_norms`.
+    """
+    grads = _grads(parameters)
+    norm_type = _check_norm_type(norm_type)
+    max_norm = float(max_norm)
+    if not grads:
+        return torch.tensor(0.0)
+    # GradScaler keeps its scale as a device tensor in _scale (get_scale() would copy it to the host: a sync);
+    # None until the first scaler.scale(loss), when the gradients carry no scale yet.
+    scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+    if scale is not None and scale.device != grads[0].device:
+        raise ValueError(f"{OP}: scaler's scale is on {scale.device}, the gradients on {grads[0].device}")
+    _, total, finite, coef, apply = _norms(grads, norm_type, max_norm, scale, process_group, foreach)
+    if error_if_nonfinite and not bool(finite):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    apply(coef)
+    return total.to(_result_dtype(grads))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _grads(parameters) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    elif not isinstance(parameters, Iterable):
+        raise TypeError(f"{OP}: parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
+    grads = []
+    for i, p in enumerate(parameters):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{OP}: parameters[{i}] must be a tensor, got {type(p).__name__}")
+        if p.grad is not None:
+            grads.append(p.grad)
+    for i, g in enumerate(grads):
+        if not g.is_floating_point():
+            raise TypeError(f"{OP}: gradient {i} has dtype {g.dtype} (shape {tuple(g.shape)}); "
+                            "norms need floating-point gradients")
+    return grads
+
+
+def _check_norm_type(norm_type) -> float:
+    norm_type = float(norm_type)
+    if math.isnan(norm_type) or norm_type <= 0:
+        raise ValueError(f"{OP}: norm_type must be > 0 or inf, got {norm_type}")
+    return norm_type
+
+
+def _result_dtype(grads) -> torch.dtype:
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    return dtype
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    return g.to_local() if _is_dtensor(g) else g
+
+
+def _is_dtensor(g) -> bool:
+    return type(g).__name__ == "DTensor" and hasattr(g, "to_local")
+
+
+def _reduce_groups(grads, process_group) -> list:
+    """The process groups over which the per-tensor sums are all-reduced (none for replicated gradients)."""
+    if process_group is not None:
+        if any(_is_dtensor(g) for g in grads):
+            raise ValueError(f"{OP}: pass process_group= only for plain-tensor shards; DTensor gradients "
+                             "carry their own mesh")
+        return [process_group]
+    dtensors = [g for g in grads if _is_dtensor(g)]
+    if not dtensors:
+        return []
+    if len(dtensors) != len(grads):
+        raise ValueError(f"{OP}: {len(dtensors)} of {len(grads)} gradients are DTensors; mixing DTensor and "
+                         "plain gradients would count the plain ones once per rank")
+    mesh, placements = dtensors[0].device_mesh, dtensors[0].placements
+    groups = []
+    for dim, placement in enumerate(placements):
+        if placement.is_partial():
+            raise ValueError(f"{OP}: gradient has a Partial placement; reduce it before taking norms")
+        if placement.is_shard():
+            groups.append(mesh.get_group(dim))
+    for g in dtensors[1:]:
+        if g.device_mesh != mesh or [p.is_shard() for p in g.placements] != [p.is_shard() for p in placements]:
+            raise ValueError(f"{OP}: all DTensor gradients must share one mesh and sharded mesh dimensions")
+    return groups
+
+
+def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None):
+    """(per-tensor norms, total, finite, coefficient, apply) where ``apply(coef)`` clips the gradients."""
+    local = [_local(g) for g in grads]
+    groups = _reduce_groups(grads, process_group)
+    device = local[0].device
+    if any(g.device != device for g in local):
+        raise ValueError(f"{OP}: gradients on several devices ({sorted({str(g.device) for g in local})}); "
+                         "clip each device's parameters separately")
+    path = backend.choose(OP, device.type, _unsupported(local, norm_type))
+    if path == "triton":
+        table = _table(local)
+        acc = _triton_accumulate(table, norm_type)
+    else:
+        acc = reference.grad_norm_accumulate(local, norm_type)
+    for group in groups:
+        dist.all_reduce(acc, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group)
+    if path == "triton":
+        norms, total, finite, coef = _triton_finalize(acc, norm_type, max_norm, scale)
+        return norms, total, finite, coef, lambda c: _triton_scale(table, c)
+    norms, total, finite, coef = reference.grad_norm_finalize(acc, norm_type, max_norm, scale)
+
+    def apply(c):
+        for same_dtype in _by_dtype(local).values():
+            c_dtype = c.to(same_dtype[0].dtype)  # as torch: the coefficient in the gradient's dtype
+            if foreach is False:
+                for g in same_dtype:
+                    g.mul_(c_dtype)
+            else:
+                torch._foreach_mul_(same_dtype, c_dtype)
+
+    return norms, total, finite, coef, apply
+
+
+def _by_dtype(grads) -> dict:
+    groups = collections.defaultdict(list)
+    for g in grads:
+        groups[g.dtype].append(g)
+    return groups
+
+
+def _unsupported(grads, norm_type) -> str | None:
+    if norm_type != 2.0 and not math.isinf(norm_type):
+        return f"norm_type={norm_type} is not covered by the Triton kernels (2 and inf are)"
+    for i, g in enumerate(grads):
+        if g.dtype not in _DTYPE_CODES:
+            return f"gradient {i} has dtype {g.dtype}, not covered by the Triton kernels (float32, float16, bfloat16)"
+        if g.is_sparse or not _dense(g):
+            return f"gradient {i} (shape {tuple(g.shape)}, stride {g.stride()}) is not dense in memory"
+    return None
+
+
+def _dense(g: torch.Tensor) -> bool:
+    """Whether ``g``'s elements fill ``numel`` consecutive slots from ``data_ptr`` (contiguous in some order)."""
+    if g.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(g.stride(), g.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The device table (kernels/grad_norm.py describes its layout), cached per list of gradients.
+# ---------------------------------------------------------------------------------------------------------
+
+class _Table(NamedTuple):
+    addr: torch.Tensor
+    numel: torch.Tensor
+    meta: torch.Tensor
+    chunk_tensor: torch.Tensor
+    chunk_start: torch.Tensor
+    chunk_begin: torch.Tensor
+    tensors: int
+    chunks: int
+    max_chunks: int
+    chunk: int
+    host: torch.Tensor  # the pinned host copy, kept alive while the copy to the device may be in flight
+
+
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_KEPT = 8
+
+
+def _kernels():
+    from cnnperf.kernels import grad_norm as K
+    return K
+
+
+def _config() -> dict:
+    K = _kernels()
+    if backend.interpret():
+        return dict(K.INTERPRET_CONFIG, num_warps=1)
+    return {"CHUNK": K.CHUNK, "BLOCK": K.BLOCK, "num_warps": K.NUM_WARPS}
+
+
+def _table(grads) -> _Table:
+    """The device table of ``grads``: built once per list of gradient storages, then reused from a cache."""
+    chunk = _config()["CHUNK"]
+    key = (chunk, grads[0].device) + tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    counts = [max(1, -(-g.numel() // chunk)) for g in grads]
+    begin = [0]
+    for c in counts:
+        begin.append(begin[-1] + c)
+    chunk_tensor = [t for t, c in enumerate(counts) for _ in range(c)]
+    chunk_start = [j * chunk for c in counts for j in range(c)]
+    meta = [_DTYPE_CODES[g.dtype] | (int(g.data_ptr() % 16 == 0) << 2) for g in grads]
+    flat = ([g.data_ptr() for g in grads] + [g.numel() for g in grads] + meta + chunk_tensor + chunk_start + begin)
+    host = torch.tensor(flat, dtype=torch.int64)
+    device = grads[0].device
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    n, c = len(grads), len(chunk_tensor)
+    parts = torch.split(dev, [n, n, n, c, c, n + 1])
+    table = _Table(*parts, tensors=n, chunks=c, max_chunks=max(counts), chunk=chunk, host=host)
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _triton_accumulate(table: _Table, norm_type: float) -> torch.Tensor:
+    K, cfg = _kernels(), _config()
+    norm_inf = math.isinf(norm_type)
+    device = table.addr.device
+    partial = torch.empty(table.chunks, device=device, dtype=torch.float32)
+    K._grad_norm_partial_kernel[(table.chunks,)](
+        table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, partial,
+        NORM_INF=norm_inf, CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    acc = torch.empty(table.tensors, device=device, dtype=torch.float32)
+    block_t = K.REDUCE_BLOCK_T
+    K._grad_norm_reduce_kernel[(-(-table.tensors // block_t),)](
+        partial, table.chunk_begin, acc, table.tensors, table.max_chunks, NORM_INF=norm_inf, BLOCK_T=block_t)
+    return acc
+
+
+def _triton_finalize(acc: torch.Tensor, norm_type: float, max_norm: float, scale):
+    K = _kernels()
+    out = torch.empty(acc.numel() + 2, device=acc.device, dtype=torch.float32)
+    norms, total, coef = out[:-2], out[-2], out[-1:]
+    finite = torch.empty((), device=acc.device, dtype=torch.bool)
+    K._grad_norm_finalize_kernel[(1,)](
+        acc, norms, total, finite, coef, scale if scale is not None else acc, acc.numel(), max_norm,
+        NORM_INF=math.isinf(norm_type), HAS_SCALE=scale is not None, BLOCK_T=K.FINALIZE_BLOCK_T)
+    return norms, total, finite, coef.view(())
+
+
+def _triton_scale(table: _Table, coef: torch.Tensor) -> None:
+    K, cfg = _kernels(), _config()
+    K._grad_scale_kernel[(table.chunks,)](
+        table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, coef,
+        CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
