@@ -1,0 +1,112 @@
+"""clip_grad_norm_ across 2 CPU processes on gloo: sharded gradients give the norm and the clipped gradients of
+the unsharded ones, with FSDP2-style DTensor shards and with plain shards plus ``process_group=``."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+SIZES = [(6, 5), (7,), (3, 3, 2), (10, 4)]  # first dims not all divisible by 2: uneven shards
+
+
+def _full_grads(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) * 3 for s in SIZES]
+
+
+CASES = [(mode, norm_type) for mode in ("dtensor", "process_group", "replicated") for norm_type in (2.0, math.inf)]
+
+
+def _worker(rank, port, backend_name, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CNNPERF_BACKEND=backend_name)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for mode, norm_type in CASES:
+            results[(rank, mode, norm_type)] = _case(rank, mode, norm_type)
+    finally:
+        dist.destroy_process_group()
+
+
+def _case(rank, mode, norm_type):
+    """(clip's total, grad_norms' total, per-parameter norms, this rank's clipped gradients) for one case."""
+    import cnnperf
+
+    full = _full_grads()
+    if mode == "dtensor":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (WORLD,))
+        params = []
+        for g in full:
+            p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            params.append(p)
+        norms = cnnperf.grad_norms(params, norm_type)
+        total = cnnperf.clip_grad_norm_(params, 1.0, norm_type)
+        shards = [p.grad.to_local() for p in params]
+    elif mode == "process_group":
+        params = []
+        for g in full:
+            shard = torch.tensor_split(g.clone(), WORLD)[rank].contiguous()
+            p = torch.nn.Parameter(torch.zeros_like(shard))
+            p.grad = shard
+            params.append(p)
+        norms = cnnperf.grad_norms(params, norm_type, process_group=dist.group.WORLD)
+        total = cnnperf.clip_grad_norm_(params, 1.0, norm_type, process_group=dist.group.WORLD)
+        shards = [p.grad for p in params]
+    else:  # replicated gradients (DDP): no communication, each rank clips its full copy
+        params = []
+        for g in full:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
+            params.append(p)
+        norms = cnnperf.grad_norms(params, norm_type)
+        total = cnnperf.clip_grad_norm_(params, 1.0, norm_type)
+        shards = [p.grad for p in params]
+    return total.item(), norms.total.item(), norms.per_param.tolist(), [s.clone() for s in shards]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RESULTS = {}
+
+
+def _run(backend_name):
+    """Every case's results per rank, from one pair of processes per backend (starting them is the slow part)."""
+    if backend_name not in _RESULTS:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), backend_name, results), nprocs=WORLD, join=True)
+        _RESULTS[backend_name] = dict(results)
+    return _RESULTS[backend_name]
+
+
+# "triton" runs the kernels through the interpreter when the test process has TRITON_INTERPRET=1.
+BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("mode, norm_type", CASES)
+def test_sharded_matches_unsharded(mode, norm_type, backend_name):
+    results = _run(backend_name)
+    full = [g.double() for g in _full_grads()]
+    norms = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in full])
+    expected = torch.linalg.vector_norm(norms, norm_type).item()
+    coef = min(1.0, 1.0 / (expected + 1e-6))
+    for rank in range(WORLD):
+        total, grad_norms_total, per_param, shards = results[(rank, mode, norm_type)]
+        assert total == pytest.approx(expected, rel=1e-5)  # every rank has the global norm
+        assert grad_norms_total == pytest.approx(expected, rel=1e-5)
+        assert per_param == pytest.approx(norms.tolist(), rel=1e-5)
+        for g, shard in zip(full, shards):
+            want = g if mode == "replicated" else torch.tensor_split(g, WORLD)[rank]
+            torch.testing.assert_close(shard.double(), want * coef, rtol=1e-5, atol=1e-6)
