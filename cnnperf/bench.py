@@ -1,0 +1,917 @@
+"""``cnnperf bench``: time the fused conv2d + bias + ReLU against eager PyTorch and torch.compile.
+
+What is measured, per convolution shape of ResNet-50 and VGG-16 (batch 32, 224x224 images):
+
+- variants: ``eager`` (``F.conv2d`` with bias, then ``F.relu``), ``compile`` (``torch.compile`` of that same
+  function) and ``cnnperf`` (:func:`cnnperf.functional.conv2d_bias_relu`);
+- passes: ``fwd`` and ``fwdbwd`` (forward, then backward of a fixed random output gradient into input, weight
+  and bias).
+
+The shapes are not a hand-written table: they are read from torchvision's models by forward hooks on a run
+on the ``meta`` device (no memory, no compute), and identical shapes are kept once, under the name of their
+first layer. Each result row carries the device, dtype, shape, timing quantiles, TFLOP/s, the fraction of the
+device's measured matmul peak, speed-ups over eager, the numerical check of the cnnperf result and the
+versions; the whole run is written as one JSON record (atomically, after every shape, so a run that is cut
+short still leaves its finished rows).
+
+Timing: on CUDA ``triton.testing.do_bench`` (it flushes L2 before every run; medians and 20/80 % quantiles).
+On the CPU a host clock with warm-up and repeats. On a machine without a GPU ``--quick`` is the default: the
+same layers at batch 2 on 56x56 images, so that a run takes seconds, not hours; its numbers only show that
+the harness works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import functools
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import cnnperf
+from cnnperf import backend, testing
+from cnnperf.ops import conv_bias_relu as conv_op
+
+MODELS = ("resnet50", "vgg16")
+PASSES = ("fwd", "fwdbwd")
+VARIANTS = ("eager", "compile", "cnnperf")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+FULL_BATCH, FULL_IMAGE = 32, 224
+QUICK_BATCH, QUICK_IMAGE = 2, 56  # image / 4: every layer keeps a spatial size >= 2 (ResNet layer4: 2x2)
+QUICK_EVERY = 4  # --quick measures every 4th shape (the stem included): 6 of ResNet-50's 23, 3 of VGG-16's 9
+
+# The inputs of one timed call are rotated among copies until together they hold at least this many bytes,
+# so a small layer does not run from a cache that a real network would have evicted (on CUDA do_bench also
+# flushes L2 before each run; rotation keeps the CPU timer honest too).
+ROTATE_MIN_BYTES = 128 << 20
+ROTATE_MAX_COPIES = 8
+
+SCHEMA = "cnnperf.bench/1"
+DEFAULT_OUT_DIR = Path(".benchmarks") / "cnnperf"  # git-ignored; real GPU records are copied to bench/results/
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    """``x`` to ``digits`` significant digits: JSON stays readable without losing small CPU figures."""
+    return float(f"{x:.{digits}g}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes: read from torchvision's models.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One convolution layer: input (n, c_in, h, w), weight (c_out, c_in / groups, kh, kw) and its arguments.
+
+    ``layers`` counts the layers of the model that have exactly this shape (the row stands for all of them).
+    """
+
+    name: str
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    layers: int = 1
+
+    @property
+    def model(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c_in, self.h, self.w)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.c_out, self.c_in // self.groups, self.kh, self.kw)
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        return conv_op._output_hw((self.h, self.w), (self.kh, self.kw), self.stride, self.padding, self.dilation)
+
+    def key(self) -> tuple:
+        """Everything but the name and count: two layers with equal keys are the same benchmark."""
+        return dataclasses.astuple(self)[1:-1]
+
+    def flops(self, pass_: str) -> int:
+        """FLOPs of one call: the forward convolution, or 3x that for forward + backward (dgrad + wgrad)."""
+        fwd = conv_op.flops(self.input_shape, self.weight_shape, self.output_hw)
+        return fwd if pass_ == "fwd" else 3 * fwd
+
+    def fields(self) -> dict:
+        """The shape as flat JSON fields."""
+        d = dataclasses.asdict(self)
+        d.update(model=self.model, stride=list(self.stride), padding=list(self.padding),
+                 dilation=list(self.dilation), out_h=self.output_hw[0], out_w=self.output_hw[1])
+        return d
+
+
+def _build_model(model: str) -> torch.nn.Module:
+    import torchvision  # only needed here; keeps `import cnnperf.bench` light
+
+    with torch.device("meta"):  # no weights are allocated or initialised
+        return getattr(torchvision.models, model)(weights=None)
+
+
+@functools.lru_cache(maxsize=None)
+def model_conv_layers(model: str, batch: int, image_size: int) -> tuple[ConvShape, ...]:
+    """Every Conv2d of ``model`` (torchvision layout) in call order, with the input shape it sees.
+
+    Forward hooks record each layer's input during one forward pass on the ``meta`` device. ResNet-50 is
+    torchvision's v1.5 layout (the stride sits on the 3x3 convolution of a bottleneck).
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    net = _build_model(model).eval()
+    found: list[ConvShape] = []
+
+    def record(name, module, args, _output):
+        if isinstance(module.padding, str):
+            raise ValueError(f"{model}.{name}: padding={module.padding!r} is not supported by the harness")
+        n, c_in, h, w = args[0].shape
+        c_out, _, kh, kw = module.weight.shape
+        found.append(ConvShape(f"{model}.{name}", n, c_in, h, w, c_out, kh, kw, tuple(module.stride),
+                               tuple(module.padding), tuple(module.dilation), module.groups))
+
+    hooks = [m.register_forward_hook(functools.partial(record, name))
+             for name, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(torch.empty(batch, 3, image_size, image_size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return tuple(found)
+
+
+def unique_shapes(layers: Sequence[ConvShape]) -> list[ConvShape]:
+    """``layers`` with identical shapes kept once (first name, in order), ``layers`` counting the duplicates."""
+    first: dict[tuple, ConvShape] = {}
+    for s in layers:
+        kept = first.get(s.key())
+        first[s.key()] = s if kept is None else dataclasses.replace(kept, layers=kept.layers + 1)
+    return list(first.values())
+
+
+def conv_shapes(model: str, batch: int = FULL_BATCH, image_size: int = FULL_IMAGE) -> list[ConvShape]:
+    """The benchmark rows of ``model``: its distinct convolution shapes at batch 32 on 224x224 images.
+
+    At another ``batch`` or ``image_size`` (``--quick``: 2 and 56) the rows are the same layers, measured at
+    that size: layers that only coincide at the smaller size are not merged, so that a quick run and a full
+    run list the same names.
+    """
+    full = unique_shapes(model_conv_layers(model, FULL_BATCH, FULL_IMAGE))
+    if (batch, image_size) == (FULL_BATCH, FULL_IMAGE):
+        return full
+    resized = {s.name: s for s in model_conv_layers(model, batch, image_size)}
+    return [dataclasses.replace(resized[s.name], layers=s.layers) for s in full]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants: eager, torch.compile of eager, cnnperf. Each is fn(x, w, b) -> y for one shape.
+# ---------------------------------------------------------------------------------------------------------
+
+def eager_conv_bias_relu(x, w, b, stride, padding, dilation, groups):
+    """The unfused baseline: cuDNN (or oneDNN) convolution with bias, then a separate ReLU."""
+    return F.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+
+def make_variant(variant: str, shape: ConvShape, compile_mode: str = "default",
+                 backend_name: str | None = None) -> Callable:
+    """``fn(x, w, b)`` computing ``relu(conv2d(x, w, b))`` for ``shape`` the way ``variant`` does."""
+    args = (shape.stride, shape.padding, shape.dilation, shape.groups)
+    if variant == "eager":
+        return lambda x, w, b: eager_conv_bias_relu(x, w, b, *args)
+    if variant == "compile":
+        # One fresh dynamo cache per shape: with one cache for all shapes the recompile limit would be hit
+        # after a few shapes and torch.compile would silently fall back to eager. dynamic=False: one static
+        # kernel per shape, as a model compiled for fixed-size images gets.
+        torch._dynamo.reset()
+        return torch.compile(lambda x, w, b: eager_conv_bias_relu(x, w, b, *args),
+                             mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+    if variant == "cnnperf":
+        def fused(x, w, b):
+            if backend_name is None:
+                return cnnperf.functional.conv2d_bias_relu(x, w, b, *args)
+            with backend.override(backend_name):
+                return cnnperf.functional.conv2d_bias_relu(x, w, b, *args)
+        return fused
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: random (never zeros: some hardware is measurably faster on zeros), rotated among copies.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """One set of call arguments, and the output gradient for the backward (None for the forward pass)."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    grad: torch.Tensor | None
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.x, self.w, self.b]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.w, self.b, self.grad) if t is not None)
+
+
+def make_inputs(shape: ConvShape, dtype: torch.dtype, memory_format: torch.memory_format, backward: bool,
+                generator: torch.Generator) -> Inputs:
+    """Random input, weight (scaled by 1/sqrt(fan_in), so outputs stay O(1)), bias, and for ``backward`` a
+    random output gradient, on the generator's device; input, weight and bias then require grad.
+    """
+    def randn(*size, scale=1.0):
+        t = torch.randn(*size, generator=generator, device=generator.device, dtype=dtype)
+        return t.mul_(scale).contiguous(memory_format=memory_format) if len(size) == 4 else t.mul_(scale)
+
+    fan_in = shape.c_in // shape.groups * shape.kh * shape.kw
+    x = randn(*shape.input_shape)
+    w = randn(*shape.weight_shape, scale=fan_in ** -0.5)
+    b = randn(shape.c_out, scale=0.1)
+    grad = randn(shape.n, shape.c_out, *shape.output_hw) if backward else None
+    for t in (x, w, b):
+        t.requires_grad_(backward)
+    return Inputs(x, w, b, grad)
+
+
+def rotation_count(set_bytes: int) -> int:
+    """How many input copies to rotate among so that together they exceed ROTATE_MIN_BYTES."""
+    return max(1, min(ROTATE_MAX_COPIES, math.ceil(ROTATE_MIN_BYTES / max(1, set_bytes))))
+
+
+def input_sets(cfg: Config, shape: ConvShape, pass_: str) -> list[Inputs]:
+    """The input copies one timed call rotates among (the same seed every time: reruns time equal data)."""
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    make = functools.partial(make_inputs, shape, cfg.dtype, cfg.memory_format, pass_ == "fwdbwd", gen)
+    first = make()
+    return [first] + [make() for _ in range(rotation_count(first.nbytes()) - 1)]
+
+
+def make_call(fn: Callable, pass_: str, sets: Sequence[Inputs]) -> Callable[[], None]:
+    """A no-argument call of ``fn`` for one ``pass_``, taking the next input set each time."""
+    rotation = itertools.cycle(sets)
+    if pass_ == "fwd":
+        def call():
+            s = next(rotation)
+            fn(s.x, s.w, s.b)
+    else:
+        def call():
+            s = next(rotation)
+            fn(s.x, s.w, s.b).backward(s.grad)
+    return call
+
+
+def clear_grads(sets: Sequence[Inputs]) -> None:
+    """Drop accumulated gradients (outside the timed region) so every backward writes fresh ones."""
+    for s in sets:
+        for t in s.leaves():
+            t.grad = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    """One measurement, in milliseconds per call."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float | None = None  # host timer only
+    reps: int | None = None  # None: chosen inside do_bench
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a host clock would otherwise time the launch only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cuda(call: Callable[[], None], grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
+    """Median and 20/80 % quantiles of ``call`` with ``triton.testing.do_bench`` (CUDA events, L2 flushed)."""
+    import triton.testing
+
+    p20, p50, p80 = triton.testing.do_bench(call, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                            quantiles=[0.2, 0.5, 0.8])
+    return Timing(p50, p20, p80)
+
+
+def time_host(call: Callable[[], None], device: torch.device, reset: Callable[[], None] | None = None,
+              budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 100) -> Timing:
+    """Median and 20/80 % quantiles of ``call`` by ``time.perf_counter``, synchronising around every call.
+
+    Two untimed warm-up calls, then as many timed calls as fit in ``budget_s`` (within [min_reps, max_reps]).
+    ``reset`` runs before every call, outside the timed region.
+    """
+    def once() -> float:
+        if reset is not None:
+            reset()
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    once()
+    estimate = once()
+    reps = int(max(min_reps, min(max_reps, budget_s / max(estimate, 1e-6))))
+    times = torch.tensor([once() for _ in range(reps)], dtype=torch.float64) * 1e3
+    p20, p50, p80 = times.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return Timing(p50, p20, p80, times.min().item(), reps)
+
+
+def time_call(call: Callable[[], None], device: torch.device, sets: Sequence[Inputs], pass_: str,
+              budget_s: float) -> Timing:
+    """do_bench on CUDA, the host timer elsewhere; gradients are cleared before every backward."""
+    leaves = [t for s in sets for t in s.leaves()] if pass_ == "fwdbwd" else None
+    if device.type == "cuda":
+        return time_cuda(call, grad_to_none=leaves)
+    return time_host(call, device, reset=(lambda: clear_grads(sets)) if leaves else None, budget_s=budget_s)
+
+
+def measure_matmul_peak(device: torch.device) -> dict:
+    """The device's matmul throughput, measured once per run: the denominator of "% of peak".
+
+    CUDA: the median of an 8192^3 bf16 matmul with do_bench (what the tensor cores reach in practice). CPU:
+    the fastest of repeated 1024^3 fp32 matmuls (a modest size; on a shared CPU the median includes time the
+    process was descheduled, and the fastest run is the closer estimate of what the cores can do).
+    """
+    if device.type == "cuda":
+        size, dtype = 8192, torch.bfloat16
+    else:
+        size, dtype = 1024, torch.float32
+    g = torch.Generator(device).manual_seed(1)
+    a, b = (torch.randn(size, size, generator=g, device=device, dtype=dtype) for _ in range(2))
+    call = functools.partial(torch.matmul, a, b)
+    if device.type == "cuda":
+        ms, statistic, timer = time_cuda(call).median_ms, "median", "triton.testing.do_bench"
+    else:
+        ms, statistic, timer = time_host(call, device, budget_s=0.5, min_reps=10).min_ms, "min", "time.perf_counter"
+    return {"tflops": _sig(2 * size**3 / (ms * 1e-3) / 1e12), "dtype": _dtype_name(dtype), "m": size, "n": size,
+            "k": size, "ms": _sig(ms), "statistic": statistic, "timer": timer}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerical check of cnnperf against eager in float64 (the tolerance table of cnnperf.testing).
+# ---------------------------------------------------------------------------------------------------------
+
+def check_cnnperf(fn: Callable, shape: ConvShape, pass_: str, inputs: Inputs) -> dict:
+    """Compare ``fn`` (the cnnperf variant) with eager float64 on the same rounded inputs, once per row.
+
+    Returns ``{"check": "ok" | "FAIL ...", "check_err": worst error as a multiple of its tolerance}``; a value
+    of ``check_err`` above 1 is a failure. For ``fwdbwd`` the three gradients are checked too.
+    """
+    backward = pass_ == "fwdbwd"
+    leaves = [t.detach().requires_grad_(backward) for t in inputs.leaves()]
+    out = fn(*leaves)
+    results = {"output": out}
+    if backward:
+        results.update(zip(("grad_input", "grad_weight", "grad_bias"),
+                           torch.autograd.grad(out, leaves, inputs.grad)))
+    ref_leaves = [t.detach().double().requires_grad_(backward) for t in leaves]
+    ref_out = eager_conv_bias_relu(*ref_leaves, shape.stride, shape.padding, shape.dilation, shape.groups)
+    refs = {"output": ref_out}
+    if backward:
+        refs.update(zip(("grad_input", "grad_weight", "grad_bias"),
+                        torch.autograd.grad(ref_out, ref_leaves, inputs.grad.double())))
+
+    dtype = inputs.x.dtype
+    tf32 = dtype == torch.float32 and inputs.x.is_cuda and torch.backends.cudnn.allow_tf32
+    tol = testing.tolerance(dtype, tf32=tf32)
+    worst, failure = 0.0, None
+    for name, actual in results.items():
+        ref = refs[name].detach()
+        scale = max(1.0, ref.abs().max().item())
+        # The error in units of the tolerance that testing.assert_close allows: |a - r| <= atol*scale + rtol*|r|.
+        allowed = tol.atol * scale + tol.rtol * ref.abs()
+        err = ((actual.detach().double() - ref).abs() / allowed).max().item()
+        worst = max(worst, err)
+        if failure is None:
+            try:
+                testing.assert_close(actual, ref, dtype, tf32=tf32, name=name)
+            except AssertionError as e:
+                failure = f"FAIL {str(e).splitlines()[0]}"
+    return {"check": failure or "ok", "check_err": _sig(worst)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment: device name, versions.
+# ---------------------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3', or for the CPU its model and the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(name: str) -> str:
+    """A file-name-safe form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
+
+
+def versions() -> dict:
+    """Versions of everything that decides the numbers (None where a component is absent)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "cudnn": cudnn, "python": platform.python_version(), "cnnperf": cnnperf.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: rows, summary, JSON record.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """What one run measures (resolved from the command line)."""
+
+    models: list[str]
+    passes: list[str]
+    variants: list[str]
+    dtype: torch.dtype
+    device: torch.device
+    batch: int
+    image_size: int
+    quick: bool
+    limit: int | None
+    every: int
+    memory_format: torch.memory_format
+    compile_mode: str
+    backend: str
+    time_budget_s: float | None
+    cudnn_benchmark: bool = True
+    seed: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)  # variant -> why it is not run
+
+    def shapes(self) -> list[ConvShape]:
+        rows = []
+        for model in self.models:
+            rows += conv_shapes(model, self.batch, self.image_size)[::self.every][:self.limit]
+        return rows
+
+    def describe(self) -> dict:
+        return {"models": self.models, "passes": self.passes, "variants": self.variants,
+                "dtype": _dtype_name(self.dtype), "batch": self.batch, "image_size": self.image_size,
+                "quick": self.quick, "every": self.every, "limit": self.limit,
+                "memory_format": _format_name(self.memory_format), "compile_mode": self.compile_mode,
+                "backend": self.backend, "time_budget_s": self.time_budget_s,
+                "cudnn_benchmark": self.cudnn_benchmark, "seed": self.seed,
+                "skipped_variants": self.skipped}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _format_name(fmt: torch.memory_format) -> str:
+    return "channels_last" if fmt == torch.channels_last else "contiguous"
+
+
+def _cnnperf_path(cfg: Config, x: torch.Tensor, w: torch.Tensor) -> str:
+    """Which implementation the cnnperf variant ran: 'triton', 'reference', or per direction under auto.
+
+    Under ``auto`` on a GPU the op times both per shape and caches the winner; that cache is read here (a
+    diagnostic only: the key layout is the op's, so an unknown layout reads as 'auto').
+    """
+    if cfg.backend == "reference" or not backend.device_runs_triton(x.device.type):
+        return "reference"
+    if cfg.backend == "triton" or x.device.type != "cuda":
+        return "triton"
+    picks = {k[0]: v for k, v in getattr(conv_op, "_auto_choice", {}).items()
+             if len(k) > 2 and k[1] == x.shape and k[2] == w.shape and x.dtype in k}
+    return ",".join(f"{d}={picks[d]}" for d in ("fwd", "bwd") if d in picks) or "auto"
+
+
+def bench_shape(cfg: Config, shape: ConvShape, peak_tflops: float, budget_s: float, common: dict) -> list[dict]:
+    """Rows for one shape: every pass x variant, with the numerical check on the cnnperf rows."""
+    rows = []
+    for pass_ in cfg.passes:
+        sets = input_sets(cfg, shape, pass_)
+        pass_rows = [bench_variant(cfg, shape, pass_, variant, sets, peak_tflops, budget_s, common)
+                     for variant in cfg.variants]
+        add_speedups(pass_rows)
+        rows += pass_rows
+        del sets  # free the device memory before the next pass allocates its own
+    return rows
+
+
+def bench_variant(cfg: Config, shape: ConvShape, pass_: str, variant: str, sets: Sequence[Inputs],
+                  peak_tflops: float, budget_s: float, common: dict) -> dict:
+    """One result row. A variant that raises gives a row with ``error`` and no timing, and the run goes on."""
+    row = {**common, **shape.fields(), "pass": pass_, "variant": variant}
+    try:
+        fn = make_variant(variant, shape, cfg.compile_mode, cfg.backend)
+        if variant == "cnnperf":
+            row.update(backend=cfg.backend, **check_cnnperf(fn, shape, pass_, sets[0]))
+        elif variant == "compile":
+            row["compile_mode"] = cfg.compile_mode
+        t = time_call(make_call(fn, pass_, sets), cfg.device, sets, pass_, budget_s)
+    except Exception as e:  # an unsupported shape or a compile failure must not lose the rest of the run
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        row.update(median_ms=None, p20_ms=None, p80_ms=None, tflops=None, pct_peak=None,
+                   error=f"{type(e).__name__}: {message}"[:500])
+        return row
+    finally:
+        clear_grads(sets)
+    if variant == "cnnperf":
+        row["path"] = _cnnperf_path(cfg, sets[0].x, sets[0].w)
+    tflops = shape.flops(pass_) / (t.median_ms * 1e-3) / 1e12
+    row.update(median_ms=_sig(t.median_ms), p20_ms=_sig(t.p20_ms), p80_ms=_sig(t.p80_ms), reps=t.reps,
+               gflop=_sig(shape.flops(pass_) / 1e9), tflops=_sig(tflops), pct_peak=_sig(100 * tflops / peak_tflops))
+    return row
+
+
+def add_speedups(rows: Sequence[dict]) -> None:
+    """``speedup_vs_eager = t_eager / t_variant`` on the non-eager rows of one shape and pass (>1: faster)."""
+    eager = next((r["median_ms"] for r in rows if r["variant"] == "eager"), None)
+    for r in rows:
+        if r["variant"] != "eager":
+            r["speedup_vs_eager"] = _sig(eager / r["median_ms"]) if eager and r["median_ms"] else None
+
+
+def geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Per pass, per model, per non-eager variant: geomean speed-up over eager, and the worst shape.
+
+    ``{"fwd": {"resnet50": {"cnnperf": {"geomean_speedup", "min_speedup", "min_shape", "shapes"}}}}``.
+    """
+    summary: dict = {}
+    for row in rows:
+        ratio = row.get("speedup_vs_eager")
+        if ratio is None or ratio <= 0:
+            continue
+        entry = summary.setdefault(row["pass"], {}).setdefault(row["model"], {}).setdefault(row["variant"], [])
+        entry.append((ratio, row["name"]))
+    for models in summary.values():
+        for variants in models.values():
+            for variant, ratios in variants.items():
+                worst = min(ratios)
+                variants[variant] = {"geomean_speedup": _sig(geomean([r for r, _ in ratios])),
+                                     "min_speedup": worst[0], "min_shape": worst[1], "shapes": len(ratios)}
+    return summary
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` so that a reader sees the old file or the new one, never half of one.
+
+    The JSON goes to a temporary file in the same directory (os.replace is atomic only within a file system),
+    is flushed to disk, then renamed over ``path``. On any error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=1, allow_nan=False) + "\n"  # fails before touching the disk
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x") as f:  # "x": never clobbers; permissions follow the umask like any new file
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def row_context(cfg: Config) -> dict:
+    """The fields every result row of a run shares: device, dtype, memory format, versions."""
+    return {"device": device_name(cfg.device), "dtype": _dtype_name(cfg.dtype),
+            "memory_format": _format_name(cfg.memory_format), "versions": versions()}
+
+
+def default_out_path(device: str, now: _dt.datetime) -> Path:
+    return DEFAULT_OUT_DIR / f"bench_conv_{device_slug(device)}_{now:%Y%m%d-%H%M%S}.json"
+
+
+def run(cfg: Config, out: Path | None, argv: Sequence[str],
+        log: Callable[[str], None] | None = None) -> tuple[dict, Path]:
+    """Benchmark every shape of ``cfg``, rewriting the JSON record at ``out`` after each shape.
+
+    ``out`` None or a directory: an auto-named file (device and time) in DEFAULT_OUT_DIR or that directory.
+    Returns the record and the path it was written to.
+    """
+    now = _dt.datetime.now(_dt.timezone.utc)
+    common = row_context(cfg)
+    dev = common["device"]
+    out = Path(out) if out is not None else default_out_path(dev, now)
+    if out.is_dir():
+        out = out / default_out_path(dev, now).name
+    shapes = cfg.shapes()
+    record = {"schema": SCHEMA, "device": dev, "device_type": cfg.device.type, "versions": common["versions"],
+              "peak": measure_matmul_peak(cfg.device), "timestamp": now.isoformat(timespec="seconds"),
+              "argv": list(argv), "config": cfg.describe(), "complete": False, "stopped_early": None,
+              "rows": [], "summary": {}}
+    write_json_atomic(out, record)  # the header alone already says what was attempted, should the run die
+    budget_s = 0.1 if cfg.quick else 1.0  # host timer only; do_bench chooses its own repeats
+    start = time.perf_counter()
+    previous_cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # the eager baseline (and cuDNN inside cnnperf)
+    try:
+        for i, shape in enumerate(shapes, 1):
+            if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+                record["stopped_early"] = f"time budget of {cfg.time_budget_s:g} s reached after {i - 1} shapes"
+                break
+            if log:
+                log(f"[{i}/{len(shapes)}] {shape.name} {tuple(shape.input_shape)} -> {shape.c_out}, "
+                    f"{shape.kh}x{shape.kw}/{shape.stride[0]}")
+            record["rows"] += bench_shape(cfg, shape, record["peak"]["tflops"], budget_s, common)
+            record["summary"] = summarize(record["rows"])
+            write_json_atomic(out, record)
+    finally:
+        torch.backends.cudnn.benchmark = previous_cudnn_benchmark
+    record["complete"] = record["stopped_early"] is None
+    record["elapsed_s"] = _sig(time.perf_counter() - start)
+    write_json_atomic(out, record)
+    return record, out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Terminal output.
+# ---------------------------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(record: dict, console) -> None:
+    """The results table, then the summary and anything that did not run."""
+    console.print(results_table(record))
+    print_summary(record, console)
+
+
+def results_table(record: dict):
+    """A rich Table: one line per shape and pass, the variants side by side."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    cfg, peak = record["config"], record["peak"]
+    variants = cfg["variants"]
+    others = [v for v in variants if v != "eager"]
+    fused = "cnnperf" in variants
+    table = Table(title=f"conv2d+bias+ReLU on {escape(record['device'])} ({cfg['dtype']}, {cfg['memory_format']}); "
+                        f"peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} matmul)")
+    columns = (["shape", "pass"] + [f"{v} ms" for v in variants]
+               + (["cnnperf TFLOP/s", "% peak"] if fused else []) + [f"{v}/eager" for v in others]
+               + (["check"] if fused else []))
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("shape", "pass", "check") else "right")
+
+    grouped: dict[tuple, dict] = {}
+    for row in record["rows"]:
+        grouped.setdefault((row["name"], row["pass"]), {})[row["variant"]] = row
+    for (name, pass_), by_variant in grouped.items():
+        rows = [by_variant.get(v, {}) for v in variants]
+        cells = [name, pass_]
+        cells += ["[red]error[/]" if "error" in r else _fmt(r.get("median_ms"), ".3f") for r in rows]
+        if fused:
+            cells += [_fmt(by_variant["cnnperf"].get("tflops"), ".3g"),
+                      _fmt(by_variant["cnnperf"].get("pct_peak"), ".3g")]
+        for v in others:
+            ratio = by_variant.get(v, {}).get("speedup_vs_eager")
+            cells.append("-" if ratio is None else f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]")
+        if fused:
+            check = by_variant["cnnperf"].get("check", "-")
+            cells.append("[green]ok[/]" if check == "ok" else f"[red]{escape(check[:40])}[/]")
+        table.add_row(*cells)
+    return table
+
+
+def print_summary(record: dict, console) -> None:
+    """Geomean and worst speed-up per pass, model and variant; then errors, skipped variants, early stop."""
+    from rich.markup import escape
+
+    for pass_, models in record["summary"].items():
+        for model, by_variant in models.items():
+            for variant, s in by_variant.items():
+                console.print(f"{pass_:7} {model:9} {variant}/eager: geomean {s['geomean_speedup']:.3f}x over "
+                              f"{s['shapes']} shapes, min {s['min_speedup']:.3f}x ({s['min_shape']})")
+    for row in record["rows"]:
+        if "error" in row:
+            console.print(f"[red]error[/] {row['name']} {row['pass']} {row['variant']}: {escape(row['error'])}")
+    for variant, why in record["config"]["skipped_variants"].items():
+        console.print(f"[yellow]{variant} not run[/]: {escape(why)}")
+    if record.get("stopped_early"):
+        console.print(f"[yellow]stopped early[/]: {escape(record['stopped_early'])}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage block first
+        raise UsageError(message)
+
+
+def _choice_list(allowed: Sequence[str], what: str):
+    """argparse type for 'a,b' or 'all' -> a list of names from ``allowed``, in the order given."""
+    def parse(text: str) -> list[str]:
+        names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{what} must be 'all' or a comma list of {', '.join(allowed)}; "
+                                             f"got {text!r}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _dtype(text: str) -> torch.dtype:
+    name = DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {text!r}")
+    return DTYPES[name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cnnperf bench",
+                description="Time the fused conv2d + bias + ReLU against eager PyTorch and torch.compile on the "
+                            "convolution shapes of ResNet-50 and VGG-16; print a table, write a JSON record.")
+    p.add_argument("--model", type=_choice_list(MODELS, "--model"), default=list(MODELS),
+                   help="resnet50, vgg16, a comma list, or all (default)")
+    p.add_argument("--pass", dest="passes", type=_choice_list(PASSES, "--pass"), default=list(PASSES),
+                   help="fwd, fwdbwd, or all (default)")
+    p.add_argument("--variants", type=_choice_list(VARIANTS, "--variants"), default=None,
+                   help="comma list of eager, compile, cnnperf (default: all three on a GPU; eager,cnnperf on "
+                        "the CPU, where compiling every shape takes minutes)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compile variant")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode (default: max-autotune-no-cudagraphs on a GPU, default on the CPU)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="bfloat16 (GPU default), float16, float32 (CPU "
+                                                              "default)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"reduced shapes: batch {QUICK_BATCH}, {QUICK_IMAGE}x{QUICK_IMAGE} images, short timing "
+                        "(default: on without a GPU)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help=f"batch size (default {FULL_BATCH}, {QUICK_BATCH} with --quick)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help=f"image side the shapes are derived at (default {FULL_IMAGE}, {QUICK_IMAGE} with --quick)")
+    p.add_argument("--every", type=_positive_int, default=None,
+                   help=f"every N-th shape of each model (default {QUICK_EVERY} with --quick, else 1)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="at most N shapes of each model (after --every)")
+    p.add_argument("--memory-format", choices=tuple(MEMORY_FORMATS), default="channels_last",
+                   help="memory format of input, weight and output gradient (default channels_last)")
+    p.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                   help="cnnperf backend (default: CNNPERF_BACKEND, else auto)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN pick its fastest algorithm per shape, as tuned training does (default: on)")
+    p.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="start no new shape after this many seconds (the record says where it stopped)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON record path, or an existing directory for an auto-named file (default: "
+                        f"{DEFAULT_OUT_DIR}/bench_conv_<device>_<time>.json)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Fill in the defaults that depend on the machine; UsageError for combinations that cannot run."""
+    has_cuda = torch.cuda.is_available()
+    device = torch.device(args.device or ("cuda" if has_cuda else "cpu"))
+    if device.type == "cuda" and not has_cuda:
+        raise UsageError("--device cuda: no CUDA device is available here")
+    quick = (device.type != "cuda") if args.quick is None else args.quick
+    skipped = {}
+    if args.variants is not None:
+        variants = args.variants
+    elif device.type == "cuda":
+        variants = list(VARIANTS)
+    else:
+        variants = ["eager", "cnnperf"]
+        skipped["compile"] = ("off by default on the CPU (the first torch.compile takes ~40 s here, and every "
+                              "shape recompiles); add it with --variants eager,compile,cnnperf")
+    if args.no_compile and "compile" in variants:
+        variants = [v for v in variants if v != "compile"]
+        skipped["compile"] = "--no-compile"
+    if not variants:
+        raise UsageError("no variant left to run (--no-compile removed the only one asked for)")
+    try:
+        requested = args.backend or backend.requested()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    # max-autotune would also capture CUDA graphs, which copy every non-parameter input into graph-owned
+    # buffers on each replay: a copy that neither eager nor cnnperf pays. The autotuning is the same without.
+    compile_mode = args.compile_mode or ("max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
+    return Config(models=args.model, passes=args.passes, variants=variants,
+                  dtype=args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32),
+                  device=device, batch=args.batch or (QUICK_BATCH if quick else FULL_BATCH),
+                  image_size=args.image_size or (QUICK_IMAGE if quick else FULL_IMAGE), quick=quick,
+                  limit=args.limit, every=args.every or (QUICK_EVERY if quick else 1),
+                  memory_format=MEMORY_FORMATS[args.memory_format],
+                  compile_mode=compile_mode, backend=requested, time_budget_s=args.time_budget,
+                  cudnn_benchmark=args.cudnn_benchmark, skipped=skipped)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # logs and pipes: wide enough that table rows are not folded
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
+def _shapes_or_usage_error(cfg: Config) -> list[ConvShape]:
+    try:
+        return cfg.shapes()
+    except RuntimeError as e:  # the models' own shape checks, e.g. an image too small for VGG's five poolings
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--image-size {cfg.image_size} with --batch {cfg.batch}: {first}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of ``cnnperf bench``. 0: all ran and every check passed; 1: a variant failed or a check failed;
+    2: bad command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = resolve_config(args)
+        _shapes_or_usage_error(cfg)  # derive them now: a size the models reject is a usage error
+    except UsageError as e:
+        print(f"cnnperf bench: error: {e}", file=sys.stderr)
+        return 2
+
+    out, err = _console(), _console(stderr=True)
+    record, path = run(cfg, args.out, argv, log=lambda msg: err.print(msg, style="dim", highlight=False))
+    print_report(record, out)
+    out.print(f"wrote {path} ({len(record['rows'])} rows, {record['elapsed_s']:.1f} s)")
+    failed = [r for r in record["rows"] if "error" in r or r.get("check", "ok") != "ok"]
+    if failed:
+        print(f"cnnperf bench: {len(failed)} rows failed (errors or numerical checks); see {path}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
