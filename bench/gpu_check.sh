@@ -69,8 +69,8 @@ step install 90 bash -c 'python -m pip install --quiet --no-index --no-deps --no
     python -m pip install --quiet --no-deps -e .'
 step import 60 python -c 'import cnnperf, cnnperf.bench, cnnperf.kernels.conv_bias_relu as k
 print("cnnperf", cnnperf.__version__, "kernels from", k.__file__)'
-step gpu-tests 120 python -m pytest -q -x -p no:cacheprovider tests -m gpu
-step other-tests 60 python -m pytest -q -p no:cacheprovider tests -m "not gpu"
+step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests -m "gpu or kernels"
+step other-tests 60 python -m pytest -q -p no:cacheprovider tests -m "not gpu and not kernels"
 # The benchmark stops starting new shapes 20 s before its timeout, so it ends with a complete JSON record of
 # what it measured instead of being killed (the record is rewritten after every shape in any case).
 BENCH_S=$(cap 150)

@@ -17,8 +17,9 @@ from cnnperf.testing import check_against_reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
-pytestmark = pytest.mark.skipif(not backend.device_runs_triton(DEVICE),
-                                reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(not backend.device_runs_triton(DEVICE),
+                                 reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")]
 
 
 def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, groups=1, bias=True,

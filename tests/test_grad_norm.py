@@ -19,6 +19,7 @@ from cnnperf.testing import assert_close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 BACKENDS = ["reference"] + (["triton"] if backend.device_runs_triton(DEVICE) else [])
+pytestmark = pytest.mark.kernels
 
 
 def _params(sizes, dtypes=(torch.float32,), scale=1.0):
