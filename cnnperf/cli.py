@@ -9,7 +9,8 @@ import sys
 # subcommand -> (module with main(argv) -> int, one-line help)
 COMMANDS = {
     "audit": ("cnnperf.audit", "compile every Triton kernel for sm_80/sm_90 and check registers, spills, smem"),
-    "bench": ("cnnperf.bench", "benchmark the fused layers against eager PyTorch and torch.compile"),
+    "bench": ("cnnperf.bench", "benchmark the fused conv layers against eager PyTorch and torch.compile"),
+    "bench-clip": ("cnnperf.bench_clip", "benchmark the fused gradient norm + clip against torch's clip_grad_norm_"),
 }
 
 
