@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, in one script and under 8 minutes: environment, GPU tests, the rest of the test suite, and the
-# conv2d+bias+ReLU benchmark (eager and cnnperf on every ResNet-50 and VGG-16 shape, then torch.compile for as
-# many ResNet-50 shapes as the time left allows).
+# The GPU check, in one script and under 8 minutes: environment, GPU tests, the rest of the test suite, the
+# conv2d+bias+ReLU benchmark (eager and cnnperf on as many ResNet-50 and VGG-16 shapes as 90 s allow), the
+# gradient clip benchmark (torch, loop, cnnperf on ResNet-50, VGG-16 and 1000 tiny tensors), then torch.compile
+# for as many ResNet-50 shapes as the time left allows.
 #
 #   bash bench/gpu_check.sh            # from anywhere; runs in the repository root
 #
@@ -11,6 +12,7 @@
 #   gpu_check_<device>_<time>.log    everything printed
 #   bench_conv_<device>_<time>.json  cnnperf bench record (eager, cnnperf)
 #   bench_conv_compile_<device>_<time>.json   cnnperf bench record (eager, compile, cnnperf; ResNet-50)
+#   bench_clip_<device>_<time>.json  cnnperf bench-clip record (torch, loop, cnnperf; fp32)
 # Every step runs under `timeout`, capped by what is left of the total budget; a failing step does not stop
 # the others, and the script exits 1 if any step failed or was skipped.
 
@@ -73,9 +75,12 @@ step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests -m "gpu or kern
 step other-tests 60 python -m pytest -q -p no:cacheprovider tests -m "not gpu and not kernels"
 # The benchmark stops starting new shapes 20 s before its timeout, so it ends with a complete JSON record of
 # what it measured instead of being killed (the record is rewritten after every shape in any case).
-BENCH_S=$(cap 150)
+BENCH_S=$(cap 90)
 step bench "$BENCH_S" python -m cnnperf bench --model all --pass all --no-compile \
     --time-budget $((BENCH_S > 40 ? BENCH_S - 20 : 20)) --out "$RESULTS/bench_conv_${SLUG}_${STAMP}.json"
+# The fused gradient norm + clip against torch's clip_grad_norm_ (foreach) and a per-parameter loop, fp32; the
+# record is rewritten after every case, so a timeout still leaves the cases it finished.
+step bench-clip 60 python -m cnnperf bench-clip --case all --out "$RESULTS/bench_clip_${SLUG}_${STAMP}.json"
 # torch.compile with max-autotune tunes every shape for tens of seconds: ResNet-50 only, as far as time allows.
 COMPILE_S=$(($(left) - 15))
 step bench-compile "$COMPILE_S" python -m cnnperf bench --model resnet50 --pass all \

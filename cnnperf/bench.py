@@ -69,7 +69,7 @@ SCHEMA = "cnnperf.bench/1"
 DEFAULT_OUT_DIR = Path(".benchmarks") / "cnnperf"  # git-ignored; real GPU records are copied to bench/results/
 
 
-def _sig(x: float, digits: int = 5) -> float:
+def sig(x: float, digits: int = 5) -> float:
     """``x`` to ``digits`` significant digits: JSON stays readable without losing small CPU figures."""
     return float(f"{x:.{digits}g}")
 
@@ -132,7 +132,8 @@ class ConvShape:
         return d
 
 
-def _build_model(model: str) -> torch.nn.Module:
+def build_model(model: str) -> torch.nn.Module:
+    """torchvision's ``model`` on the ``meta`` device: its shapes, no memory."""
     import torchvision  # only needed here; keeps `import cnnperf.bench` light
 
     with torch.device("meta"):  # no weights are allocated or initialised
@@ -148,7 +149,7 @@ def model_conv_layers(model: str, batch: int, image_size: int) -> tuple[ConvShap
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-    net = _build_model(model).eval()
+    net = build_model(model).eval()
     found: list[ConvShape] = []
 
     def record(name, module, args, _output):
@@ -379,8 +380,8 @@ def measure_matmul_peak(device: torch.device) -> dict:
         ms, statistic, timer = time_cuda(call).median_ms, "median", "triton.testing.do_bench"
     else:
         ms, statistic, timer = time_host(call, device, budget_s=0.5, min_reps=10).min_ms, "min", "time.perf_counter"
-    return {"tflops": _sig(2 * size**3 / (ms * 1e-3) / 1e12), "dtype": _dtype_name(dtype), "m": size, "n": size,
-            "k": size, "ms": _sig(ms), "statistic": statistic, "timer": timer}
+    return {"tflops": sig(2 * size**3 / (ms * 1e-3) / 1e12), "dtype": dtype_name(dtype), "m": size, "n": size,
+            "k": size, "ms": sig(ms), "statistic": statistic, "timer": timer}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def check_cnnperf(fn: Callable, shape: ConvShape, pass_: str, inputs: Inputs) ->
                 testing.assert_close(actual, ref, dtype, tf32=tf32, name=name)
             except AssertionError as e:
                 failure = f"FAIL {str(e).splitlines()[0]}"
-    return {"check": failure or "ok", "check_err": _sig(worst)}
+    return {"check": failure or "ok", "check_err": sig(worst)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,7 +495,7 @@ class Config:
 
     def describe(self) -> dict:
         return {"models": self.models, "passes": self.passes, "variants": self.variants,
-                "dtype": _dtype_name(self.dtype), "batch": self.batch, "image_size": self.image_size,
+                "dtype": dtype_name(self.dtype), "batch": self.batch, "image_size": self.image_size,
                 "quick": self.quick, "every": self.every, "limit": self.limit,
                 "memory_format": _format_name(self.memory_format), "compile_mode": self.compile_mode,
                 "backend": self.backend, "time_budget_s": self.time_budget_s,
@@ -502,7 +503,8 @@ class Config:
                 "skipped_variants": self.skipped}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -559,8 +561,8 @@ def bench_variant(cfg: Config, shape: ConvShape, pass_: str, variant: str, sets:
     if variant == "cnnperf":
         row["path"] = _cnnperf_path(cfg, sets[0].x, sets[0].w)
     tflops = shape.flops(pass_) / (t.median_ms * 1e-3) / 1e12
-    row.update(median_ms=_sig(t.median_ms), p20_ms=_sig(t.p20_ms), p80_ms=_sig(t.p80_ms), reps=t.reps,
-               gflop=_sig(shape.flops(pass_) / 1e9), tflops=_sig(tflops), pct_peak=_sig(100 * tflops / peak_tflops))
+    row.update(median_ms=sig(t.median_ms), p20_ms=sig(t.p20_ms), p80_ms=sig(t.p80_ms), reps=t.reps,
+               gflop=sig(shape.flops(pass_) / 1e9), tflops=sig(tflops), pct_peak=sig(100 * tflops / peak_tflops))
     return row
 
 
@@ -569,7 +571,7 @@ def add_speedups(rows: Sequence[dict]) -> None:
     eager = next((r["median_ms"] for r in rows if r["variant"] == "eager"), None)
     for r in rows:
         if r["variant"] != "eager":
-            r["speedup_vs_eager"] = _sig(eager / r["median_ms"]) if eager and r["median_ms"] else None
+            r["speedup_vs_eager"] = sig(eager / r["median_ms"]) if eager and r["median_ms"] else None
 
 
 def geomean(values: Sequence[float]) -> float:
@@ -592,7 +594,7 @@ def summarize(rows: Sequence[dict]) -> dict:
         for variants in models.values():
             for variant, ratios in variants.items():
                 worst = min(ratios)
-                variants[variant] = {"geomean_speedup": _sig(geomean([r for r, _ in ratios])),
+                variants[variant] = {"geomean_speedup": sig(geomean([r for r, _ in ratios])),
                                      "min_speedup": worst[0], "min_shape": worst[1], "shapes": len(ratios)}
     return summary
 
@@ -621,7 +623,7 @@ def write_json_atomic(path: Path, record: dict) -> None:
 
 def row_context(cfg: Config) -> dict:
     """The fields every result row of a run shares: device, dtype, memory format, versions."""
-    return {"device": device_name(cfg.device), "dtype": _dtype_name(cfg.dtype),
+    return {"device": device_name(cfg.device), "dtype": dtype_name(cfg.dtype),
             "memory_format": _format_name(cfg.memory_format), "versions": versions()}
 
 
@@ -666,7 +668,7 @@ def run(cfg: Config, out: Path | None, argv: Sequence[str],
     finally:
         torch.backends.cudnn.benchmark = previous_cudnn_benchmark
     record["complete"] = record["stopped_early"] is None
-    record["elapsed_s"] = _sig(time.perf_counter() - start)
+    record["elapsed_s"] = sig(time.perf_counter() - start)
     write_json_atomic(out, record)
     return record, out
 
@@ -748,12 +750,14 @@ class UsageError(Exception):
     """A bad command line: reported as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise UsageError (one line, exit 2) instead of printing the usage."""
+
     def error(self, message):  # argparse would print the whole usage block first
         raise UsageError(message)
 
 
-def _choice_list(allowed: Sequence[str], what: str):
+def choice_list(allowed: Sequence[str], what: str):
     """argparse type for 'a,b' or 'all' -> a list of names from ``allowed``, in the order given."""
     def parse(text: str) -> list[str]:
         names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
@@ -765,7 +769,8 @@ def _choice_list(allowed: Sequence[str], what: str):
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -793,14 +798,14 @@ def _dtype(text: str) -> torch.dtype:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cnnperf bench",
+    p = Parser(prog="cnnperf bench",
                 description="Time the fused conv2d + bias + ReLU against eager PyTorch and torch.compile on the "
                             "convolution shapes of ResNet-50 and VGG-16; print a table, write a JSON record.")
-    p.add_argument("--model", type=_choice_list(MODELS, "--model"), default=list(MODELS),
+    p.add_argument("--model", type=choice_list(MODELS, "--model"), default=list(MODELS),
                    help="resnet50, vgg16, a comma list, or all (default)")
-    p.add_argument("--pass", dest="passes", type=_choice_list(PASSES, "--pass"), default=list(PASSES),
+    p.add_argument("--pass", dest="passes", type=choice_list(PASSES, "--pass"), default=list(PASSES),
                    help="fwd, fwdbwd, or all (default)")
-    p.add_argument("--variants", type=_choice_list(VARIANTS, "--variants"), default=None,
+    p.add_argument("--variants", type=choice_list(VARIANTS, "--variants"), default=None,
                    help="comma list of eager, compile, cnnperf (default: all three on a GPU; eager,cnnperf on "
                         "the CPU, where compiling every shape takes minutes)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compile variant")
@@ -812,13 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
                    help=f"reduced shapes: batch {QUICK_BATCH}, {QUICK_IMAGE}x{QUICK_IMAGE} images, short timing "
                         "(default: on without a GPU)")
-    p.add_argument("--batch", type=_positive_int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
                    help=f"batch size (default {FULL_BATCH}, {QUICK_BATCH} with --quick)")
-    p.add_argument("--image-size", type=_positive_int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help=f"image side the shapes are derived at (default {FULL_IMAGE}, {QUICK_IMAGE} with --quick)")
-    p.add_argument("--every", type=_positive_int, default=None,
+    p.add_argument("--every", type=positive_int, default=None,
                    help=f"every N-th shape of each model (default {QUICK_EVERY} with --quick, else 1)")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="at most N shapes of each model (after --every)")
     p.add_argument("--memory-format", choices=tuple(MEMORY_FORMATS), default="channels_last",
                    help="memory format of input, weight and output gradient (default channels_last)")
@@ -872,7 +877,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
                   cudnn_benchmark=args.cudnn_benchmark, skipped=skipped)
 
 
-def _console(stderr: bool = False):
+def make_console(stderr: bool = False):
+    """A rich Console on stdout (or stderr); 160 columns wide when not a terminal."""
     from rich.console import Console
 
     console = Console(stderr=stderr)
@@ -901,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cnnperf bench: error: {e}", file=sys.stderr)
         return 2
 
-    out, err = _console(), _console(stderr=True)
+    out, err = make_console(), make_console(stderr=True)
     record, path = run(cfg, args.out, argv, log=lambda msg: err.print(msg, style="dim", highlight=False))
     print_report(record, out)
     out.print(f"wrote {path} ({len(record['rows'])} rows, {record['elapsed_s']:.1f} s)")
