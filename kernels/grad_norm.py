@@ -39,6 +39,18 @@ def _nan_max(a, b):
 
 
 @triton.jit
+def _chunk(addr_ptr, numel_ptr, meta_ptr, chunk_tensor_ptr, chunk_start_ptr, CHUNK: tl.constexpr):
+    """This program's chunk of the table: (tensor address, first element, end, whole aligned chunk?, dtype code)."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c)
+    start = tl.load(chunk_start_ptr + c)
+    meta = tl.load(meta_ptr + t)
+    end = tl.minimum(start + CHUNK, tl.load(numel_ptr + t))
+    vector = (((meta >> 2) & 1) == 1) & (end - start == CHUNK)
+    return tl.load(addr_ptr + t), start, end, vector, meta & 3
+
+
+@triton.jit
 def _reduce_range(ptr, start, end, vector, NORM_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Per-lane sums of squares (max |x|) of ``ptr[start:end]`` in fp32, BLOCK lanes.
 
@@ -85,15 +97,8 @@ def _grad_norm_partial_kernel(
     NORM_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # CHUNK is a multiple of BLOCK
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + c)
-    start = tl.load(chunk_start_ptr + c)
-    addr = tl.load(addr_ptr + t)
-    meta = tl.load(meta_ptr + t)
-    end = tl.minimum(start + CHUNK, tl.load(numel_ptr + t))
-    vector = ((meta >> 2) & 1) == 1
-    vector = vector & (end - start == CHUNK)
-    dtype_code = meta & 3
+    addr, start, end, vector, dtype_code = _chunk(addr_ptr, numel_ptr, meta_ptr, chunk_tensor_ptr, chunk_start_ptr,
+                                                  CHUNK)
     if dtype_code == 0:
         acc = _reduce_range(addr.to(tl.pointer_type(tl.float32)), start, end, vector, NORM_INF, CHUNK, BLOCK)
     elif dtype_code == 1:
@@ -105,7 +110,7 @@ def _grad_norm_partial_kernel(
         result = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), result)
     else:
         result = tl.sum(acc, axis=0)
-    tl.store(partial_ptr + c, result)
+    tl.store(partial_ptr + tl.program_id(0), result)
 
 
 @triton.jit
@@ -179,15 +184,8 @@ def _grad_scale_kernel(
 ):
     coef = tl.load(coef_ptr)
     if coef != 1.0:  # NaN != 1.0 too: NaN gradients stay NaN, as with torch's clip_grad_norm_
-        c = tl.program_id(0)
-        t = tl.load(chunk_tensor_ptr + c)
-        start = tl.load(chunk_start_ptr + c)
-        addr = tl.load(addr_ptr + t)
-        meta = tl.load(meta_ptr + t)
-        end = tl.minimum(start + CHUNK, tl.load(numel_ptr + t))
-        vector = ((meta >> 2) & 1) == 1
-        vector = vector & (end - start == CHUNK)
-        dtype_code = meta & 3
+        addr, start, end, vector, dtype_code = _chunk(addr_ptr, numel_ptr, meta_ptr, chunk_tensor_ptr,
+                                                      chunk_start_ptr, CHUNK)
         if dtype_code == 0:
             _scale_range(addr.to(tl.pointer_type(tl.float32)), start, end, vector, coef, CHUNK, BLOCK)
         elif dtype_code == 1:
