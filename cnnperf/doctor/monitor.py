@@ -1,0 +1,574 @@
+"""The :class:`Doctor`: a few calls placed in any training loop record what the detectors need.
+
+Where the calls go (the numbers are the order within one step)::
+
+    doctor = Doctor(model)                                  # before training; or `with Doctor(model) as doctor:`
+    for epoch in range(epochs):
+        for x, y in doctor.watch_loader(train_loader):      # times the wait for each batch (or doctor.data_wait(s))
+            logits = model(x)
+            doctor.watch_loss_input(logits, y)              # 1. what goes into cross_entropy: logits?
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(); loss.backward()
+            doctor.after_backward(loss)                     # 2. one cnnperf.grad_norms call; before any clipping
+            cnnperf.clip_grad_norm_(model.parameters(), 1.0)   # (optional)
+            optimizer.step()
+            doctor.after_step(optimizer)                    # 3. update-to-weight ratio, lr, step time
+        doctor.end_epoch(train_loss=..., train_acc=..., val_loss=..., val_acc=..., lr=...)
+    findings, record = doctor.report(run={"data": "my data", "augment": False, "num_classes": 10})
+    doctor.close()                                           # removes the hooks (the `with` block does it too)
+
+Variations: ``loss_fn = doctor.wrap_loss(F.cross_entropy)`` calls ``watch_loss_input`` for you. With fp16 and a
+``torch.amp.GradScaler``, call ``doctor.after_backward(loss, scaler=scaler)`` after ``scaler.scale(loss).backward()``
+and before ``scaler.unscale_``: the norms are unscaled on the device, and the scaler's skipped steps (inf/NaN
+gradients) are not reported as a problem unless they are frequent. ``doctor.report()`` returns
+``(findings, record)``: the :class:`~cnnperf.doctor.findings.Finding` list and the doctor.json dict
+(``cnnperf.doctor.report.write_reports(record, out_dir)`` writes it with report.html).
+
+What each step costs (the doctor never synchronises with the device inside a step):
+
+- every step: one :func:`cnnperf.grad_norms` over all gradients (total and per-parameter norms, on the
+  device), the loss kept as a device tensor, two host clock reads;
+- sampled steps (steps 1, 1 + ``sample_every``, ...): the weight norms (one foreach call) and a copy of the
+  weights taken in ``after_backward``, i.e. before ``optimizer.step()``, so ``after_step`` needs no
+  ``before_step`` call to measure ``||w_after - w_before|| / ||w_before||`` (the copy lives from
+  ``after_backward`` to ``after_step``: one model's worth of memory; ``track_updates=False`` skips it);
+  forward hooks armed for that one
+  step only: a pre-hook on the model for the input's mean/std/min/max, and forward hooks on every ``nn.ReLU``
+  and :class:`cnnperf.nn.FusedConv2dBiasReLU` (whose output is post-ReLU) for the dead-unit fraction;
+- once per epoch (``end_epoch``) and in ``report()``: everything recorded moves to the host in a few copies.
+
+The hooks only read the tensors they see (in-place ReLUs included: a forward hook sees the output after the
+ReLU wrote it); they never change the model, and ``close()`` removes them. Hooks record only the first forward
+pass of a sampled step that runs in training mode with gradients enabled, so validation passes in between are
+ignored. All parameters must be on one device (the gradient norms are one pass over all of them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+import cnnperf
+from cnnperf.doctor import findings as _findings
+from cnnperf.nn import FusedConv2dBiasReLU
+
+SCHEMA = "cnnperf.doctor/1"
+
+# A unit (channel and position) counts as dead when it is zero for the whole batch. With few samples a healthy
+# unit is often zero for all of them by chance (1 in 2^N for a symmetric pre-activation), so batches smaller
+# than this are not measured.
+MIN_RELU_BATCH = 8
+
+# Softmax check: a row of the loss input "sums to 1" within this tolerance (fp32 softmax rows are within
+# ~1e-6 of 1; logits essentially never are).
+PROB_ROW_TOLERANCE = 1e-3
+
+RELU_TYPES = (nn.ReLU, FusedConv2dBiasReLU)  # modules whose output is post-ReLU
+SATURATING_TYPES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign)
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class Report(NamedTuple):
+    """What :meth:`Doctor.report` returns: the findings, and the doctor.json record (SCHEMA.md) that holds them."""
+
+    findings: list  # list[cnnperf.doctor.findings.Finding], most severe first
+    record: dict
+
+
+class Doctor:
+    """Watches one model's training and explains, with evidence, what is wrong and what to change.
+
+    ``model``: the ``nn.Module`` being trained (only its trainable parameters are watched; all on one device).
+    ``sample_every``: steps 1, 1 + k, 1 + 2k, ... are sampled (per-layer statistics, weight snapshot, hooks).
+    ``track_updates``: measure the update-to-weight ratio (costs one copy of the weights on sampled steps).
+    ``watch_relu`` / ``watch_inputs``: arm the dead-ReLU hooks and the model-input pre-hook on sampled steps.
+    """
+
+    def __init__(self, model: nn.Module, *, sample_every: int = 10, track_updates: bool = True,
+                 watch_relu: bool = True, watch_inputs: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Doctor: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
+            raise ValueError(f"Doctor: sample_every must be a positive integer, got {sample_every!r}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"Doctor: {type(model).__name__} has no trainable parameters to watch")
+        devices = {p.device for _, p in named}
+        if len(devices) > 1:
+            raise ValueError(f"Doctor: the parameters are on several devices ({sorted(map(str, devices))}); "
+                             "the doctor watches models on one device")
+        self.model = model
+        self.sample_every = sample_every
+        self.track_updates = track_updates
+        self.param_names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self.relu_names = [n for n, m in model.named_modules() if isinstance(m, RELU_TYPES)] if watch_relu else []
+        self._relu_modules = [m for n, m in model.named_modules() if isinstance(m, RELU_TYPES)] if watch_relu else []
+        self._watch_inputs = watch_inputs
+        self._started = _dt.datetime.now(_dt.timezone.utc)
+        self._started_clock = time.perf_counter()
+
+        # step state
+        self._step = 0  # steps finished (after_backward calls)
+        self._epoch = 1  # the epoch the next step belongs to (1-based)
+        self._mark: float | None = None  # host time the current step began (previous step end, or loader start)
+        self._epoch_start: float | None = None
+        self._pending_data = 0.0
+        self._data_reported = False
+        self._last_lr: float | None = None
+        self._optimizer_facts: dict = {}
+        self._grad_scaler = False
+        self._snapshot: list[torch.Tensor] | None = None
+        self._sample: dict | None = None  # the sampled step waiting for after_step
+
+        # hooks, armed on sampled steps only
+        self._hooks: list = []
+        self._armed = False
+        self._capturing = False  # inside the first training-mode forward after arming
+        self._captured = False
+        self._relu_acc: dict[int, list] = {}
+        self._input_stats: torch.Tensor | None = None
+        self._loss_input_stats: torch.Tensor | None = None
+        self._closed = False
+
+        # device-side buffers, moved to the host by _flush()
+        self._dev_loss: list = []
+        self._dev_total: list = []
+        self._dev_samples: list[dict] = []
+        self._dev_relu: list[tuple[int, torch.Tensor]] = []
+        self._dev_inputs: list[tuple[int, torch.Tensor]] = []
+        self._dev_loss_inputs: list[tuple[int, torch.Tensor]] = []
+
+        # host-side history
+        self.steps: dict[str, list] = {k: [] for k in ("step", "epoch", "loss", "lr", "data_time", "step_time",
+                                                       "grad_norm")}
+        self.layers: dict[str, Any] = {"names": list(self.param_names),
+                                       "shapes": [list(p.shape) for p in self._params], "steps": [],
+                                       "grad_norm": [], "grad_to_weight": [], "update_to_weight": []}
+        self.relu: dict[str, Any] = {"names": list(self.relu_names), "steps": [], "dead_fraction": []}
+        self.inputs: dict[str, list] = {"steps": [], "mean": [], "std": [], "min": [], "max": []}
+        self.loss_inputs: dict[str, list] = {"steps": [], "min": [], "prob_rows": []}
+        self.epochs: list[dict] = []
+        self._arm()  # step 1 is always sampled
+
+    # ---------------------------------------------------------------------------------------------------
+    # the calls in the training loop
+    # ---------------------------------------------------------------------------------------------------
+
+    def watch_loader(self, loader: Iterable) -> "_TimedLoader":
+        """``loader`` wrapped so that the time spent waiting for each batch is recorded (``len()`` kept)."""
+        return _TimedLoader(self, loader)
+
+    def data_wait(self, seconds: float) -> None:
+        """Record ``seconds`` spent waiting for the data of the current step (adds up until the step ends)."""
+        self._pending_data += float(seconds)
+        self._data_reported = True
+
+    def watch_loss_input(self, logits: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Look at what is fed to a cross-entropy-style loss (``(N, C, ...)`` scores) on sampled steps: rows
+        that are non-negative and sum to 1 are probabilities, i.e. a softmax before ``cross_entropy``."""
+        if not self._is_sampled(self._step + 1) or self._loss_input_stats is not None:
+            return
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
+            return
+        with torch.no_grad():
+            x = logits.detach().float()
+            rows = x.sum(dim=1)
+            prob_rows = ((rows - 1.0).abs() <= PROB_ROW_TOLERANCE).float().mean()
+            self._loss_input_stats = torch.stack([x.amin(), prob_rows])
+
+    def wrap_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``loss_fn(input, target, ...)`` that calls :meth:`watch_loss_input` on its input first."""
+        def loss(input, target, *args, **kwargs):
+            self.watch_loss_input(input, target)
+            return loss_fn(input, target, *args, **kwargs)
+        return loss
+
+    def after_backward(self, loss: torch.Tensor | float | None = None, *, scaler=None) -> None:
+        """After ``loss.backward()`` (and before clipping or ``optimizer.step()``): the gradient norms of this
+        step, the loss, and on sampled steps the per-layer ratios and a snapshot of the weights.
+
+        ``loss``: the unscaled loss (a tensor is kept on the device). ``scaler``: the
+        :class:`torch.amp.GradScaler` whose scale the gradients still carry (call this before
+        ``scaler.unscale_``); the norms are divided by its scale, on the device, and steps with inf/NaN
+        gradients are counted as the scaler's skipped steps.
+        """
+        now = time.perf_counter()
+        step = self._step + 1
+        sampled = self._is_sampled(step)
+        self._sample, self._snapshot = None, None  # a previous sampled step whose after_step never came
+        with torch.no_grad():
+            has_grad = [p.grad is not None for p in self._params]
+            with_grad = [p for p, h in zip(self._params, has_grad) if h]
+            total, per_param, _ = cnnperf.grad_norms(with_grad)
+            if scaler is not None and scaler.is_enabled():
+                self._grad_scaler = True
+                scale = getattr(scaler, "_scale", None)  # a device tensor; get_scale() would synchronise
+                if scale is not None:
+                    inv = 1.0 / scale.to(device=total.device, dtype=torch.float32).reshape(())
+                    total, per_param = total * inv, per_param * inv
+            self._dev_total.append(total)
+            if isinstance(loss, torch.Tensor):
+                self._dev_loss.append(loss.detach().float().reshape(()))
+            else:
+                self._dev_loss.append(math.nan if loss is None else float(loss))
+            if sampled:
+                self._sample_layers(step, per_param, has_grad)
+        self.steps["step"].append(step)
+        self.steps["epoch"].append(self._epoch)
+        self.steps["lr"].append(self._last_lr)
+        self.steps["data_time"].append(self._pending_data if self._data_reported else math.nan)
+        self.steps["step_time"].append(math.nan if self._mark is None else now - self._mark)
+        if self._epoch_start is None:
+            self._epoch_start = self._mark if self._mark is not None else now
+        self._pending_data, self._data_reported = 0.0, False
+        self._mark = now
+        self._step = step
+        if sampled:
+            self._collect(step)
+        if self._is_sampled(step + 1) and not self._closed:
+            self._arm()
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After ``optimizer.step()``: the update-to-weight ratio on sampled steps, the lr, the step's end time."""
+        now = time.perf_counter()
+        if self._sample is not None and self._snapshot is not None:
+            with torch.no_grad():
+                delta = torch._foreach_sub([p.detach() for p in self._params], self._snapshot)
+                update = _norms(delta)
+                weight = self._sample["weight"]
+                self._sample["update_to_weight"] = torch.where(weight > 0, update / weight, math.nan)
+            self._snapshot = None
+        self._sample = None
+        if optimizer is not None:
+            self._read_optimizer(optimizer)
+            if self.steps["lr"]:
+                self.steps["lr"][-1] = self._last_lr
+        if self.steps["step_time"] and self._mark is not None:
+            self.steps["step_time"][-1] += now - self._mark
+        self._mark = now
+
+    def end_epoch(self, *, train_loss: float | None = None, train_acc: float | None = None,
+                  val_loss: float | None = None, val_acc: float | None = None, lr: float | None = None,
+                  seconds: float | None = None) -> dict:
+        """Close the epoch; values may be floats or 0-dim tensors. ``train_loss`` defaults to the mean of the
+        epoch's step losses, ``lr`` to the optimizer's last lr, ``seconds`` to the time since the epoch began.
+        Returns the epoch's row of the history (host floats)."""
+        now = time.perf_counter()
+        self._flush()
+        epoch = self._epoch
+        losses = [l for l, e in zip(self.steps["loss"], self.steps["epoch"]) if e == epoch]
+        if train_loss is None and losses:
+            train_loss = sum(losses) / len(losses)
+        if lr is not None:
+            self._last_lr = _float(lr)
+            for i in range(len(self.steps["lr"]) - 1, -1, -1):  # steps of this epoch that saw no optimizer
+                if self.steps["epoch"][i] != epoch:
+                    break
+                if self.steps["lr"][i] is None:
+                    self.steps["lr"][i] = self._last_lr
+        if seconds is None:
+            seconds = now - self._epoch_start if self._epoch_start is not None else math.nan
+        row = {"epoch": epoch, "train_loss": _float(train_loss), "train_acc": _float(train_acc),
+               "val_loss": _float(val_loss), "val_acc": _float(val_acc),
+               "lr": _float(lr) if lr is not None else self._last_lr, "seconds": float(seconds)}
+        self.epochs.append(row)
+        self._epoch += 1
+        self._epoch_start = None
+        self._mark = None  # the next step's clock starts with the next loader iteration (or the next step)
+        return row
+
+    @property
+    def step(self) -> int:
+        """Steps finished so far (``after_backward`` calls)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The 1-based epoch the next step belongs to."""
+        return self._epoch
+
+    # ---------------------------------------------------------------------------------------------------
+    # the result
+    # ---------------------------------------------------------------------------------------------------
+
+    def history(self) -> dict:
+        """The recorded history (host lists), as the record's ``history`` section."""
+        self._flush(pending=True)
+        return {"epochs": [dict(e) for e in self.epochs],
+                "steps": {k: list(v) for k, v in self.steps.items()},
+                "layers": {k: list(v) for k, v in self.layers.items()},
+                "relu": {k: list(v) for k, v in self.relu.items()},
+                "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "loss_inputs": {k: list(v) for k, v in self.loss_inputs.items()}}
+
+    def model_facts(self) -> dict:
+        """What the detectors' advice depends on, read from the model and the optimizer seen."""
+        counts: dict[str, int] = {}
+        for m in self.model.modules():
+            if isinstance(m, SATURATING_TYPES + RELU_TYPES + DROPOUT_TYPES + NORM_TYPES):
+                counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+        return {"parameters": sum(p.numel() for p in self._params),
+                "dropout": any(isinstance(m, DROPOUT_TYPES) for m in self.model.modules()),
+                "normalization": any(isinstance(m, NORM_TYPES) for m in self.model.modules()),
+                "saturating_activations": sum(isinstance(m, SATURATING_TYPES) for m in self.model.modules()),
+                "layer_types": counts, "sample_every": self.sample_every, "grad_scaler": self._grad_scaler,
+                **self._optimizer_facts}
+
+    def report(self, run: Mapping | None = None, *, metrics: Mapping | None = None,
+               lr_finder: Mapping | None = None, interrupted: bool | None = None) -> Report:
+        """The findings and the doctor.json record (see SCHEMA.md) of what was recorded so far.
+
+        ``run``: fields of the record's ``run`` section the doctor cannot know (``data``, ``epochs``,
+        ``batch_size``, ``augment``, ``seed``, ``train_size``, ...); the rest is filled in from the model, the
+        optimizer and the clock. ``metrics``: the validation metrics (see
+        :func:`cnnperf.doctor.train.classification_metrics`). ``lr_finder``: an LR range test's result.
+        """
+        history = self.history()
+        now = _dt.datetime.now(_dt.timezone.utc)
+        facts = self.model_facts()
+        lrs = [lr for lr in history["steps"]["lr"] if lr is not None] + [e["lr"] for e in self.epochs
+                                                                          if e.get("lr") is not None]
+        info: dict[str, Any] = {
+            "model": type(self.model).__name__, "data": None, "device": str(self._params[0].device),
+            "epochs": len(self.epochs), "epochs_done": len(self.epochs), "batch_size": None,
+            "lr": max(lrs) if lrs else None, "optimizer": facts.get("optimizer"), "clip": None,
+            "augment": None, "seed": None, "started": self._started.isoformat(timespec="seconds"),
+            "finished": now.isoformat(timespec="seconds"), "interrupted": False,
+            "seconds": time.perf_counter() - self._started_clock, "parameters": facts["parameters"],
+            "train_size": None, "val_size": None, "versions": _versions()}
+        info.update({k: v for k, v in facts.items() if k not in ("parameters", "lr", "optimizer")})
+        info.update(dict(run or {}))
+        if interrupted is not None:
+            info["interrupted"] = bool(interrupted)
+        found = _findings.diagnose(history, info, lr_finder)
+        best, stop = _findings.early_stopping(history["epochs"])
+        record = {"schema": SCHEMA, "run": info, "findings": [f.to_dict() for f in found], "history": history,
+                  "metrics": dict(metrics) if metrics is not None else None, "best_epoch": best,
+                  "early_stop_epoch": stop, "lr_finder": dict(lr_finder) if lr_finder is not None else None}
+        return Report(found, record)
+
+    def close(self) -> None:
+        """Remove every hook from the model and drop the weight snapshot. The doctor can still report."""
+        self._disarm()
+        self._snapshot = None
+        self._closed = True
+
+    def __enter__(self) -> "Doctor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._disarm()
+        except Exception:  # interpreter shutdown: the hook handles may already be gone
+            pass
+
+    # ---------------------------------------------------------------------------------------------------
+    # internals
+    # ---------------------------------------------------------------------------------------------------
+
+    def _is_sampled(self, step: int) -> bool:
+        return (step - 1) % self.sample_every == 0
+
+    def _sample_layers(self, step: int, per_param: torch.Tensor, has_grad: list[bool]) -> None:
+        weights = [p.detach() for p in self._params]
+        weight = _norms(weights)
+        if all(has_grad):
+            grad = per_param.float()
+        else:  # parameters without a gradient this step (frozen, unused) are NaN
+            grad = torch.full_like(weight, math.nan)
+            index = torch.tensor([i for i, h in enumerate(has_grad) if h], device=weight.device, dtype=torch.long)
+            if index.numel():
+                grad = grad.index_copy(0, index, per_param.float())
+        sample = {"step": step, "grad_norm": grad, "weight": weight,
+                  "grad_to_weight": torch.where(weight > 0, grad / weight, math.nan), "update_to_weight": None}
+        self._dev_samples.append(sample)
+        if self.track_updates:
+            self._snapshot = torch._foreach_mul(weights, 1.0)  # a copy, in one call
+            self._sample = sample
+
+    # hooks ---------------------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._armed:
+            return
+        self._relu_acc, self._input_stats, self._capturing, self._captured = {}, None, False, False
+        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        self._hooks.append(self.model.register_forward_hook(self._root_hook))
+        for i, module in enumerate(self._relu_modules):
+            self._hooks.append(module.register_forward_hook(self._make_relu_hook(i)))
+        self._armed = True
+
+    def _disarm(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._armed = False
+        self._capturing = False
+
+    def _root_pre_hook(self, module, args):
+        if self._captured or not module.training or not torch.is_grad_enabled():
+            return
+        self._capturing = True
+        if self._watch_inputs and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            with torch.no_grad():
+                x = args[0].detach()
+                if x.numel() > 1:
+                    std, mean = torch.std_mean(x)
+                    low, high = torch.aminmax(x)
+                    self._input_stats = torch.stack([mean, std, low, high]).float()
+
+    def _root_hook(self, module, args, output):
+        if self._capturing:
+            self._capturing, self._captured = False, True
+
+    def _make_relu_hook(self, index: int):
+        def hook(module, args, output):
+            if not self._capturing or not isinstance(output, torch.Tensor) or output.dim() < 2:
+                return
+            if output.shape[0] < MIN_RELU_BATCH:
+                return
+            with torch.no_grad():  # post-ReLU values are >= 0: a unit is dead when its max over the batch is 0
+                dead = (output.detach().amax(dim=0) <= 0).sum()
+            acc = self._relu_acc.setdefault(index, [0, 0])  # a module called twice per forward adds up
+            acc[0] = acc[0] + dead
+            acc[1] += output[0].numel()
+        return hook
+
+    def _collect(self, step: int) -> None:
+        """After a sampled step's backward: keep what the hooks and watch_loss_input saw (device tensors),
+        and disarm the hooks."""
+        if self._loss_input_stats is not None:
+            self._dev_loss_inputs.append((step, self._loss_input_stats))
+        if self._captured:
+            if self._relu_modules:
+                device = self._params[0].device
+                values = []
+                for i in range(len(self._relu_modules)):
+                    dead, units = self._relu_acc.get(i, (0, 0))
+                    values.append(torch.as_tensor(dead, dtype=torch.float32, device=device) / units if units
+                                  else torch.tensor(math.nan, device=device))
+                self._dev_relu.append((step, torch.stack(values)))
+            if self._input_stats is not None:
+                self._dev_inputs.append((step, self._input_stats))
+        self._disarm()
+        self._relu_acc, self._input_stats, self._loss_input_stats = {}, None, None
+
+    def _read_optimizer(self, optimizer) -> None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not groups:
+            return
+        group = groups[0]
+        self._last_lr = _float(group.get("lr"))
+        self._optimizer_facts = {"optimizer": type(optimizer).__name__.lower(), "lr": self._last_lr,
+                                 "weight_decay": _float(group.get("weight_decay", 0.0)),
+                                 "momentum": _float(group.get("momentum")) if "momentum" in group else None}
+
+    # moving to the host ----------------------------------------------------------------------------------
+
+    def _flush(self, pending: bool = False) -> None:
+        """Move every device-side buffer to the host lists (a few copies; the only synchronisation). The
+        sampled step waiting for ``after_step`` stays on the device unless ``pending`` (then it has no update)."""
+        if pending:
+            self._sample, self._snapshot = None, None
+        if self._dev_loss:
+            losses = [t if isinstance(t, torch.Tensor) else torch.tensor(t) for t in self._dev_loss]
+            self.steps["loss"].extend(_tolist(losses))
+            self.steps["grad_norm"].extend(_tolist(self._dev_total))
+            self._dev_loss, self._dev_total = [], []
+        done = [s for s in self._dev_samples if s is not self._sample]  # the pending one waits for after_step
+        if done:
+            self.layers["steps"].extend(s["step"] for s in done)
+            for key in ("grad_norm", "grad_to_weight"):
+                self.layers[key].extend(torch.stack([s[key] for s in done]).cpu().tolist())
+            nan_row = [math.nan] * len(self.param_names)
+            self.layers["update_to_weight"].extend(
+                s["update_to_weight"].cpu().tolist() if s["update_to_weight"] is not None else list(nan_row)
+                for s in done)
+            self._dev_samples = [s for s in self._dev_samples if s is self._sample]
+        if self._dev_relu:
+            self.relu["steps"].extend(s for s, _ in self._dev_relu)
+            self.relu["dead_fraction"].extend(torch.stack([v for _, v in self._dev_relu]).cpu().tolist())
+            self._dev_relu = []
+        if self._dev_inputs:
+            self.inputs["steps"].extend(s for s, _ in self._dev_inputs)
+            for key, column in zip(("mean", "std", "min", "max"),
+                                   torch.stack([v for _, v in self._dev_inputs]).cpu().T.tolist()):
+                self.inputs[key].extend(column)
+            self._dev_inputs = []
+        if self._dev_loss_inputs:
+            self.loss_inputs["steps"].extend(s for s, _ in self._dev_loss_inputs)
+            for key, column in zip(("min", "prob_rows"),
+                                   torch.stack([v for _, v in self._dev_loss_inputs]).cpu().T.tolist()):
+                self.loss_inputs[key].extend(column)
+            self._dev_loss_inputs = []
+
+
+class _TimedLoader:
+    """A loader that records, for each batch, how long the training loop waited for it."""
+
+    def __init__(self, doctor: Doctor, loader: Iterable):
+        self.doctor, self.loader = doctor, loader
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        doctor = self.doctor
+        start = time.perf_counter()
+        if doctor._epoch_start is None:
+            doctor._epoch_start = start
+        doctor._mark = start
+        iterator = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            doctor.data_wait(time.perf_counter() - t0)
+            yield batch
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor as one fp32 vector (foreach's fast path when all are fp32)."""
+    if all(t.dtype == torch.float32 for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors))
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+
+
+def _float(x) -> float | None:
+    """A host float from a float, int, 0-dim tensor or None (None stays None)."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().float().cpu())
+    return float(x)
+
+
+def _tolist(tensors: list[torch.Tensor]) -> list[float]:
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.stack([t.to(device).float().reshape(()) for t in tensors]).cpu().tolist()
+
+
+def _versions() -> dict:
+    import platform
+
+    versions = {"torch": torch.__version__, "cnnperf": cnnperf.__version__, "python": platform.python_version()}
+    try:
+        import sklearn
+        versions["sklearn"] = sklearn.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    return versions

@@ -1,0 +1,380 @@
+"""The doctor's detectors on synthetic histories: each pathology is found, each healthy curve raises nothing,
+and the thresholds sit where findings.py says they do (checked on both sides)."""
+
+import json
+import math
+
+import pytest
+
+from cnnperf.doctor import findings as F
+from cnnperf.doctor.findings import Finding, diagnose, early_stopping
+from cnnperf.doctor.report import jsonable
+
+SCHEMA_KINDS = ["overfitting", "underfitting", "vanishing_gradients", "exploding_gradients", "nonfinite_gradients",
+                "dead_relu", "diverging_loss", "softmax_before_cross_entropy", "unnormalized_input", "lr_too_low",
+                "slow_data_loading"]
+
+RUN = {"lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "augment": False, "dropout": False,
+       "normalization": False, "saturating_activations": 0, "parameters": 225_034, "train_size": 1438,
+       "num_classes": 10, "num_workers": 0, "cpu_count": 2, "clip": None}
+
+
+def steps(loss=None, grad_norm=None, data_time=None, step_time=None, epoch_of=None):
+    n = len(next(v for v in (loss, grad_norm, data_time, step_time) if v is not None))
+    loss = loss if loss is not None else [max(0.05, 2.3 * 0.97 ** i) for i in range(n)]
+    grad_norm = grad_norm if grad_norm is not None else [1.0 + 0.1 * math.sin(i) for i in range(n)]
+    return {"step": list(range(1, n + 1)), "epoch": [epoch_of(i) if epoch_of else 1 for i in range(n)],
+            "loss": loss, "lr": [1e-3] * n, "data_time": data_time or [0.001] * n,
+            "step_time": step_time or [0.02] * n, "grad_norm": grad_norm}
+
+
+def history(**parts):
+    h = {"epochs": [], "steps": steps(loss=[2.3 * 0.97 ** i for i in range(100)]),
+         "layers": {"names": [], "shapes": [], "steps": [], "grad_norm": [], "grad_to_weight": [],
+                    "update_to_weight": []},
+         "relu": {"names": [], "steps": [], "dead_fraction": []},
+         "inputs": {"steps": [], "mean": [], "std": [], "min": [], "max": []},
+         "loss_inputs": {"steps": [], "min": [], "prob_rows": []}}
+    h.update(parts)
+    return h
+
+
+def epochs(train_loss, val_loss, train_acc=None, val_acc=None):
+    rows = []
+    for i, (t, v) in enumerate(zip(train_loss, val_loss)):
+        rows.append({"epoch": i + 1, "train_loss": t, "val_loss": v,
+                     "train_acc": train_acc[i] if train_acc else 0.99, "val_acc": val_acc[i] if val_acc else 0.98,
+                     "lr": 1e-3, "seconds": 1.0})
+    return rows
+
+
+def layers(gtw_rows, names=None, shapes=None, utw_rows=None):
+    n = len(gtw_rows[0])
+    names = names or [f"l{i}.weight" for i in range(n)]
+    shapes = shapes or [[8, 8]] * n
+    return {"names": names, "shapes": shapes, "steps": [1 + 10 * i for i in range(len(gtw_rows))],
+            "grad_norm": [[None if g is None else g * 10 for g in row] for row in gtw_rows], "grad_to_weight": gtw_rows,
+            "update_to_weight": utw_rows or [[1e-3] * n for _ in gtw_rows]}
+
+
+def kinds(found):
+    return [f.kind for f in found]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Finding record
+# ---------------------------------------------------------------------------------------------------------
+
+def test_kinds_are_the_schema_kinds_and_every_kind_has_a_detector():
+    assert list(F.KINDS) == SCHEMA_KINDS
+    assert set(F.DETECTORS) == set(SCHEMA_KINDS)
+
+
+def test_finding_checks_kind_severity_and_title_and_round_trips():
+    f = Finding("overfitting", "warning", "t", "e", ["a", "b"], {"x": 1})
+    assert f.advice == ("a", "b")
+    assert Finding.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+    with pytest.raises(ValueError, match="kind"):
+        Finding("overfit", "warning", "t", "e")
+    with pytest.raises(ValueError, match="severity"):
+        Finding("overfitting", "fatal", "t", "e")
+    with pytest.raises(ValueError, match="one line"):
+        Finding("overfitting", "warning", "two\nlines", "e")
+
+
+def test_a_healthy_history_gives_no_finding():
+    gtw = [[0.05, 0.04, 0.07, 0.6]] * 10
+    h = history(epochs=epochs([1.0, 0.3, 0.15, 0.1, 0.07], [0.4, 0.2, 0.12, 0.09, 0.08],
+                              [0.7, 0.9, 0.95, 0.97, 0.98], [0.88, 0.94, 0.96, 0.97, 0.975]),
+                layers=layers(gtw),
+                relu={"names": ["a", "b"], "steps": list(range(10)), "dead_fraction": [[0.1, 0.4]] * 10},
+                inputs={"steps": [1], "mean": [0.0], "std": [1.0], "min": [-0.9], "max": [2.1]},
+                loss_inputs={"steps": [1], "min": [-9.0], "prob_rows": [0.0]})
+    assert diagnose(h, RUN) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overfitting, underfitting, early stopping
+# ---------------------------------------------------------------------------------------------------------
+
+def test_early_stopping_counts_patience_epochs_without_a_new_best():
+    rows = epochs([1] * 8, [0.9, 0.5, 0.4, 0.45, 0.42, 0.41, 0.43, 0.39])
+    assert early_stopping(rows, patience=3) == (3, 6)
+    assert early_stopping(rows, patience=5) == (8, None)
+    assert early_stopping(epochs([1, 1], [None, None])) == (None, None)
+    assert early_stopping(epochs([1, 1, 1], [0.5, float("nan"), 0.4])) == (3, None)
+
+
+def test_overfitting_from_validation_loss_rising_while_training_loss_falls():
+    h = history(epochs=epochs([1.0, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01], [0.8, 0.5, 0.45, 0.5, 0.6, 0.7, 0.8],
+                              [0.6, 0.85, 0.93, 0.97, 0.99, 1.0, 1.0], [0.7, 0.83, 0.85, 0.85, 0.85, 0.84, 0.84]))
+    f = F.detect_overfitting(h, RUN)
+    assert f is not None and f.severity == "warning"
+    assert f.data["best_epoch"] == 3 and f.data["early_stop_epoch"] == 6 and f.data["val_loss_rising"]
+    assert "epoch 3" in f.evidence and "0.45" in f.evidence and "0.8" in f.evidence
+    # the advice fits the run: stop early first, then what the run lacks, in this order
+    text = " | ".join(f.advice)
+    assert f.advice[0].startswith("Stop at the best epoch: train 3 epochs")
+    order = [text.index(s) for s in ("--augment", "weight decay", "dropout", "smaller model", "more training data")]
+    assert order == sorted(order)
+    # what the run already has is not advised again
+    g = F.detect_overfitting(h, dict(RUN, augment=True, weight_decay=5e-4, dropout=True))
+    assert not any("--augment" in a or "Add dropout" in a for a in g.advice)
+    assert any("Raise the weight decay (now 0.0005)" in a for a in g.advice)
+
+
+def test_overfitting_from_an_accuracy_gap_alone():
+    h = history(epochs=epochs([0.5, 0.1], [0.6, 0.55], [0.9, 1.0], [0.8, 1.0 - F.OVERFIT_ACC_GAP - 0.01]))
+    f = F.detect_overfitting(h, RUN)
+    assert f is not None and not f.data["val_loss_rising"] and f.data["acc_gap"] >= F.OVERFIT_ACC_GAP
+
+
+@pytest.mark.parametrize("val", [
+    [0.8, 0.5, 0.40, 0.41, 0.42, 0.43],   # rises, but less than OVERFIT_VAL_RISE
+    [0.8, 0.5, 0.40, 0.60, 0.3, 0.29],    # a bump, then a new best
+    [0.8, 0.5, 0.40, 0.30, 0.5],          # the rise is one epoch old
+])
+def test_no_overfitting_for_noise_bumps_and_late_bests(val):
+    h = history(epochs=epochs([1.0 / (i + 1) for i in range(len(val))], val))
+    assert F.detect_overfitting(h, RUN) is None
+
+
+def test_underfitting_when_both_accuracies_stay_low():
+    h = history(epochs=epochs([2.2, 2.0, 1.9], [2.2, 2.0, 1.95], [0.2, 0.3, 0.4], [0.2, 0.3, 0.38]))
+    f = F.detect_underfitting(h, RUN)
+    assert f is not None and f.kind == "underfitting" and "40.0%" in f.evidence
+    assert f.advice[0].startswith("Train longer")  # the loss fell 5 %+ in the last epoch
+    threshold = 0.1 + F.UNDERFIT_ACC_FRACTION * 0.9
+    ok = history(epochs=epochs([2.2, 1.0], [2.2, 1.0], [0.3, threshold + 0.01], [0.3, threshold + 0.01]))
+    assert F.detect_underfitting(ok, RUN) is None
+
+
+def test_underfitting_when_the_training_loss_is_flat_at_chance():
+    h = history(epochs=epochs([2.31, 2.30, 2.30], [2.31, 2.30, 2.30], [0.1, 0.11, 0.1], [0.1, 0.1, 0.1]))
+    f = F.detect_underfitting(h, RUN)
+    assert f is not None and any("labels" in a for a in f.advice)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------------------
+
+def test_vanishing_gradients_in_a_deep_sigmoid_stack():
+    rows = [[0.3 * 0.25 ** (9 - i) for i in range(10)] for _ in range(6)]  # 4x less per layer going back
+    f = F.detect_vanishing_gradients(history(layers=layers(rows)), dict(RUN, saturating_activations=9))
+    assert f is not None and f.severity == "warning"
+    assert f.data["early_layers"] == ["l0.weight", "l1.weight", "l2.weight"]
+    assert f.data["late_layers"] == ["l6.weight", "l7.weight", "l8.weight"]  # the output layer is left out
+    assert f.advice[0].startswith("Replace the sigmoid/tanh activations (9 in the model)")
+
+
+def test_no_vanishing_gradients_when_only_the_output_layer_is_large_or_on_few_steps():
+    healthy = [[0.012, 0.05, 0.077, 3.3]] * 10  # measured on the ConvNet: output layer ~50x the first
+    assert F.detect_vanishing_gradients(history(layers=layers(healthy)), RUN) is None
+    borderline = [[F.VANISHING_RATIO * 1.5, 1.0, 1.0, 1.0]] * 10
+    assert F.detect_vanishing_gradients(history(layers=layers(borderline)), RUN) is None
+    vanishing = [[F.VANISHING_RATIO * 0.5, 1.0, 1.0, 1.0]]
+    assert F.detect_vanishing_gradients(history(layers=layers(vanishing * 10)), RUN) is not None
+    assert F.detect_vanishing_gradients(history(layers=layers(vanishing * (F.MIN_SAMPLED_STEPS - 1))), RUN) is None
+    # on fewer than half the steps: not "most"
+    mixed = vanishing * 4 + [[1.0, 1.0, 1.0, 1.0]] * 6
+    assert F.detect_vanishing_gradients(history(layers=layers(mixed)), RUN) is None
+
+
+def test_vanishing_gradients_looks_at_weights_only():
+    # biases (1-D) with tiny ratios between healthy weights must not count as "early layers"
+    names = ["c1.weight", "c1.bias", "c2.weight", "c2.bias", "c3.weight", "c3.bias", "fc.weight", "fc.bias"]
+    shapes = [[8, 1, 3, 3], [8], [8, 8, 3, 3], [8], [8, 8, 3, 3], [8], [10, 8], [10]]
+    rows = [[0.1, 1e-9, 0.1, 1e-9, 0.1, 1e-9, 1.0, 1e-9]] * 6
+    assert F.detect_vanishing_gradients(history(layers=layers(rows, names, shapes)), RUN) is None
+
+
+def test_exploding_gradients_from_spikes_above_the_running_median():
+    norms = [1.0 + 0.2 * math.sin(i) for i in range(60)]
+    norms[40] = 1.0 * F.EXPLODING_SPIKE * 3
+    f = F.detect_exploding_gradients(history(steps=steps(grad_norm=norms)), RUN)
+    assert f is not None and f.data["spike_count"] == 1 and f.data["spikes"][0]["step"] == 41
+    assert f.advice[0].startswith("Clip the gradient norm")
+    clipped = F.detect_exploding_gradients(history(steps=steps(grad_norm=norms)), dict(RUN, clip=1.0))
+    assert "clipped at 1" in clipped.evidence and not clipped.advice[0].startswith("Clip")
+
+
+def test_no_exploding_gradients_for_a_norm_that_rises_to_a_new_level_or_noise():
+    wake_up = [0.1, 0.15, 0.22, 0.24, 0.17, 0.19, 0.25, 0.33, 0.61, 1.2, 2.46, 6.47, 11.3, 11.35, 6.39]
+    wake_up += [3.0 + (i % 5) for i in range(50)]  # measured on AlexNet-small, Adam 1e-3: a healthy run
+    assert F.detect_exploding_gradients(history(steps=steps(grad_norm=wake_up)), RUN) is None
+    noise = [1.0 + (i * 7919 % 13) / 4 for i in range(100)]  # within 4x
+    assert F.detect_exploding_gradients(history(steps=steps(grad_norm=noise)), RUN) is None
+
+
+def test_nonfinite_gradients_is_an_error_with_the_first_step_and_layers():
+    norms = [1.0] * 20 + [float("inf"), None, None]
+    lyr = layers([[1.0, 1.0, 1.0]] * 2 + [[None, 2.0, float("nan")]])
+    lyr["steps"] = [1, 11, 21]
+    f = F.detect_nonfinite_gradients(history(steps=steps(grad_norm=norms), layers=lyr), RUN)
+    assert f.severity == "error" and f.data["first_step"] == 21 and f.data["steps_nonfinite"] == 3
+    assert f.data["layers"] == ["l0.weight", "l2.weight"]
+    assert F.detect_nonfinite_gradients(history(steps=steps(grad_norm=[1.0] * 30)), RUN) is None
+
+
+def test_nonfinite_gradients_under_a_grad_scaler_only_when_frequent_or_at_the_end():
+    calibrating = [None] * 3 + [1.0] * 97  # the scaler halves its scale a few times at the start: normal
+    scaled = dict(RUN, grad_scaler=True)
+    assert F.detect_nonfinite_gradients(history(steps=steps(grad_norm=calibrating)), scaled) is None
+    assert F.detect_nonfinite_gradients(history(steps=steps(grad_norm=calibrating)), RUN) is not None
+    frequent = [None if i % 10 == 0 else 1.0 for i in range(100)]
+    assert F.detect_nonfinite_gradients(history(steps=steps(grad_norm=frequent)), dict(RUN, grad_scaler=True))
+    stuck = [1.0] * 190 + [None] * F.NONFINITE_SCALER_TAIL
+    assert F.detect_nonfinite_gradients(history(steps=steps(grad_norm=stuck)), dict(RUN, grad_scaler=True))
+
+
+def test_dead_relu_warning_error_and_healthy():
+    def h(values, first=None):
+        rows = [list(values)] * 10
+        if first is not None:
+            rows[0] = list(first)
+        return history(relu={"names": ["features.1", "classifier.1"], "steps": list(range(10)), "dead_fraction": rows})
+
+    assert F.detect_dead_relu(h([0.1, 0.45]), RUN) is None
+    warn = F.detect_dead_relu(h([0.1, F.DEAD_RELU_WARNING + 0.05], first=[0.1, 0.1]), RUN)
+    assert warn.severity == "warning" and list(warn.data["layers"]) == ["classifier.1"]
+    assert warn.advice[0].startswith("Lower the learning rate")  # they died during training
+    dead = F.detect_dead_relu(h([0.1, 1.0]), RUN)
+    assert dead.severity == "error" and dead.data["from_start"]
+    assert dead.advice[0].startswith("Check the initialisation")  # dead from the first step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------------------
+
+def test_diverging_loss_nan_is_an_error_naming_the_step():
+    loss = [2.3, 2.2, 5.0, 40.0, 1e6, float("nan"), float("nan")]
+    f = F.detect_diverging_loss(history(steps=steps(loss=loss)), dict(RUN, lr=10.0))
+    assert f.severity == "error" and f.data["nonfinite_step"] == 6 and "NaN at step 6" in f.title
+    assert "1e+06" in f.evidence and f.advice[0].startswith("Lower the learning rate (now 10): try 1")
+
+
+def test_diverging_loss_blow_up_with_and_without_recovery():
+    up = [2.3] * 5 + [2.3 * F.DIVERGE_BLOWUP * 2] * 20 + [3.0] * 20
+    f = F.detect_diverging_loss(history(steps=steps(loss=up)), RUN)
+    assert f.severity == "error" and f.data["ratio"] >= F.DIVERGE_BLOWUP
+    recovered = [2.3] * 5 + [2.3 * F.DIVERGE_BLOWUP * 2] * 10 + [0.5] * 60
+    assert F.detect_diverging_loss(history(steps=steps(loss=recovered)), RUN).severity == "warning"
+
+
+def test_diverging_loss_rising_back_above_its_start():
+    loss = [2.3 - 0.02 * i for i in range(50)] + [1.3 + 0.05 * i for i in range(40)]
+    f = F.detect_diverging_loss(history(steps=steps(loss=loss)), RUN)
+    assert f is not None and "rose back" in f.title
+
+
+@pytest.mark.parametrize("loss", [
+    [2.3 * 0.97 ** i for i in range(200)],                       # falls
+    [2.3 + 0.2 * math.sin(i * 1.3) for i in range(200)],         # flat and noisy
+    [6.9, 2.7, 2.1] + [2.0 * 0.98 ** i for i in range(100)],     # a high first step (raw inputs), then falls
+])
+def test_no_diverging_loss_for_healthy_or_flat_curves(loss):
+    assert F.detect_diverging_loss(history(steps=steps(loss=loss)), RUN) is None
+
+
+def test_lr_too_low_from_a_flat_loss_and_tiny_updates():
+    flat = [2.30 + 0.01 * math.sin(i) for i in range(90)]
+    lyr = layers([[0.03, 0.07, 0.08, 0.06]] * 9, utw_rows=[[1e-8, 4e-8, 5e-8, 2e-8]] * 9)
+    f = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), dict(RUN, lr=1e-7))
+    assert f is not None and f.severity == "warning" and f.data["update_to_weight"] < F.LR_LOW_MAX_UPDATE
+    assert any("try 1e-05" in a for a in f.advice) and any("--find-lr" in a for a in f.advice)
+    finder = {"suggested_lr": 2e-3, "method": "steepest descent"}
+    g = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), dict(RUN, lr=1e-7, lr_finder=finder))
+    assert g.advice[0].startswith("Raise the learning rate to the LR range test's suggestion, 0.002")
+
+
+def test_lr_too_low_not_for_zero_gradients_healthy_updates_or_a_falling_loss():
+    flat = [2.30 + 0.01 * math.sin(i) for i in range(90)]
+    zero = layers([[0.0] * 4] * 9, utw_rows=[[0.0] * 4] * 9)  # a dead network: not the lr's fault
+    assert F.detect_lr_too_low(history(steps=steps(loss=flat), layers=zero), RUN) is None
+    healthy = layers([[0.05] * 4] * 9, utw_rows=[[2e-3] * 4] * 9)
+    assert F.detect_lr_too_low(history(steps=steps(loss=flat), layers=healthy), RUN) is None
+    tiny = layers([[0.05] * 4] * 9, utw_rows=[[1e-7] * 4] * 9)
+    falling = [2.3 * 0.98 ** i for i in range(90)]
+    assert F.detect_lr_too_low(history(steps=steps(loss=falling), layers=tiny), RUN) is None
+
+
+def test_lr_too_low_with_weights_that_never_move_points_at_the_optimizer():
+    flat = [2.30] * 90
+    lyr = layers([[0.05] * 4] * 9, utw_rows=[[0.0] * 4] * 9)
+    f = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), RUN)
+    assert "did not move at all" in f.evidence and f.advice[0].startswith("Check that the optimizer")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the data flowing through
+# ---------------------------------------------------------------------------------------------------------
+
+def test_softmax_before_cross_entropy():
+    probs = history(loss_inputs={"steps": [1, 11, 21], "min": [1e-9, 1e-7, 0.0], "prob_rows": [1.0, 1.0, 1.0]})
+    f = F.detect_softmax_before_cross_entropy(probs, RUN)
+    assert f.severity == "error" and f.data["steps_with_probabilities"] == 3
+    logits = history(loss_inputs={"steps": [1, 11], "min": [-3.0, -9.0], "prob_rows": [0.0, 0.0]})
+    assert F.detect_softmax_before_cross_entropy(logits, RUN) is None
+    # non-negative scores whose rows happen not to sum to 1 (e.g. after a ReLU) are not probabilities
+    relu_out = history(loss_inputs={"steps": [1, 11], "min": [0.0, 0.0], "prob_rows": [0.02, 0.0]})
+    assert F.detect_softmax_before_cross_entropy(relu_out, RUN) is None
+
+
+@pytest.mark.parametrize("mean,std,lo,hi,expected", [
+    (77.4, 82.5, 0.0, 255.0, "raw 0..255 pixels"),
+    (4.9, 6.0, 0.0, 16.0, "scale"),               # raw 0..16 digits
+    (0.0013, 0.0015, 0.0, 0.0039, "scale"),       # divided by 255 twice
+    (0.0, 1.0, -0.9, 2.1, None),                  # normalised
+    (0.13, 0.31, 0.0, 1.0, None),                 # [0, 1] pixels: fine
+])
+def test_unnormalized_input(mean, std, lo, hi, expected):
+    h = history(inputs={"steps": [1, 11, 21], "mean": [mean] * 3, "std": [std] * 3, "min": [lo] * 3, "max": [hi] * 3})
+    f = F.detect_unnormalized_input(h, RUN)
+    if expected is None:
+        assert f is None
+    else:
+        assert f is not None and expected in f.title and f.advice[0].startswith("Scale to [0, 1]")
+
+
+def test_slow_data_loading_leaves_out_the_first_step_of_each_epoch():
+    n = 40
+    epoch_of = lambda i: 1 + i // 20  # noqa: E731
+    slow = steps(data_time=[0.07] * n, step_time=[0.1] * n, loss=[2.0] * n, epoch_of=epoch_of)
+    f = F.detect_slow_data_loading(history(steps=slow), RUN)
+    assert f is not None and abs(f.data["data_fraction"] - 0.7) < 1e-9 and f.data["steps"] == n - 2
+    assert f.advice[0].startswith("Load in parallel: DataLoader(num_workers=1")
+    # fast steps, but the first step of each epoch waits for the workers to start: not slow loading
+    data = [2.0 if i % 20 == 0 else 0.001 for i in range(n)]
+    total = [2.1 if i % 20 == 0 else 0.02 for i in range(n)]
+    fast = steps(data_time=data, step_time=total, loss=[2.0] * n, epoch_of=epoch_of)
+    assert F.detect_slow_data_loading(history(steps=fast), RUN) is None
+    unknown = steps(data_time=[float("nan")] * n, step_time=[0.1] * n, loss=[2.0] * n)
+    assert F.detect_slow_data_loading(history(steps=unknown), RUN) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole diagnosis
+# ---------------------------------------------------------------------------------------------------------
+
+def test_diagnose_orders_by_severity_and_leaves_out_explained_symptoms():
+    h = history(steps=steps(loss=[2.3, 2.4, 50.0, float("nan")] + [float("nan")] * 20),
+                epochs=epochs([float("nan")], [float("nan")], [0.1], [0.1]),
+                relu={"names": ["r"], "steps": [1, 2, 3], "dead_fraction": [[0.8]] * 3})
+    found = diagnose(h, RUN)
+    assert kinds(found) == ["diverging_loss", "dead_relu"]  # no underfitting: the NaN loss explains it
+    assert [f.severity for f in found] == ["error", "warning"]
+    json.dumps(jsonable([f.to_dict() for f in found]), allow_nan=False)
+
+
+def test_diagnose_drops_underfitting_next_to_lr_too_low():
+    flat = [2.30 + 0.01 * math.sin(i) for i in range(90)]
+    h = history(steps=steps(loss=flat), layers=layers([[0.05] * 4] * 9, utw_rows=[[1e-8] * 4] * 9),
+                epochs=epochs([2.3, 2.3], [2.3, 2.3], [0.1, 0.1], [0.1, 0.1]))
+    assert kinds(diagnose(h, RUN)) == ["lr_too_low"]
+
+
+def test_diagnose_accepts_an_empty_history():
+    assert diagnose({}, {}) == []
+    assert diagnose(history(steps={}), None) == []
