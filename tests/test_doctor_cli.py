@@ -17,8 +17,12 @@ SHORT = ["--epochs", "1", "--limit-batches", "3"]
 
 
 def read_record(out):
+    """doctor.json, parsed strictly: a NaN or Infinity in it (not JSON) fails the test."""
+    def reject(constant):
+        raise AssertionError(f"doctor.json holds {constant}, which is not JSON")
+
     with open(out / "doctor.json") as f:
-        return json.load(f)  # strict: NaN would fail to parse as JSON null only if written as NaN
+        return json.load(f, parse_constant=reject)
 
 
 def test_a_short_run_writes_both_reports(tmp_path, capsys):
@@ -48,7 +52,8 @@ def cli_kinds():
 
 def test_find_lr_and_options_reach_the_record(tmp_path):
     out = tmp_path / "out"
-    code = cli.main(["--data", "fake", *SHORT, "--batch-size", "16", "--find-lr", "--optimizer", "sgd", "--lr", "0.01", "--clip", "1",
+    code = cli.main(["--data", "fake", *SHORT, "--batch-size", "16", "--find-lr", "--optimizer", "sgd",
+                     "--lr", "0.01", "--clip", "1",
                      "--weight-decay", "0", "--sample-every", "1", "--seed", "3", "--out", str(out), "--quiet"])
     assert code == 0
     record = read_record(out)

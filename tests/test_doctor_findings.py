@@ -99,7 +99,8 @@ def test_a_healthy_history_gives_no_finding():
 
 def test_early_stopping_counts_patience_epochs_without_a_new_best():
     rows = epochs([1] * 8, [0.9, 0.5, 0.4, 0.45, 0.42, 0.41, 0.43, 0.39])
-    assert early_stopping(rows, patience=3) == (3, 6)
+    assert early_stopping(rows, patience=3) == (8, 6)  # the best of the run; where patience 3 would have stopped
+    assert F.best_before(rows, 6) == 3  # ... keeping epoch 3's weights
     assert early_stopping(rows, patience=5) == (8, None)
     assert early_stopping(epochs([1, 1], [None, None])) == (None, None)
     assert early_stopping(epochs([1, 1, 1], [0.5, float("nan"), 0.4])) == (3, None)
@@ -359,12 +360,14 @@ def test_slow_data_loading_leaves_out_the_first_step_of_each_epoch():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_diagnose_orders_by_severity_and_leaves_out_explained_symptoms():
-    h = history(steps=steps(loss=[2.3, 2.4, 50.0, float("nan")] + [float("nan")] * 20),
+    loss = [2.3, 2.4, 50.0, float("nan")] + [float("nan")] * 20
+    h = history(steps=steps(loss=loss, grad_norm=[1.0, 2.0, 900.0] + [None] * 21),
                 epochs=epochs([float("nan")], [float("nan")], [0.1], [0.1]),
                 relu={"names": ["r"], "steps": [1, 2, 3], "dead_fraction": [[0.8]] * 3})
     found = diagnose(h, RUN)
-    assert kinds(found) == ["diverging_loss", "dead_relu"]  # no underfitting: the NaN loss explains it
-    assert [f.severity for f in found] == ["error", "warning"]
+    # the cause (the loss diverged) before its symptom (NaN gradients); no underfitting: the NaN loss explains it
+    assert kinds(found) == ["diverging_loss", "nonfinite_gradients", "dead_relu"]
+    assert [f.severity for f in found] == ["error", "error", "warning"]
     json.dumps(jsonable([f.to_dict() for f in found]), allow_nan=False)
 
 

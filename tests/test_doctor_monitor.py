@@ -148,6 +148,23 @@ def test_hooks_are_armed_on_sampled_steps_only():
     assert doctor.history()["relu"]["steps"] == [1, 5, 9]
 
 
+def test_copies_of_a_watched_model_carry_no_doctor():
+    import io
+
+    model = tiny_cnn()
+    doctor = Doctor(model)  # hooks armed for step 1
+    copied = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole module, hooks included: must pickle
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for other in (copied, loaded):
+        other(torch.randn(16, 1, SIDE, SIDE))  # a training-mode forward of the copy
+    assert not doctor._captured and doctor._relu_acc == {} and doctor._input_stats is None
+    model(torch.randn(16, 1, SIDE, SIDE))
+    assert doctor._captured and len(doctor._relu_acc) == 3
+    doctor.close()
+
+
 def test_dead_fractions_of_inplace_reused_and_fused_relus_are_exact():
     class Net(nn.Module):
         def __init__(self):

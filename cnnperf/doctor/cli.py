@@ -188,7 +188,7 @@ def _run(args, device) -> int:
     interrupted = False
     try:
         with progress:
-            if args.find_lr:  # before the Doctor exists: the test deep-copies the model, hooks included
+            if args.find_lr:  # on copies of the model and the optimizer, before training
                 finder = lr_range_test(model, optimizer, bundle.train_loader, device=device, progress=progress)
                 if not quiet:
                     suggestion = ("none (the loss never fell)" if finder["suggested_lr"] is None else

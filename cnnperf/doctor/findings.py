@@ -175,25 +175,31 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
 def early_stopping(epochs: Sequence[Mapping], patience: int = EARLY_STOP_PATIENCE) -> tuple[int | None, int | None]:
     """(best epoch, early-stopping epoch) from the per-epoch validation losses.
 
-    The best epoch has the lowest validation loss (the earliest of equals). The early-stopping epoch is where
-    training with ``patience`` would have stopped: the first epoch that ends ``patience`` epochs without a
-    new best; None if that never happened. Both None without validation losses.
+    The best epoch has the lowest validation loss of all the epochs run (the earliest of equals). The
+    early-stopping epoch is where training with ``patience`` would have stopped: the first epoch that ends
+    ``patience`` epochs without a new best (it would have kept the weights of :func:`best_before` it); None if
+    that never happened. Both None without validation losses.
     """
-    best_epoch, best, wait = None, math.inf, 0
+    with_val = [r for r in epochs if _num(r.get("val_loss")) is not None]
+    if not with_val:
+        return None, None
+    best_epoch = int(min(with_val, key=lambda r: _num(r["val_loss"]))["epoch"])
+    best, wait, seen = math.inf, 0, False
     for row in epochs:
         loss = _num(row.get("val_loss"))
-        epoch = int(row.get("epoch"))
         if loss is not None and loss < best:
-            best_epoch, best, wait = epoch, loss, 0
-            continue
-        if best_epoch is not None:
+            best, wait, seen = loss, 0, True
+        elif seen:
             wait += 1
             if wait >= patience:
-                return best_epoch, epoch
-    if best_epoch is None:
-        return None, None
-    lowest = min((r for r in epochs if _num(r.get("val_loss")) is not None), key=lambda r: _num(r["val_loss"]))
-    return int(lowest["epoch"]), None
+                return best_epoch, int(row["epoch"])
+    return best_epoch, None
+
+
+def best_before(epochs: Sequence[Mapping], epoch: int) -> int | None:
+    """The epoch with the lowest validation loss up to ``epoch`` (what early stopping there would keep)."""
+    rows = [r for r in epochs if _num(r.get("val_loss")) is not None and int(r["epoch"]) <= epoch]
+    return int(min(rows, key=lambda r: _num(r["val_loss"]))["epoch"]) if rows else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,7 +528,7 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
                          f"accuracy {_pct(val_acc)}: a {100 * gap:.1f}-point gap.")
     if stop_epoch is not None:
         sentences.append(f"Early stopping with patience {EARLY_STOP_PATIENCE} would have stopped at epoch "
-                         f"{stop_epoch} and kept the weights of epoch {best_epoch}.")
+                         f"{stop_epoch} and kept the weights of epoch {best_before(epochs, stop_epoch)}.")
     advice = []
     if rising:
         advice.append(f"Stop at the best epoch: train {best_epoch} epochs (--epochs {best_epoch}), or use early "
@@ -708,8 +714,8 @@ def detect_slow_data_loading(history: Mapping, run: Mapping) -> Finding | None:
 
 # cause before symptom: the order findings of one severity are listed in
 DETECTORS: dict[str, Callable[[Mapping, Mapping], Finding | None]] = {
-    "nonfinite_gradients": detect_nonfinite_gradients,
     "diverging_loss": detect_diverging_loss,
+    "nonfinite_gradients": detect_nonfinite_gradients,
     "softmax_before_cross_entropy": detect_softmax_before_cross_entropy,
     "unnormalized_input": detect_unnormalized_input,
     "dead_relu": detect_dead_relu,

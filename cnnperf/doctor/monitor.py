@@ -46,6 +46,7 @@ ignored. All parameters must be on one device (the gradient norms are one pass o
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
@@ -402,10 +403,10 @@ class Doctor:
         if self._armed:
             return
         self._relu_acc, self._input_stats, self._capturing, self._captured = {}, None, False, False
-        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-        self._hooks.append(self.model.register_forward_hook(self._root_hook))
+        self._hooks.append(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
+        self._hooks.append(self.model.register_forward_hook(_Hook(self._root_hook)))
         for i, module in enumerate(self._relu_modules):
-            self._hooks.append(module.register_forward_hook(self._make_relu_hook(i)))
+            self._hooks.append(module.register_forward_hook(_Hook(functools.partial(self._relu_hook, i))))
         self._armed = True
 
     def _disarm(self) -> None:
@@ -416,7 +417,7 @@ class Doctor:
         self._capturing = False
 
     def _root_pre_hook(self, module, args):
-        if self._captured or not module.training or not torch.is_grad_enabled():
+        if module is not self.model or self._captured or not module.training or not torch.is_grad_enabled():
             return
         self._capturing = True
         if self._watch_inputs and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
@@ -428,21 +429,19 @@ class Doctor:
                     self._input_stats = torch.stack([mean, std, low, high]).float()
 
     def _root_hook(self, module, args, output):
-        if self._capturing:
+        if module is self.model and self._capturing:
             self._capturing, self._captured = False, True
 
-    def _make_relu_hook(self, index: int):
-        def hook(module, args, output):
-            if not self._capturing or not isinstance(output, torch.Tensor) or output.dim() < 2:
-                return
-            if output.shape[0] < MIN_RELU_BATCH:
-                return
-            with torch.no_grad():  # post-ReLU values are >= 0: a unit is dead when its max over the batch is 0
-                dead = (output.detach().amax(dim=0) <= 0).sum()
-            acc = self._relu_acc.setdefault(index, [0, 0])  # a module called twice per forward adds up
-            acc[0] = acc[0] + dead
-            acc[1] += output[0].numel()
-        return hook
+    def _relu_hook(self, index: int, module, args, output):
+        if not self._capturing or not isinstance(output, torch.Tensor) or output.dim() < 2:
+            return
+        if output.shape[0] < MIN_RELU_BATCH:
+            return
+        with torch.no_grad():  # post-ReLU values are >= 0: a unit is dead when its max over the batch is 0
+            dead = (output.detach().amax(dim=0) <= 0).sum()
+        acc = self._relu_acc.setdefault(index, [0, 0])  # a module called twice per forward adds up
+        acc[0] = acc[0] + dead
+        acc[1] += output[0].numel()
 
     def _collect(self, step: int) -> None:
         """After a sampled step's backward: keep what the hooks and watch_loss_input saw (device tensors),
@@ -511,6 +510,24 @@ class Doctor:
                                    torch.stack([v for _, v in self._dev_loss_inputs]).cpu().T.tolist()):
                 self.loss_inputs[key].extend(column)
             self._dev_loss_inputs = []
+
+
+class _Hook:
+    """A hook that calls back into the doctor. A copy of the model (``copy.deepcopy``, ``torch.save`` of the whole
+    module) taken while the hooks are armed gets a no-op in its place, not a copy of the doctor."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __reduce__(self):
+        return (_Hook, (_noop,))
+
+
+def _noop(*args) -> None:
+    return None
 
 
 class _TimedLoader:
