@@ -605,12 +605,15 @@ def write_json_atomic(path: Path, record: dict) -> None:
     The JSON goes to a temporary file in the same directory (os.replace is atomic only within a file system),
     is flushed to disk, then renamed over ``path``. On any error the temporary file is removed.
     """
-    path = Path(path)
+    write_text_atomic(Path(path), json.dumps(record, indent=1, allow_nan=False) + "\n")  # dumps fails first
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file in the same directory, fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1, allow_nan=False) + "\n"  # fails before touching the disk
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "x") as f:  # "x": never clobbers; permissions follow the umask like any new file
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobbers; permissions follow the umask
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

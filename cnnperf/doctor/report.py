@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,22 +67,6 @@ def write_json_atomic(path: str | os.PathLike, record: Mapping) -> None:
     fsync, ``os.replace``; the temporary file is removed on any error.
     """
     bench.write_json_atomic(Path(path), jsonable(record))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temporary file in the same directory, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -670,7 +653,7 @@ def html_report(record: Mapping) -> str:
 def render_html(record: Mapping, path: str | os.PathLike) -> Path:
     """Write the HTML report of ``record`` (a doctor.json dict) to ``path`` atomically; returns the path."""
     path = Path(path)
-    _write_text_atomic(path, html_report(record))
+    bench.write_text_atomic(path, html_report(record))
     return path
 
 
