@@ -22,14 +22,7 @@ DIGITS = load_digits()
 DIGITS_LABELS = torch.from_numpy(DIGITS.target).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one intra-op thread: these tensors are small, and on a busy 2-core machine a second thread only adds
-    waits at every op (ten times slower, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(loader_or_set) -> torch.Tensor:

@@ -9,14 +9,7 @@ from cnnperf.doctor.data import load_data
 from cnnperf.doctor.models import MODELS, ModelError, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one intra-op thread: these tensors are small, and on a busy 2-core machine a second thread only adds
-    waits at every op (ten times slower, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv(cin, cout, k):
