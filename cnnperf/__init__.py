@@ -6,12 +6,15 @@
   model into one fused layer.
 - :func:`cnnperf.clip_grad_norm_` / :func:`cnnperf.grad_norms`: gradient norms and clipping over all
   parameters in one pass, without host synchronisation.
+- :func:`cnnperf.profile` / :func:`cnnperf.optimize`: measure which speed-ups (AMP, channels_last,
+  torch.compile, fused layers, loader workers, ...) make a model train faster, and apply the winner.
 """
 
 from cnnperf import backend, functional, nn
 from cnnperf.fuse import FuseReport, fuse
 from cnnperf.ops.grad_norm import GradNorms, clip_grad_norm_, grad_norms
+from cnnperf.profiler import Optimized, ProfileResult, optimize, profile
 
 __version__ = "0.1.0"
 __all__ = ["backend", "functional", "nn", "fuse", "FuseReport", "clip_grad_norm_", "grad_norms", "GradNorms",
-           "__version__"]
+           "profile", "optimize", "ProfileResult", "Optimized", "__version__"]

@@ -1,0 +1,732 @@
+"""``cnnperf.profile``: measure the speed-ups on the user's own model and recommend the fastest sound one.
+
+The run: the baseline (eager float32, the user's loader as it is); every requested option on its own; then
+greedy combinations of the options that beat the baseline (each round adds the option that helps most, while it
+helps by :data:`MIN_GAIN` or more and the time budget lasts); the recommendation; the top ops of the
+recommended variant (and its trace); a batch-size sweep of it. Every variant is built from copies
+(:func:`cnnperf.profiler.variants.prepare`), checked against the baseline's loss and gradients, then timed.
+A variant that raises is recorded with its error and the run goes on; the torch, CUDA, Python and NumPy random
+states and the loaders' generators are put back at the end, and the user's model and optimizer are never used
+for anything but copying.
+
+Under torch.distributed (torchrun, DDP), every rank measures the same variants in the same order; their times
+are gathered after each variant, the slowest rank's median counts (a data-parallel step waits for all ranks),
+and every choice is made from the gathered numbers, so that all ranks take the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import gc
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cnnperf.profiler import measure
+from cnnperf.profiler.variants import (BASELINE, DEFAULT_EXCLUDED_ON_CPU, OPTIONS, TOLERANCES, VariantError,
+                                       compatible, compile_config, global_switches, not_applicable, parse_variant,
+                                       precision, prepare, rebuild_loader, unwrap_ddp, variant_name)
+
+SCHEMA = "cnnperf.profile/1"
+MIN_GAIN = 0.03  # a variant (or one more option) must be 3 % faster to be chosen: less is within run-to-run noise
+DEFAULT_STEPS = 20
+DEFAULT_WARMUP = 3
+DEFAULT_CHECK_STEPS = 2
+SWEEP_DOUBLINGS = {"cpu": 3, "cuda": 6}  # automatic sweep: batch x2, x4, ... up to x8 (CPU) or x64 (GPU)
+SWEEP_FLAT_GAIN = 0.02  # stop doubling after two sizes that each gained less than 2 % throughput
+SWEEP_STEPS = 10
+# A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
+# what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
+# 20 steps of it would only say so at length.
+TIME_CAP_FACTOR = 3.0
+TIME_CAP_MIN_S = 2.0
+# Singles are measured cheapest first, so that a tight budget still covers most of them.
+SINGLE_ORDER = ("workers", "cudnn_benchmark", "tf32", "channels_last", "fuse", "bf16", "fp16", "compile",
+                "max_autotune")
+
+
+class ProfileError(RuntimeError):
+    """The profile cannot run at all: the baseline training step itself fails."""
+
+
+class ProfileInterrupted(KeyboardInterrupt):
+    """Ctrl-C during profiling; ``result`` holds what was measured until then (its record says interrupted)."""
+
+    def __init__(self, result: "ProfileResult"):
+        super().__init__("profiling interrupted")
+        self.result = result
+
+
+@dataclass
+class ProfileResult:
+    """What :func:`profile` measured: ``record`` is the profile.json dict (see SCHEMA.md)."""
+
+    record: dict
+
+    @property
+    def variants(self) -> list[dict]:
+        """One row per variant, in the order measured."""
+        return self.record.get("variants", [])
+
+    @property
+    def recommended(self) -> str:
+        """The variant to use (a name for :func:`cnnperf.optimize`); "eager" when nothing beat the baseline."""
+        return (self.record.get("recommendation") or {}).get("variant", BASELINE)
+
+    @property
+    def speedup(self) -> float | None:
+        return (self.record.get("recommendation") or {}).get("speedup")
+
+    def row(self, name: str) -> dict:
+        """The row of variant ``name`` (any spelling of its options); KeyError if it was not measured."""
+        name = variant_name(parse_variant(name))
+        for row in self.variants:
+            if row["name"] == name:
+                return row
+        raise KeyError(f"variant {name!r} was not measured; measured: {', '.join(r['name'] for r in self.variants)}")
+
+    def save(self, out_dir, console=None) -> dict:
+        """Write profile.json and report.html into ``out_dir`` (and print the summary to ``console``)."""
+        from cnnperf.profiler.report import write_reports
+
+        return write_reports(self.record, out_dir, console=console)
+
+    def print(self, console=None) -> None:
+        """The terminal summary (a rich Console on stdout by default)."""
+        from cnnperf.bench import make_console
+        from cnnperf.profiler.report import render_terminal
+
+        render_terminal(self.record, console or make_console())
+
+    def __str__(self) -> str:
+        from cnnperf.profiler.report import summary_line
+
+        return summary_line(self.record)
+
+
+def profile(model: nn.Module, loss_fn: Callable, batch_or_loader, optimizer_factory: Callable, *,
+            variants: str | Sequence[str] | None = None, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP,
+            check_steps: int = DEFAULT_CHECK_STEPS, budget: float | None = None,
+            batch_sizes: str | Sequence[int] | None = "auto", device=None, seed: int = 0, top_ops: bool = True,
+            trace=None, log: Callable[[str], None] | None = None, run_info: dict | None = None) -> ProfileResult:
+    """Measure training-step variants of ``model`` side by side and recommend the fastest numerically sound one.
+
+    - ``model``: the user's model (an ``nn.Module``, or a ``DistributedDataParallel`` around one); only copied.
+    - ``loss_fn(output, targets) -> scalar tensor``.
+    - ``batch_or_loader``: one batch ``(inputs, targets)`` (timed steps reuse it: no data wait), or a
+      ``DataLoader`` yielding such batches (its settings are the baseline's; the "workers" option tunes them).
+    - ``optimizer_factory(parameters) -> Optimizer``, e.g. ``lambda p: torch.optim.SGD(p, lr=0.1)`` or
+      ``torch.optim.Adam``; called once per variant on that variant's copy.
+    - ``variants``: option names or variant names ("bf16", "channels_last", "bf16+channels_last"), "all", or None
+      (every option that applies here, except max_autotune on the CPU). Combinations are searched greedily
+      among the options that beat the baseline.
+    - ``steps`` timed steps per variant after ``warmup`` untimed ones; ``check_steps`` batches for the numerical
+      check (loss and gradients against the baseline from the same weights).
+    - ``budget``: seconds; no new combination (or single, once over) starts after it. None: no limit.
+    - ``batch_sizes``: "auto" (double the batch size until out of memory, flat throughput or the cap), a list,
+      or None (no sweep). Off by default under torch.distributed (an OOM on one rank would stall the others).
+    - ``device``: where to run (default: the model's device). ``seed``: for dropout in the check.
+    - ``top_ops``: profile a few steps of the recommended variant with torch.profiler; ``trace``: a path to
+      write their Chrome/Perfetto trace to.
+    - ``log``: called with a line of progress per variant.
+
+    Returns a :class:`ProfileResult`. Raises :class:`ProfileError` if the baseline step itself fails,
+    ``ValueError``/``TypeError`` for bad arguments, :class:`ProfileInterrupted` on Ctrl-C (with the partial
+    result).
+    """
+    return _Profiler(model, loss_fn, batch_or_loader, optimizer_factory, variants=variants, steps=steps,
+                     warmup=warmup, check_steps=check_steps, budget=budget, batch_sizes=batch_sizes, device=device,
+                     seed=seed, top_ops=top_ops, trace=trace, log=log, run_info=run_info).run()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks.
+# ---------------------------------------------------------------------------------------------------------
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def requested_options(variants, device: torch.device, loader) -> tuple[list[str], list[tuple[str, ...]],
+                                                                          dict[str, str]]:
+    """Resolve ``variants`` into (options to measure alone, extra combinations asked for by name, options
+    left out as not applicable here -> why)."""
+    if variants is None or variants == "all":
+        names = [o for o in OPTIONS if variants == "all" or
+                 not (device.type != "cuda" and o in DEFAULT_EXCLUDED_ON_CPU)]
+    elif isinstance(variants, str):
+        names = [v.strip() for v in variants.split(",") if v.strip()]
+    else:
+        names = list(variants)
+    singles, combos, skipped = [], [], {}
+    for name in names:
+        try:
+            options = parse_variant(name)
+        except VariantError as e:
+            raise ValueError(f"variants: {e}") from None
+        for option in options:
+            reason = not_applicable(option, device, loader)
+            if reason is not None:
+                skipped[option] = reason
+        if len(options) == 1 and options[0] not in singles:
+            singles.append(options[0])
+        elif len(options) > 1 and options not in combos:
+            combos.append(options)
+    singles = [o for o in SINGLE_ORDER if o in singles]
+    return singles, combos, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------------------
+
+class _Profiler:
+    def __init__(self, model, loss_fn, data, optimizer_factory, *, variants, steps, warmup, check_steps, budget,
+                 batch_sizes, device, seed, top_ops, trace, log, run_info):
+        from torch.utils.data import DataLoader
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, targets) -> loss, got {type(loss_fn).__name__}")
+        if not callable(optimizer_factory):
+            raise TypeError("optimizer_factory must be callable (parameters) -> torch.optim.Optimizer, got "
+                            f"{type(optimizer_factory).__name__}")
+        self.steps = _positive_int("steps", steps, 2)
+        self.warmup = _positive_int("warmup", warmup, 0)
+        self.check_steps = _positive_int("check_steps", check_steps)
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
+            raise ValueError(f"budget must be a positive number of seconds or None, got {budget!r}")
+        self.budget = budget
+        inner, self.ddp = unwrap_ddp(model)
+        self.world = torch.distributed.get_world_size() if _dist_on() else 1
+        self.rank = torch.distributed.get_rank() if _dist_on() else 0
+        params = list(inner.parameters())
+        if not any(p.requires_grad for p in params):
+            raise ValueError("model has no parameter that requires a gradient: there is no training step to time")
+        self.device = torch.device(device) if device is not None else (params[0].device if params else
+                                                                       torch.device("cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.loader = data if isinstance(data, DataLoader) else None
+        if self.loader is None:
+            measure.split_batch(data, "batch_or_loader")
+            self.batch = measure.to_device(tuple(data), self.device, non_blocking=False)
+        self.model, self.loss_fn, self.optimizer_factory = inner, loss_fn, optimizer_factory
+        self.singles, self.combos, self.not_applicable = requested_options(variants, self.device, self.loader)
+        self.variants_requested = ([variants] if isinstance(variants, str) else
+                                   list(variants) if variants is not None else ["default"])
+        if batch_sizes == "auto":
+            self.batch_sizes = "auto" if self.world == 1 else None
+        elif batch_sizes is None:
+            self.batch_sizes = None
+        else:
+            self.batch_sizes = [_positive_int("batch_sizes[]", b) for b in batch_sizes]
+        self.seed, self.want_top_ops, self.trace, self.run_info = seed, top_ops, trace, dict(run_info or {})
+        self.log = log or (lambda line: None)
+        self.rows: list[dict] = []
+        self.reference = None
+        self.clock = time.perf_counter()
+
+    # -- the whole run ------------------------------------------------------------------------------------
+    def run(self) -> ProfileResult:
+        started = _dt.datetime.now(_dt.timezone.utc)
+        rng = _RandomState(self.loader)
+        record = {"schema": SCHEMA}
+        interrupted = False
+        try:
+            self.template = copy.deepcopy(self.model).train()
+            self.check_batches = self._check_batches()
+            record["run"] = self._run_facts(started)
+            record["peak_tflops"] = measure.peak_tflops(record["run"]["device_name"])
+            record["variants"] = self.rows
+            record["baseline"] = BASELINE
+            self._search(record)
+            record["recommendation"] = recommend(self.rows)
+            self._after(record)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            rng.restore()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        run = record.setdefault("run", {})
+        run.update(elapsed_s=time.perf_counter() - self.clock, interrupted=interrupted,
+                   finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if interrupted and "recommendation" not in record and self.rows:
+            record["recommendation"] = recommend(self.rows)
+        result = ProfileResult(record)
+        if interrupted:
+            raise ProfileInterrupted(result)
+        return result
+
+    def _check_batches(self) -> list:
+        if self.loader is None:
+            return [self.batch]
+        batches = []
+        for batch in rebuild_loader(self.loader, num_workers=0):
+            batches.append(tuple(measure.split_batch(batch, "a batch of the loader")))
+            if len(batches) == self.check_steps:
+                break
+        if not batches:
+            raise ValueError("batch_or_loader: the DataLoader yielded no batch")
+        return batches
+
+    def _run_facts(self, started) -> dict:
+        from cnnperf.bench import device_name, versions
+
+        x, _ = self.check_batches[0]
+        facts = {"model": type(self.model).__name__, "data": "loader" if self.loader is not None else "batch",
+                 "device": str(self.device), "device_name": device_name(self.device), "batch_size": int(x.shape[0]),
+                 "input_shape": list(x.shape), "steps": self.steps, "warmup": self.warmup,
+                 "check_steps": len(self.check_batches), "budget_s": self.budget,
+                 "started": started.isoformat(timespec="seconds"), "interrupted": False,
+                 "parameters": sum(p.numel() for p in self.model.parameters()), "world_size": self.world,
+                 "variants_requested": self.variants_requested, "versions": versions(),
+                 "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
+                 "optimizer": None, "seed": self.seed,
+                 "num_workers": self.loader.num_workers if self.loader is not None else None}
+        facts.update(self.run_info)
+        return facts
+
+    # -- the search -----------------------------------------------------------------------------------------
+    def _search(self, record: dict) -> None:
+        baseline = self._measure((), "baseline")  # gathered: under DDP every rank sees a failure on any
+        if baseline["status"] != "ok":
+            raise ProfileError(f"the baseline training step (eager float32) fails: {baseline['error']}")
+        record["run"]["optimizer"] = self.optimizer_name
+        for option, reason in self.not_applicable.items():
+            self.rows.append(_row((option,), "single", status="not_applicable", reason=reason))
+        for option in self.singles:
+            if option not in self.not_applicable:
+                self._measure((option,), "single")
+        fraction = data_fraction(baseline)
+        if (fraction is not None and _data_bound(baseline) and "workers" not in self.singles
+                and "workers" not in self.not_applicable and self.loader is not None):
+            reason = not_applicable("workers", self.device, self.loader)
+            if reason is None:
+                self.log(f"the data wait is {fraction:.0%} of the baseline step: measuring the loader options")
+                self._measure(("workers",), "loader")
+        for options in self.combos:
+            if all(o not in self.not_applicable for o in options) and self._find(options) is None:
+                self._measure(options, "combination")
+        self._greedy()
+
+    def _greedy(self) -> None:
+        """Add, round by round, the option that makes the current best variant fastest, while it gains."""
+        good = [r for r in self.rows if _sound(r) and len(r["options"]) == 1 and _gain(r) >= MIN_GAIN]
+        if len(good) < 2:
+            return
+        good.sort(key=lambda r: r["median_ms"])
+        current = good[0]
+        candidates = [r["options"][0] for r in good[1:]]
+        while True:
+            best = current
+            for option in candidates:
+                if not compatible(current["options"], option):
+                    continue
+                options = tuple(o for o in OPTIONS if o in (*current["options"], option))
+                row = self._find(options)
+                if row is None:
+                    if self._over_budget(options):
+                        self.rows.append(_row(options, "combination", status="skipped",
+                                              reason=f"over the time budget of {self.budget:g} s"))
+                        continue
+                    row = self._measure(options, "combination")
+                if _sound(row) and row["median_ms"] < best["median_ms"] * (1 - MIN_GAIN):
+                    best = row
+            if best is current:
+                return
+            current = best
+
+    def _find(self, options) -> dict | None:
+        return next((r for r in self.rows if tuple(r["options"]) == tuple(options)), None)
+
+    def _over_budget(self, options) -> bool:
+        if self.budget is None:
+            return False
+        baseline = self.rows[0]
+        estimate = baseline["median_ms"] / 1e3 * (self.steps + self.warmup + self.check_steps) * 2
+        if any(OPTIONS[o].compiles for o in options):
+            compiled = [r.get("compile_s") or 0.0 for r in self.rows if any(OPTIONS[o].compiles for o in r["options"])]
+            estimate += max(compiled, default=30.0)
+        return self._agree(time.perf_counter() - self.clock + estimate > self.budget)
+
+    # -- one variant -------------------------------------------------------------------------------------------
+    def _measure(self, options: tuple[str, ...], stage: str) -> dict:
+        name = variant_name(options)
+        row = _row(options, stage)
+        if stage != "baseline" and self._over_budget(options):
+            row.update(status="skipped", reason=f"over the time budget of {self.budget:g} s")
+            self.rows.append(row)
+            return row
+        self.log(f"measuring {name}")
+        prep = source = None
+        try:
+            with global_switches(options, self.device), compile_config(options):
+                start = time.perf_counter()
+                prep = prepare(options, self.template, self.optimizer_factory, self.device, loader=self.loader,
+                               ddp=self.ddp)
+                row["setup_s"] = time.perf_counter() - start
+                check = measure.check_run(prep, self.loss_fn, self.check_batches, self.seed)
+                if stage == "baseline":
+                    self.reference = check
+                    self.optimizer_name = type(prep.optimizer).__name__
+                else:
+                    prec = precision(options)
+                    row["check"] = measure.compare(self.reference, check, TOLERANCES[prec], prec)
+                source = measure.batch_source(prep, getattr(self, "batch", None))
+                times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
+                                            max_seconds=self._time_cap(stage))
+            self._fill(row, times, check, prep)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # recorded, and the run goes on
+            row.update(status="failed", error=measure.one_line(exc))
+        finally:
+            if source is not None and hasattr(source, "close"):
+                source.close()  # shuts the loader's workers down
+            del prep, source
+            if self.device.type == "cuda":  # free the variant's memory before the next one allocates
+                gc.collect()
+                torch.cuda.empty_cache()
+        row = self._gather(row)
+        if row["status"] == "ok" and self.rows:
+            row["speedup"] = self.rows[0]["median_ms"] / row["median_ms"]
+        self.rows.append(row)
+        self.log(_describe(row))
+        return row
+
+    def _fill(self, row: dict, times: measure.StepTimes, check: measure.CheckRun, prep) -> None:
+        median = times.median()
+        phases = {name: times.median(values) for name, values in times.phases.items()}
+        compile_s = None
+        if any(OPTIONS[o].compiles for o in row["options"]):
+            # The first forward + backward of the check compiles; with dropout (off in the check) the first
+            # warm-up step compiles the training graph again. Each minus what a compiled step takes.
+            compile_s = max(0.0, check.first_s - (phases["forward"] + phases["backward"]) / 1e3)
+            if math.isfinite(times.first_warmup_s):
+                compile_s += max(0.0, times.first_warmup_s - median / 1e3)
+        row.update(status="ok", median_ms=median, p20_ms=measure._quantile(times.steps, 0.2),
+                   p80_ms=measure._quantile(times.steps, 0.8), timed_steps=len(times.steps),
+                   peak_memory=times.peak_memory, compile_s=compile_s, phases_ms=phases,
+                   images_per_s=int(self.check_batches[0][0].shape[0]) * self.world / (median / 1e3))
+        base = self.rows[0]["median_ms"] if self.rows else median
+        row["speedup"] = base / median
+
+    def _time_cap(self, stage: str) -> float | None:
+        """Seconds after which a variant's timed steps stop (once MIN_TIMED_STEPS are done): a variant several
+        times slower than the baseline is known to be slower long before ``steps`` steps."""
+        if stage == "baseline" or not self.rows or not self.rows[0].get("median_ms") or self.world > 1:
+            return None  # under DDP every rank must take the same number of steps
+        return max(TIME_CAP_MIN_S, TIME_CAP_FACTOR * self.rows[0]["median_ms"] / 1e3 * self.steps)
+
+    # -- distributed agreement -------------------------------------------------------------------------------
+    def _agree(self, value):
+        """Rank 0's ``value`` on every rank (identity without torch.distributed)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather(self, row: dict) -> dict:
+        """The row as all ranks saw it: the slowest rank's times, failed if any rank failed."""
+        if self.world == 1:
+            return row
+        rows = [None] * self.world
+        torch.distributed.all_gather_object(rows, row)
+        failed = next((r for r in rows if r["status"] != "ok"), None)
+        if failed is not None:
+            rank = rows.index(failed)
+            return {**failed, "error": f"rank {rank}: {failed.get('error') or failed.get('reason')}"}
+        slowest = max(rows, key=lambda r: r["median_ms"])
+        medians = [r["median_ms"] for r in rows]
+        checks = [r.get("check") for r in rows if r.get("check")]
+        merged = dict(slowest)
+        if checks:
+            merged["check"] = max(checks, key=lambda c: (not c["passed"], c["grad_err"]))
+        merged["ranks"] = {"median_ms": medians, "spread": max(medians) / min(medians) - 1 if min(medians) > 0
+                           else None}
+        return merged
+
+    # -- after the search: derived numbers, top ops, sweep --------------------------------------------------------
+    def _after(self, record: dict) -> None:
+        flops = None
+        try:
+            with global_switches((), self.device):
+                prep = prepare((), self.template, self.optimizer_factory, self.device)
+                flops = measure.count_flops(prep, self.loss_fn, self.check_batches[0])
+            del prep
+        except Exception as exc:
+            flops = {"per_step": None, "forward": None, "method": f"failed: {measure.one_line(exc)}"}
+        record["flops"] = flops
+        _derive(self.rows, record["run"], flops, record["peak_tflops"])
+        record["recommendation"] = recommend(self.rows)
+        chosen = parse_variant(record["recommendation"]["variant"])
+        if self.want_top_ops or self.trace is not None:
+            record["top_ops"] = self._top_ops(chosen, record)
+        record["batch_sweep"] = self._sweep(chosen)
+
+    def _top_ops(self, options, record: dict) -> dict | None:
+        self.log(f"profiling the ops of {variant_name(options)}")
+        trace = None
+        if self.trace is not None and self.rank == 0:
+            trace = self.trace
+        try:
+            with global_switches(options, self.device), compile_config(options):
+                prep = prepare(options, self.template, self.optimizer_factory, self.device, loader=self.loader,
+                               ddp=self.ddp)
+                source = measure.batch_source(prep, getattr(self, "batch", None))
+                try:
+                    ops = measure.top_ops(prep, self.loss_fn, source, trace_path=trace)
+                finally:
+                    if hasattr(source, "close"):
+                        source.close()
+            if trace is not None:
+                record["trace"] = str(trace)
+            return ops
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            return {"variant": variant_name(options), "by": None, "ops": [], "error": measure.one_line(exc)}
+
+    def _sweep(self, options) -> dict | None:
+        if self.batch_sizes is None:
+            return None
+        x, y = self.check_batches[0]
+        if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
+            return {"variant": variant_name(options), "rows": [], "largest_fitting": None, "best_batch_size": None,
+                    "error": "targets are not a tensor with one row per input: no batch-size sweep"}
+        base = x.shape[0]
+        if self.batch_sizes == "auto":
+            sizes = [base << k for k in range(SWEEP_DOUBLINGS.get(self.device.type, 3) + 1)]
+        else:
+            sizes = list(self.batch_sizes)
+        rows, flat = [], 0
+        if self.budget is not None and self._agree(time.perf_counter() - self.clock > self.budget):
+            return {"variant": variant_name(options), "rows": [], "largest_fitting": None, "best_batch_size": None,
+                    "error": f"not run: over the time budget of {self.budget:g} s"}
+        self.log(f"batch-size sweep of {variant_name(options)}: {', '.join(map(str, sizes))}")
+        prep = None
+        try:
+            with global_switches(options, self.device), compile_config(options):
+                # One copy for all sizes: a compiled variant compiles once per size (static shapes, as in the
+                # search), not once per size and copy.
+                prep = prepare(options, self.template, self.optimizer_factory, self.device, ddp=self.ddp)
+                for size in sizes:
+                    if self.budget is not None and self._agree(time.perf_counter() - self.clock > self.budget):
+                        break
+                    row = self._sweep_one(prep, x, y, size)
+                    rows.append(row)
+                    if row["status"] != "ok":
+                        break
+                    ok = [r for r in rows if r["status"] == "ok"]
+                    if self.batch_sizes == "auto" and len(ok) >= 2:
+                        gained = ok[-1]["images_per_s"] >= ok[-2]["images_per_s"] * (1 + SWEEP_FLAT_GAIN)
+                        flat = 0 if gained else flat + 1
+                        if flat >= 2:
+                            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # the copy could not be made: a sweep with no row, and why
+            return {"variant": variant_name(options), "rows": rows, "largest_fitting": None,
+                    "best_batch_size": None, "error": measure.one_line(exc)}
+        finally:
+            del prep
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+        ok = [r for r in rows if r["status"] == "ok"]
+        return {"variant": variant_name(options), "rows": rows,
+                "largest_fitting": max((r["batch_size"] for r in ok), default=None),
+                "best_batch_size": max(ok, key=lambda r: r["images_per_s"])["batch_size"] if ok else None}
+
+    def _sweep_one(self, prep, x, y, size: int) -> dict:
+        row = {"batch_size": size, "status": "ok", "median_ms": None, "images_per_s": None, "peak_memory": None,
+               "error": None}
+        batch = None
+        try:
+            repeats = -(-size // x.shape[0])
+            batch = (_repeat(x, repeats, size).to(self.device), _repeat(y, repeats, size).to(self.device))
+            times = measure.timed_steps(prep, self.loss_fn, measure.batch_source(prep, batch),
+                                        min(self.steps, SWEEP_STEPS), max(self.warmup, 2))
+            median = times.median()
+            row.update(median_ms=median, images_per_s=size * self.world / (median / 1e3),
+                       peak_memory=times.peak_memory)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            prep.optimizer.zero_grad(set_to_none=True)  # the gradients of a step that failed half-way
+            row.update(status="oom" if measure.is_oom(exc) else "failed", error=measure.one_line(exc))
+        finally:
+            del batch
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if self.world > 1:
+            rows = [None] * self.world
+            torch.distributed.all_gather_object(rows, row)
+            row = next((r for r in rows if r["status"] != "ok"), max(rows, key=lambda r: r["median_ms"]))
+        self.log(f"  batch {size}: " + (f"{row['images_per_s']:.0f} images/s" if row["status"] == "ok"
+                                        else row["status"] + f" ({row['error']})"))
+        return row
+
+
+def _repeat(t: torch.Tensor, repeats: int, size: int) -> torch.Tensor:
+    return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size]
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _row(options: Sequence[str], stage: str, **fields) -> dict:
+    row = {"name": variant_name(options), "options": list(options), "stage": stage, "status": "ok", "error": None,
+           "reason": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "timed_steps": None,
+           "images_per_s": None, "speedup": None, "peak_memory": None, "compile_s": None, "setup_s": None,
+           "phases_ms": None, "mfu": None, "check": None, "ranks": None}
+    row.update(fields)
+    return row
+
+
+def _sound(row: dict) -> bool:
+    """Measured, and numerically within its tolerance (the baseline has no check: it is the reference)."""
+    return row["status"] == "ok" and (row.get("check") is None or row["check"]["passed"])
+
+
+def _gain(row: dict) -> float:
+    return (row.get("speedup") or 0.0) - 1.0
+
+
+def data_fraction(row: dict) -> float | None:
+    """The share of the step spent waiting for data."""
+    phases = row.get("phases_ms")
+    if not phases or not row.get("median_ms"):
+        return None
+    return phases["data"] / max(sum(phases.values()), 1e-12)
+
+
+def _data_bound(row: dict) -> bool:
+    phases = row.get("phases_ms")
+    return bool(phases) and max(phases, key=phases.get) == "data"
+
+
+def _derive(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None) -> None:
+    """Speed-ups, images/s and MFU of every measured row."""
+    base = rows[0]["median_ms"] if rows and rows[0]["status"] == "ok" else None
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        seconds = row["median_ms"] / 1e3
+        row["images_per_s"] = run["batch_size"] * run.get("world_size", 1) / seconds
+        row["speedup"] = base / row["median_ms"] if base else None
+        per_step = (flops or {}).get("per_step")
+        if per_step and peaks:
+            peak = peaks.get(precision(row["options"]))
+            row["mfu"] = per_step / seconds / (peak * 1e12) if peak else None
+
+
+def recommend(rows: Sequence[dict]) -> dict:
+    """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
+    if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen."""
+    rows = [r for r in rows]
+    base = rows[0]
+    base_ms = base.get("median_ms")
+    sound = [r for r in rows if _sound(r) and r.get("median_ms")]
+    fastest = min(sound, key=lambda r: r["median_ms"], default=base)
+    chosen = fastest if (base_ms and fastest["median_ms"] <= base_ms * (1 - MIN_GAIN)) else base
+    speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
+    not_chosen = []
+    for row in rows:
+        if row is chosen:
+            continue
+        not_chosen.append({"variant": row["name"], "why": _why_not(row, chosen, base)})
+    fraction = data_fraction(base)
+    summary = _summary(chosen, base, speedup)
+    if _data_bound(base):
+        summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
+                    "waiting for the next batch.")
+    return {"variant": chosen["name"], "speedup": speedup, "summary": summary, "data_bound": _data_bound(base),
+            "data_fraction": fraction, "not_chosen": not_chosen}
+
+
+def _why_not(row: dict, chosen: dict, base: dict) -> str:
+    if row["status"] == "failed":
+        return f"failed: {row['error']}"
+    if row["status"] in ("skipped", "not_applicable"):
+        return f"{row['status'].replace('_', ' ')}: {row['reason']}"
+    check = row.get("check")
+    if check is not None and not check["passed"]:
+        if check["loss_err"] > check["loss_tol"]:
+            return (f"numerically off: loss error {check['loss_err']:.3g} > {check['loss_tol']:g} "
+                    f"({check['precision']} tolerance)")
+        return (f"numerically off: gradient error {check['grad_err']:.3g} > {check['grad_tol']:g} "
+                f"({check['precision']} tolerance; worst: {check['worst_param']})")
+    ratio = row["median_ms"] / chosen["median_ms"]
+    if chosen is base and row["median_ms"] < base["median_ms"]:
+        return (f"{base['median_ms'] / row['median_ms']:.3f}x over {base['name']}: less than the "
+                f"{MIN_GAIN:.0%} that counts as a real gain")
+    if row is base:
+        return f"the baseline: {ratio:.2f}x the step time of {chosen['name']}"
+    return f"slower here: {ratio:.2f}x the step time of {chosen['name']}"
+
+
+def _summary(chosen: dict, base: dict, speedup: float | None) -> str:
+    if chosen is base:
+        return (f"Keep {base['name']}: no variant measured was {MIN_GAIN:.0%} or more faster and numerically "
+                f"sound ({base['median_ms']:.4g} ms per step).")
+    check = chosen.get("check") or {}
+    return (f"Use {chosen['name']}: {speedup:.2f}x faster than {base['name']} ({base['median_ms']:.4g} -> "
+            f"{chosen['median_ms']:.4g} ms per step), within the {check.get('precision', 'float32')} tolerance "
+            f"of the numerical check.")
+
+
+def _describe(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"  {row['name']}: {row['status']}: {row['error'] or row['reason']}"
+    check = row.get("check")
+    verdict = "" if check is None else ("  check ok" if check["passed"] else "  check FAILED")
+    return f"  {row['name']}: {row['median_ms']:.4g} ms/step{verdict}"
+
+
+class _RandomState:
+    """torch's (CPU and every initialised CUDA device), Python's and NumPy's random states and the generators of
+    a DataLoader and its sampler, saved now and put back by :meth:`restore`."""
+
+    def __init__(self, loader=None):
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.python = random.getstate()
+        try:
+            import numpy
+
+            self.numpy = numpy.random.get_state()
+        except ImportError:
+            self.numpy = None
+        self.generators = []
+        if loader is not None:
+            for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                          getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+                g = getattr(owner, "generator", None)
+                if isinstance(g, torch.Generator) and all(g is not h for h, _ in self.generators):
+                    self.generators.append((g, g.get_state()))
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            import numpy
+
+            numpy.random.set_state(self.numpy)
+        for g, state in self.generators:
+            g.set_state(state)

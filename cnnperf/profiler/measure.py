@@ -1,0 +1,383 @@
+"""Measuring one variant: its numerical check, its timed training steps split into phases, FLOPs, top ops.
+
+The training step measured is the one a user runs::
+
+    x, y = next(batches)                                    # "data": waiting for the loader, copy to device
+    with autocast: loss = loss_fn(model(x), y)              # "forward" (the loss included)
+    (scaler.scale(loss) if scaler else loss).backward()     # "backward"
+    scaler.step(opt); scaler.update() / opt.step(); opt.zero_grad(set_to_none=True)   # "optimizer"
+
+Each phase is an NVTX range (domain "cnnperf", seen by Nsight Systems) and a torch.profiler record_function.
+Times: on a GPU, CUDA events at the phase boundaries on the stream (no synchronisation inside the timed steps;
+a step is the time between its first and last event on the GPU, idle gaps included); on the CPU,
+``time.perf_counter`` at the boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from cnnperf.profiler.variants import Prepared, Tolerance
+
+PHASES = ("data", "forward", "backward", "optimizer")
+MAX_SCALER_RETRIES = 24  # fp16 check: halvings of the GradScaler's scale (2^16 at the start) before giving up
+
+
+class BatchError(ValueError):
+    """A batch the profiler cannot feed: one sentence naming what was expected and what came."""
+
+
+def split_batch(batch, what: str = "batch") -> tuple[torch.Tensor, object]:
+    """``(inputs, targets)`` of a batch: a pair (tuple/list) whose first element is a tensor."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
+        got = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise BatchError(f"{what} must be a pair (inputs, targets) with inputs a tensor, got {got}")
+    return batch[0], batch[1]
+
+
+def to_device(obj, device: torch.device, non_blocking: bool = True):
+    """Tensors (also inside tuples, lists and dicts) moved to ``device``; everything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device, non_blocking) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """An NVTX range and a torch.profiler range named ``cnnperf/<name>``."""
+    import nvtx
+
+    with nvtx.annotate(f"cnnperf/{name}", domain="cnnperf"), torch.profiler.record_function(f"cnnperf/{name}"):
+        yield
+
+
+def forward_loss(prep: Prepared, loss_fn: Callable, x: torch.Tensor, y) -> torch.Tensor:
+    x = prep.inputs(x)
+    y = to_device(y, prep.device)
+    with prep.autocast():
+        loss = loss_fn(prep.model(x), y)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise BatchError(f"loss_fn must return a scalar tensor, got "
+                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+    return loss
+
+
+def backward(prep: Prepared, loss: torch.Tensor) -> None:
+    (prep.scaler.scale(loss) if prep.scaler is not None else loss).backward()
+
+
+def optimizer_step(prep: Prepared) -> None:
+    if prep.scaler is not None:
+        prep.scaler.step(prep.optimizer)
+        prep.scaler.update()
+    else:
+        prep.optimizer.step()
+    prep.optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerical check.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckRun:
+    """Losses and gradients of a variant on the check batches, from its initial weights (no optimizer step).
+
+    ``grads[i]`` maps parameter names (of the model before compile/DDP) to float32 gradients of batch i.
+    ``first_s``: wall time of the first forward + backward (with compilation, for compiled variants).
+    """
+
+    losses: list[float]
+    grads: list[dict[str, torch.Tensor]]
+    first_s: float
+    notes: list[str]
+
+
+def check_run(prep: Prepared, loss_fn: Callable, batches: Sequence, seed: int) -> CheckRun:
+    """Forward and backward of ``prep`` on each of ``batches``, seeding torch before each one with ``seed + i``.
+    Dropout modules are switched off for the check (and back on after): reseeding gives the same random numbers,
+    but a channels_last activation puts them on other elements, so the masks of two variants would differ.
+    fp16 with a GradScaler: a batch whose scaled gradients overflow is redone at half the scale, as the
+    GradScaler would over its first steps."""
+    dropouts = [m for m in prep.module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        return _check_run(prep, loss_fn, batches, seed)
+    finally:
+        for m in dropouts:
+            m.train()
+
+
+def _check_run(prep: Prepared, loss_fn: Callable, batches: Sequence, seed: int) -> CheckRun:
+    losses, grads, notes, first_s = [], [], [], math.nan
+    for i, (x, y) in enumerate(batches):
+        for attempt in range(MAX_SCALER_RETRIES + 1):
+            prep.optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(seed + i)
+            synchronize(prep.device)
+            start = time.perf_counter()
+            loss = forward_loss(prep, loss_fn, x, y)
+            backward(prep, loss)
+            synchronize(prep.device)
+            if i == 0 and attempt == 0:
+                first_s = time.perf_counter() - start
+            if prep.scaler is None:
+                break
+            prep.scaler.unscale_(prep.optimizer)
+            overflow = not all(bool(torch.isfinite(p.grad).all()) for p in prep.module.parameters()
+                               if p.grad is not None)
+            prep.scaler.update()  # halves the scale after an overflow, as after a skipped step
+            if not overflow:
+                break
+            if attempt == MAX_SCALER_RETRIES:
+                notes.append(f"check batch {i}: gradients overflowed at every scale down to "
+                             f"{prep.scaler.get_scale():g}")
+        losses.append(float(loss.detach().float()))
+        grads.append({name: p.grad.detach().float().clone() for name, p in prep.module.named_parameters()
+                      if p.grad is not None})
+    prep.optimizer.zero_grad(set_to_none=True)
+    return CheckRun(losses, grads, first_s, notes)
+
+
+def compare(ref: CheckRun, got: CheckRun, tol: Tolerance, precision: str) -> dict:
+    """The check record (SCHEMA.md) of ``got`` against the float32 baseline ``ref``.
+
+    The gradient error of a step is relative over all parameters together, ``||g - r|| / ||r||`` with every
+    gradient flattened into one vector (float64). Per parameter it would be noise: the gradients of BatchNorm
+    shifts and scales are sums that cancel almost to zero, so that even float32 in another memory format moves
+    them by percents of their own small norm (3e-2 on ResNet-50's). ``worst_param`` names the parameter with
+    the largest share of the error.
+    """
+    loss_err = 0.0
+    for a, r in zip(got.losses, ref.losses):
+        err = abs(a - r) / max(abs(r), 1e-6)
+        loss_err = max(loss_err, err if math.isfinite(err) else math.inf)
+    grad_err, worst = 0.0, None
+    for step_got, step_ref in zip(got.grads, ref.grads):
+        pairs = _pair_parameters(step_ref, step_got)
+        if pairs is None:
+            grad_err, worst = math.inf, "(the variant's parameters do not match the model's)"
+            break
+        diff2 = {name: (g.double() - r.double()).square().sum().item() for name, r, g in pairs}
+        ref2 = sum(r.double().square().sum().item() for _, r, _ in pairs)
+        err = math.sqrt(sum(diff2.values())) / max(math.sqrt(ref2), 1e-30)
+        err = err if math.isfinite(err) else math.inf
+        if worst is None or err > grad_err:
+            grad_err = err
+            worst = max(diff2, key=lambda n: diff2[n] if math.isfinite(diff2[n]) else math.inf) if diff2 else None
+    passed = loss_err <= tol.loss and grad_err <= tol.grad and not got.notes
+    return {"passed": bool(passed), "loss_err": loss_err, "grad_err": grad_err, "loss_tol": tol.loss,
+            "grad_tol": tol.grad, "worst_param": worst, "steps": len(got.losses), "precision": precision}
+
+
+def _pair_parameters(ref: dict, got: dict):
+    """(name, reference gradient, variant gradient) for every parameter: matched by name, or, when a transform
+    renamed them, by position with equal shapes; None when neither matches."""
+    if ref.keys() == got.keys():
+        return [(name, ref[name], got[name]) for name in ref]
+    if len(ref) == len(got) and all(r.shape == g.shape for r, g in zip(ref.values(), got.values())):
+        return [(name, r, g) for (name, r), g in zip(ref.items(), got.values())]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timed steps.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepTimes:
+    """Per-step times in milliseconds over the timed steps: ``steps`` whole steps, ``phases[name]`` each phase."""
+
+    steps: list[float]
+    phases: dict[str, list[float]]
+    peak_memory: int | None
+    first_warmup_s: float = math.nan  # wall time of the first warm-up step (compiles again after the check)
+
+    def median(self, values: Sequence[float] | None = None) -> float:
+        return _quantile(self.steps if values is None else values, 0.5)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    return torch.tensor(list(values), dtype=torch.float64).quantile(q).item() if values else math.nan
+
+
+def batch_source(prep: Prepared, batch=None) -> Iterator:
+    """The batches of the timed steps: ``batch`` again and again, or the variant's loader cycled, leaving out
+    batches of another size than the first (a short last batch would recompile a compiled model and time a
+    different amount of work)."""
+    if prep.loader is None:
+        return itertools.repeat(batch)
+    return _full_batches(prep.loader)
+
+
+def _full_batches(loader) -> Iterator:
+    size = None
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            x, _ = split_batch(batch, "a batch of the loader")
+            if size is None:
+                size = x.shape[0]
+            if x.shape[0] == size:
+                yield batch
+        if empty:
+            raise BatchError("the DataLoader yielded no batch")
+
+
+MIN_TIMED_STEPS = 5
+
+
+def timed_steps(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int, warmup: int,
+                max_seconds: float | None = None) -> StepTimes:
+    """``warmup`` untimed training steps, then ``steps`` timed ones; per-step and per-phase times. With
+    ``max_seconds``, the timed steps stop once they have taken that long and MIN_TIMED_STEPS are done."""
+    device = prep.device
+    cuda = device.type == "cuda"
+
+    def one_step(marks: list | None) -> None:
+        def mark():
+            if marks is not None:
+                if cuda:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    marks.append(event)
+                else:
+                    marks.append(time.perf_counter())
+
+        mark()
+        with phase("data"):
+            x, y = split_batch(next(source), "a batch")
+            x, y = to_device(x, device), to_device(y, device)
+        mark()
+        with phase("forward"):
+            loss = forward_loss(prep, loss_fn, x, y)
+        mark()
+        with phase("backward"):
+            backward(prep, loss)
+        mark()
+        with phase("optimizer"):
+            optimizer_step(prep)
+        mark()
+
+    first_warmup_s = math.nan
+    for i in range(warmup):
+        start = time.perf_counter()
+        one_step(None)
+        if i == 0:
+            synchronize(device)
+            first_warmup_s = time.perf_counter() - start
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    marks: list[list] = []
+    start = time.perf_counter()
+    for i in range(steps):
+        marks.append([])
+        one_step(marks[-1])
+        if (max_seconds is not None and i + 1 >= MIN_TIMED_STEPS
+                and time.perf_counter() - start > max_seconds):
+            break
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    if cuda:
+        durations = [[a.elapsed_time(b) for a, b in zip(m, m[1:])] for m in marks]
+    else:
+        durations = [[(b - a) * 1e3 for a, b in zip(m, m[1:])] for m in marks]
+    phases = {name: [d[i] for d in durations] for i, name in enumerate(PHASES)}
+    return StepTimes([sum(d) for d in durations], phases, peak, first_warmup_s)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs, peaks, top ops.
+# ---------------------------------------------------------------------------------------------------------
+
+def count_flops(prep: Prepared, loss_fn: Callable, batch) -> dict:
+    """Forward and forward + backward FLOPs of one step of ``prep`` on ``batch`` (torch.utils.flop_counter:
+    matmuls and convolutions, the work that peak throughput is quoted for)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = split_batch(batch)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = forward_loss(prep, loss_fn, x, y)
+    forward = counter.get_total_flops()
+    with counter:
+        loss.backward()
+    prep.optimizer.zero_grad(set_to_none=True)
+    return {"forward": float(forward), "per_step": float(forward + counter.get_total_flops()),
+            "method": "torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward + backward)"}
+
+
+# Dense (no sparsity) peak TFLOP/s by number format, from NVIDIA's data sheets; matched on the device name,
+# the more specific entries first. float32 is the CUDA-core rate; tf32/bfloat16/float16 the tensor cores'.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"float32": 51.2, "tf32": 378.0, "bfloat16": 756.0, "float16": 756.0}),
+    ("H100 NVL", {"float32": 60.0, "tf32": 417.5, "bfloat16": 835.0, "float16": 835.0}),
+    ("H100", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    ("H200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0}),
+    ("L40S", {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.05, "float16": 362.05}),
+    ("L4", {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0, "float16": 121.0}),
+    ("A10", {"float32": 31.2, "tf32": 62.5, "bfloat16": 125.0, "float16": 125.0}),
+)
+
+
+def peak_tflops(device_name: str) -> dict | None:
+    """The device's dense peak TFLOP/s per number format, or None where not known (CPUs, other GPUs)."""
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return {**peaks, "source": f"NVIDIA data sheet, {key}, dense"}
+    return None
+
+
+def top_ops(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int = 3, limit: int = 15,
+            trace_path=None) -> dict:
+    """The ops (and on a GPU the kernels) with the most self time over ``steps`` profiled steps after one
+    warm-up step, per step; optionally the Chrome/Perfetto trace of those steps at ``trace_path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = prep.device.type == "cuda"
+    timed_steps(prep, loss_fn, source, 1, 0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        timed_steps(prep, loss_fn, source, steps, 0)
+    if trace_path is not None:
+        prof.export_chrome_trace(str(trace_path))
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not e.key.startswith(("cnnperf/", "ProfilerStep"))]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    ops = [{"name": e.key, "self_ms": getattr(e, key) / 1e3 / steps, "calls": e.count // steps,
+            "percent": 100.0 * getattr(e, key) / total} for e in events[:limit] if getattr(e, key) > 0]
+    return {"variant": prep.name, "by": "self_device_time" if cuda else "self_cpu_time", "ops": ops}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (CUDA's, or the CPU allocator's)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
