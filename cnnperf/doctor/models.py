@@ -16,12 +16,14 @@ for, and these models must not have it).
   ``ceil_mode`` so that 28 px survives all five, an adaptive average pool to 1x1, linear 512, 512.
 - ``resnet18`` (about 11.2M): ``torchvision.models.resnet18(weights=None)`` with ``in_channels``; for
   ``image_size <= 64`` the CIFAR stem, one 3x3 stride-1 convolution and no max-pool.
+- ``resnet50`` (about 23.5M): ``torchvision.models.resnet50(weights=None)``, with the same stem rule; the
+  profiler's larger benchmark model.
 
 Dropout: ``dropout=0.0`` by default in every model, where torchvision's AlexNet and VGG use 0.5. The doctor has
 to be able to *see* overfitting (the gap between training and validation loss) before it can advise dropout;
 pass ``dropout=0.5`` for the regularised models. At 0 the dropout layers are ``nn.Identity`` placeholders, so a
 model "has dropout" exactly when it drops something, and the parameter names do not depend on it (except in
-``resnet18``, whose ``fc`` stays torchvision's ``Linear`` at 0).
+the ResNets, whose ``fc`` stays torchvision's ``Linear`` at 0).
 
 Every ReLU is its own ``nn.ReLU`` module, not in place, so forward and backward hooks (the dead-ReLU monitor) can
 read each one; torchvision's ResNet calls one ReLU module twice per block, which a hook sees as two calls.
@@ -32,14 +34,16 @@ size too small for a model's poolings raises :class:`ModelError` naming the smal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-MODELS = ("convnet", "lenet5", "alexnet_small", "vgg11_small", "resnet18")
+MODELS = ("convnet", "lenet5", "alexnet_small", "vgg11_small", "resnet18", "resnet50")
 
 VGG11_CHANNELS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # torchvision's "A" layout
 VGG_CHANNEL_DIVISOR = 4
-SMALL_IMAGE = 64  # resnet18 takes the CIFAR stem up to this image size
+SMALL_IMAGE = 64  # the ResNets take the CIFAR stem up to this image size
 
 
 class ModelError(ValueError):
@@ -62,7 +66,8 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ModelError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
     builders = {"convnet": ConvNet, "lenet5": LeNet5, "alexnet_small": AlexNetSmall, "vgg11_small": VGG11Small,
-                "resnet18": _resnet18}
+                "resnet18": functools.partial(_resnet, "resnet18"),
+                "resnet50": functools.partial(_resnet, "resnet50")}
     return builders[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                           dropout=float(dropout))
 
@@ -165,14 +170,14 @@ class VGG11Small(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def _resnet18(*, in_channels: int, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """torchvision's ResNet-18, untrained. Up to 64 px the ImageNet stem (7x7 stride 2, then a stride-2
-    max-pool: 28 px would be 7 px before the first block) becomes one 3x3 stride-1 convolution with no max-pool,
-    as for CIFAR; above, the ImageNet stem is kept (with ``in_channels``). ``dropout > 0`` puts a dropout layer
+def _resnet(arch: str, *, in_channels: int, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
+    """torchvision's ResNet ``arch`` (resnet18, resnet50), untrained. Up to 64 px the ImageNet stem (7x7
+    stride 2, then a stride-2 max-pool: 28 px would be 7 px before the first block) becomes one 3x3 stride-1
+    convolution with no max-pool, as for CIFAR; above, the ImageNet stem is kept (with ``in_channels``). ``dropout > 0`` puts a dropout layer
     before the final linear layer (``fc`` becomes ``Sequential(Dropout, Linear)``)."""
-    from torchvision.models import resnet18
+    import torchvision.models
 
-    model = resnet18(weights=None, num_classes=num_classes)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if image_size <= SMALL_IMAGE:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
