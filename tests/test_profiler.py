@@ -424,6 +424,37 @@ def test_recommend_a_loss_off_and_data_bound_baseline():
     assert "data loader is the bottleneck" in rec["summary"] and "60%" in rec["summary"]
 
 
+def test_recommend_needs_a_gain_that_holds_when_timed_again():
+    rows = [_row("eager", 10.0), _row("channels_last", 8.0), _row("fuse", 9.0)]
+    confirmed = recommend(rows, confirmation={"baseline_ms": 10.0, "variant_ms": 8.2, "speedup": 10.0 / 8.2,
+                                              "rounds": 3, "steps": 5})
+    assert confirmed["variant"] == "channels_last" and "Confirmed: 1.22x" in confirmed["summary"]
+    assert confirmed["confirmation"]["rounds"] == 3
+    noise = recommend(rows, confirmation={"baseline_ms": 10.0, "variant_ms": 9.9, "speedup": 10.0 / 9.9,
+                                          "rounds": 3, "steps": 5})
+    assert noise["variant"] == "eager" and noise["speedup"] == 1.0
+    assert noise["summary"].startswith("Keep eager: channels_last measured 1.25x faster in the search but only 1.01x")
+    why = {n["variant"]: n["why"] for n in noise["not_chosen"]}
+    assert why["channels_last"].startswith("1.25x in the search, but 1.01x when timed again in turns")
+
+
+def test_confirmation_reruns_the_recommended_variant(monkeypatch):
+    original = core.prepare
+
+    def prepare(options, *args, **kwargs):  # the baseline sleeps 10 ms in every forward
+        prep = original(options, *args, **kwargs)
+        if not options:
+            prep.module.register_forward_pre_hook(lambda module, inputs: time.sleep(0.01))
+        return prep
+
+    monkeypatch.setattr(core, "prepare", prepare)
+    result = run(variants=["channels_last"])
+    rec = result.record["recommendation"]
+    assert rec["variant"] == "channels_last"  # the baseline sleeps 10 ms per forward: a gain that holds
+    assert rec["confirmation"]["speedup"] > 1.5 and rec["confirmation"]["rounds"] == 3
+    assert "Confirmed" in rec["summary"]
+
+
 def test_slow_variant_is_not_recommended(monkeypatch):
     wrap_prepare(monkeypatch, "channels_last",
                  lambda prep: prep.module.register_forward_pre_hook(lambda module, inputs: time.sleep(0.02)))

@@ -20,6 +20,7 @@ import copy
 import datetime as _dt
 import gc
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ DEFAULT_CHECK_STEPS = 2
 SWEEP_DOUBLINGS = {"cpu": 3, "cuda": 6}  # automatic sweep: batch x2, x4, ... up to x8 (CPU) or x64 (GPU)
 SWEEP_FLAT_GAIN = 0.02  # stop doubling after two sizes that each gained less than 2 % throughput
 SWEEP_STEPS = 10
+CONFIRM_ROUNDS = 3  # the recommended variant and the baseline timed again in turns: 3 x (baseline, variant)
+CONFIRM_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
 # what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
 # 20 steps of it would only say so at length.
@@ -233,6 +236,7 @@ class _Profiler:
         self.seed, self.want_top_ops, self.trace, self.run_info = seed, top_ops, trace, dict(run_info or {})
         self.log = log or (lambda line: None)
         self.rows: list[dict] = []
+        self.kept: dict[str, tuple[dict, object]] = {}  # "eager" and "best": (row, Prepared) kept for the confirmation
         self.reference = None
         self.clock = time.perf_counter()
 
@@ -251,10 +255,12 @@ class _Profiler:
             record["baseline"] = BASELINE
             self._search(record)
             record["recommendation"] = recommend(self.rows)
+            self._confirm(record)
             self._after(record)
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            self.kept.clear()
             rng.restore()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -293,7 +299,8 @@ class _Profiler:
                  "variants_requested": self.variants_requested, "versions": versions(),
                  "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
                  "optimizer": None, "seed": self.seed,
-                 "num_workers": self.loader.num_workers if self.loader is not None else None}
+                 "num_workers": self.loader.num_workers if self.loader is not None else None,
+                 "cpu_count": _cpu_count(), "load_average": _load_average()}
         facts.update(self.run_info)
         return facts
 
@@ -394,16 +401,29 @@ class _Profiler:
         finally:
             if source is not None and hasattr(source, "close"):
                 source.close()  # shuts the loader's workers down
-            del prep, source
-            if self.device.type == "cuda":  # free the variant's memory before the next one allocates
-                gc.collect()
-                torch.cuda.empty_cache()
         row = self._gather(row)
         if row["status"] == "ok" and self.rows:
             row["speedup"] = self.rows[0]["median_ms"] / row["median_ms"]
         self.rows.append(row)
+        self._keep(row, prep)
+        del prep, source
+        if self.device.type == "cuda":  # free the variant's memory before the next one allocates
+            gc.collect()
+            torch.cuda.empty_cache()
         self.log(_describe(row))
         return row
+
+    def _keep(self, row: dict, prep) -> None:
+        """Keep the baseline's copy and the fastest sound variant's (for the confirmation, without copying and
+        compiling again); drop the one it replaces. Decided on gathered rows, so every rank keeps the same."""
+        if prep is None or not _sound(row):
+            return
+        if row["stage"] == "baseline":
+            self.kept[BASELINE] = (row, prep)
+            return
+        best = self.kept.get("best")
+        if best is None or row["median_ms"] < best[0]["median_ms"]:
+            self.kept["best"] = (row, prep)
 
     def _fill(self, row: dict, times: measure.StepTimes, check: measure.CheckRun, prep) -> None:
         median = times.median()
@@ -458,6 +478,37 @@ class _Profiler:
                            else None}
         return merged
 
+    # -- the confirmation ---------------------------------------------------------------------------------------
+    def _confirm(self, record: dict) -> None:
+        """Time the baseline and the recommended variant again, in turns (CONFIRM_ROUNDS rounds of
+        CONFIRM_STEPS steps each), on the copies kept from their measurement. A machine whose load changed
+        during the search (another job on a shared CPU, a GPU clocking down) shows up as a gain that does not
+        hold; then the baseline is recommended and the summary says why."""
+        rec = record["recommendation"]
+        best = self.kept.get("best")
+        if rec["variant"] == BASELINE or best is None or best[0]["name"] != rec["variant"] or BASELINE not in self.kept:
+            return
+        self.log(f"confirming {rec['variant']} against {BASELINE}, in turns")
+        times = {BASELINE: [], rec["variant"]: []}
+        for _ in range(CONFIRM_ROUNDS):
+            for name, prep in ((BASELINE, self.kept[BASELINE][1]), (rec["variant"], best[1])):
+                with global_switches(prep.options, self.device), compile_config(prep.options):
+                    source = measure.batch_source(prep, getattr(self, "batch", None))
+                    try:
+                        times[name] += measure.timed_steps(prep, self.loss_fn, source, CONFIRM_STEPS, 1).steps
+                    finally:
+                        if hasattr(source, "close"):
+                            source.close()
+        medians = [measure._quantile(times[BASELINE], 0.5), measure._quantile(times[rec["variant"]], 0.5)]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, medians)
+            medians = [max(m[0] for m in gathered), max(m[1] for m in gathered)]
+        confirmation = {"baseline_ms": medians[0], "variant_ms": medians[1], "speedup": medians[0] / medians[1],
+                        "rounds": CONFIRM_ROUNDS, "steps": CONFIRM_STEPS}
+        record["recommendation"] = recommend(self.rows, confirmation=confirmation)
+        self.log(f"  {confirmation['speedup']:.2f}x in turns")
+
     # -- after the search: derived numbers, top ops, sweep --------------------------------------------------------
     def _after(self, record: dict) -> None:
         flops = None
@@ -470,7 +521,9 @@ class _Profiler:
             flops = {"per_step": None, "forward": None, "method": f"failed: {measure.one_line(exc)}"}
         record["flops"] = flops
         _derive(self.rows, record["run"], flops, record["peak_tflops"])
-        record["recommendation"] = recommend(self.rows)
+        busy = _busy(record["run"].get("load_average"), record["run"].get("cpu_count"))
+        if busy:
+            record["recommendation"]["summary"] += " " + busy
         chosen = parse_variant(record["recommendation"]["variant"])
         if self.want_top_ops or self.trace is not None:
             record["top_ops"] = self._top_ops(chosen, record)
@@ -580,6 +633,28 @@ class _Profiler:
         return row
 
 
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average of the machine (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy(load: float | None, cpus: int | None) -> str | None:
+    """A warning when other processes compete for the CPU: more runnable threads than cores (this process
+    counts about one) make every timing noisy, and CPU threads of two PyTorch processes slow each other
+    down many times over."""
+    if load is None or not cpus or load <= cpus + 0.5:
+        return None
+    return (f"Note: the machine was busy when profiling started (load average {load:.1f} on {cpus} CPUs): "
+            "other processes compete for the cores, so these timings are noisy.")
+
+
 def _repeat(t: torch.Tensor, repeats: int, size: int) -> torch.Tensor:
     return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size]
 
@@ -634,28 +709,47 @@ def _derive(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None)
             row["mfu"] = per_step / seconds / (peak * 1e12) if peak else None
 
 
-def recommend(rows: Sequence[dict]) -> dict:
+def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
-    if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen."""
+    if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen.
+
+    ``confirmation``: the baseline and that fastest variant timed again in turns (see _Profiler._confirm); if
+    the gain does not hold there (below MIN_GAIN), the baseline is recommended and the summary says so.
+    """
     rows = [r for r in rows]
     base = rows[0]
     base_ms = base.get("median_ms")
     sound = [r for r in rows if _sound(r) and r.get("median_ms")]
     fastest = min(sound, key=lambda r: r["median_ms"], default=base)
     chosen = fastest if (base_ms and fastest["median_ms"] <= base_ms * (1 - MIN_GAIN)) else base
+    unconfirmed = None
+    if confirmation is not None and chosen is not base and confirmation["speedup"] < 1 + MIN_GAIN:
+        unconfirmed, chosen = chosen, base
     speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
     not_chosen = []
     for row in rows:
         if row is chosen:
             continue
-        not_chosen.append({"variant": row["name"], "why": _why_not(row, chosen, base)})
+        why = _why_not(row, chosen, base)
+        if row is unconfirmed:
+            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {confirmation['speedup']:.2f}x when timed again in "
+                   f"turns with {base['name']}: not a gain that holds")
+        not_chosen.append({"variant": row["name"], "why": why})
     fraction = data_fraction(base)
     summary = _summary(chosen, base, speedup)
+    if unconfirmed is not None:
+        summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {base_ms / unconfirmed['median_ms']:.2f}x "
+                   "faster in the "
+                   f"search but only {confirmation['speedup']:.2f}x when timed again in turns with it; the "
+                   "machine's speed changed during profiling (other jobs?). Profile again on a quiet machine.")
+    elif confirmation is not None and chosen is not base:
+        summary += (f" Confirmed: {confirmation['speedup']:.2f}x when timed again in turns with {base['name']} "
+                    f"({confirmation['rounds']} rounds).")
     if _data_bound(base):
         summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
                     "waiting for the next batch.")
     return {"variant": chosen["name"], "speedup": speedup, "summary": summary, "data_bound": _data_bound(base),
-            "data_fraction": fraction, "not_chosen": not_chosen}
+            "data_fraction": fraction, "not_chosen": not_chosen, "confirmation": confirmation}
 
 
 def _why_not(row: dict, chosen: dict, base: dict) -> str:

@@ -357,7 +357,7 @@ def top_ops(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int = 3,
     cuda = prep.device.type == "cuda"
     timed_steps(prep, loss_fn, source, 1, 0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with _native_stderr_silenced(), profile(activities=activities) as prof:
         timed_steps(prep, loss_fn, source, steps, 0)
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
@@ -368,6 +368,29 @@ def top_ops(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int = 3,
     ops = [{"name": e.key, "self_ms": getattr(e, key) / 1e3 / steps, "calls": e.count // steps,
             "percent": 100.0 * getattr(e, key) / total} for e in events[:limit] if getattr(e, key) > 0]
     return {"variant": prep.name, "by": "self_device_time" if cuda else "self_cpu_time", "ops": ops}
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null: Kineto writes "profiler_start/stop" lines (and, on a CUDA build
+    without a GPU, an "ERROR ... gpuGetDeviceCount" line) straight to it from C++, which would read as a failure
+    in the middle of the report. Python exceptions still propagate; Python's own sys.stderr is untouched."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def is_oom(exc: BaseException) -> bool:

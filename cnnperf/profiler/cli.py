@@ -1,0 +1,271 @@
+"""``cnnperf profile``: measure which speed-ups make a model train faster here, recommend and report.
+
+With no arguments: the doctor's ConvNet on scikit-learn's digits (batch 64, Adam) on the CPU, or torchvision's
+ResNet-18 on CIFAR-shaped data (3x32x32, random) when a GPU is present. The record goes to
+``./profile-out/profile.json`` and ``./profile-out/report.html``, a summary to the terminal.
+
+Under ``torchrun`` (WORLD_SIZE > 1) every rank joins the process group (NCCL on GPUs, gloo on CPUs), wraps the
+model in DistributedDataParallel and reads its shard of the data (DistributedSampler); all ranks measure, rank 0
+writes the report with the spread across ranks.
+
+Exit status: 0 after a run (whatever it recommends), 1 when the baseline step itself fails, 2 for a bad
+argument (one line on stderr), 130 after Ctrl-C (the report of what was measured is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "profile-out"
+DEFAULT_BATCH_SIZE = 64
+# No new variant starts after this many seconds: on the CPU the default run (with start-up, the confirmation,
+# top ops and the sweep after the search) then ends inside 3 minutes even on a loaded 2-core machine.
+DEFAULT_BUDGET_S = {"cpu": 90.0, "cuda": 300.0}
+DEFAULT_MODEL = {"cpu": ("convnet", "digits"), "cuda": ("resnet18", "fake")}
+
+
+class UsageError(Exception):
+    """A bad command line: exit status 2, the message as one line on stderr."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _batch_sizes(text: str):
+    if text in ("auto", "none"):
+        return text if text == "auto" else None
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"must be auto, none or a comma list of positive integers, got {text!r}")
+    return sizes
+
+
+def _variants(text: str):
+    from cnnperf.profiler.variants import VariantError, parse_variant
+
+    if text in ("all", "default"):
+        return None if text == "default" else "all"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        for name in names:
+            parse_variant(name)
+    except VariantError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("an empty list")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cnnperf.bench import positive_int
+    from cnnperf.doctor.data import DATASETS
+    from cnnperf.doctor.models import MODELS
+    from cnnperf.doctor.train import OPTIMIZERS
+    from cnnperf.profiler.core import DEFAULT_STEPS, DEFAULT_WARMUP
+    from cnnperf.profiler.variants import OPTIONS
+
+    p = _Parser(prog="cnnperf profile",
+                description="Measure AMP, channels_last, torch.compile, TF32, cudnn.benchmark, cnnperf's fused "
+                            "layers, DataLoader workers and their combinations side by side on one model; "
+                            "recommend the fastest that is numerically sound.",
+                epilog="Options: " + "; ".join(f"{o.name}: {o.what}" for o in OPTIONS.values()))
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="the model (default: convnet on the CPU, resnet18 on a GPU)")
+    p.add_argument("--data", choices=DATASETS, default=None,
+                   help="the data set (default: digits on the CPU, fake CIFAR-shaped data on a GPU)")
+    p.add_argument("--data-root", metavar="DIR", help="where MNIST/CIFAR-10 are, or the image folder")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="batch size per process (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                   help="timed training steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                   help="untimed steps before them (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--variants", type=_variants, default=None, metavar="LIST",
+                   help="options or variants to measure, comma separated (e.g. bf16,channels_last or "
+                        "bf16+compile), 'all', or 'default': every option that applies here, except "
+                        "max_autotune on the CPU")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="no new variant starts after this many seconds (default: "
+                        + ", ".join(f"{v:g} on {k}" for k, v in DEFAULT_BUDGET_S.items()) + ")")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default="auto", metavar="LIST",
+                   help="batch-size sweep of the recommended variant: auto (doubling until out of memory or "
+                        "flat), none, or a comma list")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's default)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="where profile.json and report.html go (default: ./%(default)s)")
+    p.add_argument("--trace", action="store_true",
+                   help="also write DIR/trace.json: a Chrome/Perfetto trace of steps of the recommended variant")
+    p.add_argument("--quiet", action="store_true", help="only the recommendation line")
+    return p
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from cnnperf.doctor.cli import UsageError as DoctorUsageError, _device as doctor_device
+
+    try:
+        return doctor_device(name)
+    except DoctorUsageError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check(args) -> None:
+    import math
+
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.steps < 2:
+        raise UsageError(f"--steps must be at least 2 (a median of one step is no measurement), got {args.steps}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise UsageError(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr:g}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
+        raise UsageError(f"--data-root {args.data_root} is not a directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        _check(args)
+        device = _device(args.device)
+    except UsageError as exc:
+        print(f"cnnperf profile: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    try:
+        return _run(args, device)
+    except KeyboardInterrupt:  # before profiling started (loading data, building the model): nothing to write
+        print("cnnperf profile: interrupted before any measurement", file=sys.stderr)
+        return 130
+
+
+def _distributed(device):
+    """Join the torchrun process group when WORLD_SIZE > 1; returns (device, rank, world, joined_here)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return device, 0, 1, False
+    joined = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        joined = True
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size(), joined
+
+
+def _run(args, device) -> int:
+    import functools
+
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from cnnperf.bench import make_console
+    from cnnperf.doctor.data import DataError, load_data
+    from cnnperf.doctor.models import ModelError, build_model
+    from cnnperf.doctor.train import make_optimizer
+    from cnnperf.profiler import report
+    from cnnperf.profiler.core import ProfileError, ProfileInterrupted, profile
+
+    device, rank, world, joined = _distributed(device)
+    budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]
+    console = make_console()
+    quiet = args.quiet or rank != 0
+    model_name, data_name = DEFAULT_MODEL["cuda" if device.type == "cuda" else "cpu"]
+    model_name, data_name = args.model or model_name, args.data or data_name
+    out = Path(args.out).expanduser()
+    try:
+        torch.manual_seed(args.seed)
+        if rank == 0:
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} is a file, not a directory")
+            out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK):
+                raise ValueError(f"--out {out} is not writable")
+        bundle = load_data(data_name, root=args.data_root, batch_size=args.batch_size, seed=args.seed,
+                           num_workers=args.workers, pin_memory=False)
+        loader = bundle.train_loader
+        if world > 1:
+            loader = DataLoader(loader.dataset, batch_size=args.batch_size, drop_last=True,
+                                sampler=DistributedSampler(loader.dataset, seed=args.seed),
+                                num_workers=args.workers, persistent_workers=args.workers > 0)
+        model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes,
+                            image_size=bundle.image_size).to(device)
+        make_optimizer(args.optimizer, [torch.zeros(1, requires_grad=True)], lr=args.lr)  # checks --lr now
+    except (DataError, ModelError, ValueError, OSError) as exc:
+        print(f"cnnperf profile: error: {exc}", file=sys.stderr)
+        return 2
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if not quiet:
+        parameters = sum(p.numel() for p in model.parameters())
+        console.print(f"cnnperf profile: {model_name} ({parameters:,} parameters) on {data_name}, batch "
+                      f"{args.batch_size}{f' x {world} processes' if world > 1 else ''}, {args.optimizer}, "
+                      f"{device}; budget {budget:g} s", highlight=False)
+
+    def log(line: str) -> None:
+        if not quiet:
+            console.print(line, style="dim", highlight=False)
+
+    info = {"model": model_name, "data": data_name}
+    interrupted = False
+    try:
+        result = profile(model, torch.nn.functional.cross_entropy, loader,
+                         functools.partial(make_optimizer, args.optimizer, lr=args.lr), variants=args.variants,
+                         steps=args.steps, warmup=args.warmup, budget=budget, batch_sizes=args.batch_sizes,
+                         device=device, seed=args.seed, trace=out / "trace.json" if args.trace else None,
+                         log=log, run_info=info)
+    except ProfileInterrupted as exc:
+        result, interrupted = exc.result, True
+        if not quiet:
+            console.print("Interrupted: writing the report of what was measured.", highlight=False)
+    except ProfileError as exc:
+        print(f"cnnperf profile: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        record = result.record
+        if record.get("trace"):
+            record["trace"] = os.path.relpath(record["trace"], out)
+        paths = report.write_reports(record, out, console=None if quiet else console)
+        if quiet:
+            print(f"cnnperf profile: {report.summary_line(record)} ({paths['json']})")
+        elif record.get("recommendation"):
+            variant = record["recommendation"]["variant"]
+            if variant == "eager":
+                console.print("Nothing to apply: keep the training step as it is.", highlight=False)
+            else:
+                console.print(f"To apply it in your script: cnnperf.optimize(model, optimizer, {variant!r}"
+                              + (", loader=loader" if "workers" in variant else "") + ")", highlight=False)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
