@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, in one script and under 8 minutes: environment, GPU tests, the rest of the test suite, the
+# The GPU check, in one script and under 10.5 minutes: environment, GPU tests, the rest of the test suite, the
 # conv2d+bias+ReLU benchmark (eager and cnnperf on as many ResNet-50 and VGG-16 shapes as 90 s allow), the
-# gradient clip benchmark (torch, loop, cnnperf on ResNet-50, VGG-16 and 1000 tiny tensors), then torch.compile
-# for as many ResNet-50 shapes as the time left allows.
+# gradient clip benchmark (torch, loop, cnnperf on ResNet-50, VGG-16 and 1000 tiny tensors), cnnperf profile
+# on ResNet-18 and ResNet-50 at batch 128 and 64, then torch.compile for as many ResNet-50 shapes as the time
+# left allows.
 #
 #   bash bench/gpu_check.sh            # from anywhere; runs in the repository root
 #
@@ -13,6 +14,7 @@
 #   bench_conv_<device>_<time>.json  cnnperf bench record (eager, cnnperf)
 #   bench_conv_compile_<device>_<time>.json   cnnperf bench record (eager, compile, cnnperf; ResNet-50)
 #   bench_clip_<device>_<time>.json  cnnperf bench-clip record (torch, loop, cnnperf; fp32)
+#   profile_<model>_b<batch>_<device>_<time>/   cnnperf profile: profile.json, report.html
 # Every step runs under `timeout`, capped by what is left of the total budget; a failing step does not stop
 # the others, and the script exits 1 if any step failed or was skipped.
 
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 RESULTS=${OUT:-bench/results}
 mkdir -p "$RESULTS" || exit 2
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}   # 7.5 minutes; `timeout --kill-after` may add 10 s to the last step
+BUDGET_S=${GPU_CHECK_BUDGET_S:-600}   # 10 minutes; `timeout --kill-after` may add 10 s to the last step
 DEADLINE=$((SECONDS + BUDGET_S))
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 STEPS=$(mktemp)
@@ -81,6 +83,18 @@ step bench "$BENCH_S" python -m cnnperf bench --model all --pass all --no-compil
 # The fused gradient norm + clip against torch's clip_grad_norm_ (foreach) and a per-parameter loop, fp32; the
 # record is rewritten after every case, so a timeout still leaves the cases it finished.
 step bench-clip 60 python -m cnnperf bench-clip --case all --out "$RESULTS/bench_clip_${SLUG}_${STAMP}.json"
+# cnnperf profile on torchvision ResNet-18 and ResNet-50 (CIFAR-shaped data, Adam): every GPU option at batch
+# 128 (torch.compile default mode included, max-autotune left out: minutes per model) with the batch-size sweep;
+# no compile and no sweep at batch 64. Each run stops starting variants at its --budget, writes its record
+# folder and goes on.
+for MODEL in resnet18 resnet50; do
+    step "profile-$MODEL-128" 100 python -m cnnperf profile --model "$MODEL" --data fake --batch-size 128 \
+        --variants tf32,bf16,fp16,channels_last,cudnn_benchmark,fuse,compile --budget 70 \
+        --out "$RESULTS/profile_${MODEL}_b128_${SLUG}_${STAMP}"
+    step "profile-$MODEL-64" 45 python -m cnnperf profile --model "$MODEL" --data fake --batch-size 64 \
+        --variants tf32,bf16,fp16,channels_last,cudnn_benchmark,fuse --budget 30 --batch-sizes none \
+        --out "$RESULTS/profile_${MODEL}_b64_${SLUG}_${STAMP}"
+done
 # torch.compile with max-autotune tunes every shape for tens of seconds: ResNet-50 only, as far as time allows.
 COMPILE_S=$(($(left) - 15))
 step bench-compile "$COMPILE_S" python -m cnnperf bench --model resnet50 --pass all \
