@@ -724,3 +724,26 @@ def test_compile_variant():
     assert row["check"]["passed"] and row["check"]["precision"] == "float32"
     assert row["compile_s"] > 0
     assert result.row("eager")["compile_s"] is None
+
+
+def test_switches_are_set_for_a_variant_and_put_back():
+    # set_switches only touches torch.backends flags, so a CUDA device object exercises it without a GPU.
+    from cnnperf.profiler.variants import _fp32_switches, global_switches, restore_switches, set_switches
+
+    cuda = torch.device("cuda", 0)
+    pairs = _fp32_switches()
+    before = [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark]
+
+    def tf32_on() -> list[bool]:
+        return [getattr(obj, attr) in ("tf32", True) for obj, attr in pairs]
+
+    with global_switches(("tf32", "cudnn_benchmark"), cuda):
+        assert tf32_on() == [True, True] and torch.backends.cudnn.benchmark is True
+    with global_switches((), cuda):  # the baseline is IEEE float32, whatever the process had
+        assert tf32_on() == [False, False] and torch.backends.cudnn.benchmark is False
+    assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
+    saved = set_switches(("bf16",), cuda, strict=False)  # optimize(): leaves what the variant does not name
+    assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
+    restore_switches(saved)
+    with global_switches(("tf32",), torch.device("cpu")):  # nothing is touched on the CPU
+        assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
