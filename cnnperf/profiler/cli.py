@@ -19,21 +19,14 @@ import os
 import sys
 from pathlib import Path
 
+from cnnperf.bench import Parser, UsageError  # argparse errors as one line, exit status 2
+
 DEFAULT_OUT = "profile-out"
 DEFAULT_BATCH_SIZE = 64
 # No new variant starts after this many seconds: on the CPU the default run (with start-up, the confirmation,
 # top ops and the sweep after the search) then ends inside 3 minutes even on a loaded 2-core machine.
 DEFAULT_BUDGET_S = {"cpu": 90.0, "cuda": 300.0}
 DEFAULT_MODEL = {"cpu": ("convnet", "digits"), "cuda": ("resnet18", "fake")}
-
-
-class UsageError(Exception):
-    """A bad command line: exit status 2, the message as one line on stderr."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def _batch_sizes(text: str):
@@ -72,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnperf.profiler.core import DEFAULT_STEPS, DEFAULT_WARMUP
     from cnnperf.profiler.variants import OPTIONS
 
-    p = _Parser(prog="cnnperf profile",
-                description="Measure AMP, channels_last, torch.compile, TF32, cudnn.benchmark, cnnperf's fused "
-                            "layers, DataLoader workers and their combinations side by side on one model; "
-                            "recommend the fastest that is numerically sound.",
-                epilog="Options: " + "; ".join(f"{o.name}: {o.what}" for o in OPTIONS.values()))
+    p = Parser(prog="cnnperf profile",
+               description="Measure AMP, channels_last, torch.compile, TF32, cudnn.benchmark, cnnperf's fused "
+                           "layers, DataLoader workers and their combinations side by side on one model; "
+                           "recommend the fastest that is numerically sound.",
+               epilog="Options: " + "; ".join(f"{o.name}: {o.what}" for o in OPTIONS.values()))
     p.add_argument("--model", choices=MODELS, default=None,
                    help="the model (default: convnet on the CPU, resnet18 on a GPU)")
     p.add_argument("--data", choices=DATASETS, default=None,

@@ -42,6 +42,8 @@ DEFAULT_CHECK_STEPS = 2
 SWEEP_DOUBLINGS = {"cpu": 3, "cuda": 6}  # automatic sweep: batch x2, x4, ... up to x8 (CPU) or x64 (GPU)
 SWEEP_FLAT_GAIN = 0.02  # stop doubling after two sizes that each gained less than 2 % throughput
 SWEEP_STEPS = 10
+COMPILE_GUESS_S = 30.0  # what a first torch.compile of a small CNN's training step takes (20-40 s on 2 CPU cores)
+MAX_AUTOTUNE_FACTOR = 4.0
 CONFIRM_ROUNDS = 3  # the recommended variant and the baseline timed again in turns: 3 x (baseline, variant)
 CONFIRM_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
@@ -358,13 +360,17 @@ class _Profiler:
         return next((r for r in self.rows if tuple(r["options"]) == tuple(options)), None)
 
     def _over_budget(self, options) -> bool:
+        """Whether measuring ``options`` would likely end past the budget: twice the baseline's time for the
+        same steps, plus, for a compiled variant, the longest compile seen so far (COMPILE_GUESS_S before any),
+        times MAX_AUTOTUNE_FACTOR for max-autotune (which benchmarks kernel choices while it compiles)."""
         if self.budget is None:
             return False
         baseline = self.rows[0]
         estimate = baseline["median_ms"] / 1e3 * (self.steps + self.warmup + self.check_steps) * 2
         if any(OPTIONS[o].compiles for o in options):
-            compiled = [r.get("compile_s") or 0.0 for r in self.rows if any(OPTIONS[o].compiles for o in r["options"])]
-            estimate += max(compiled, default=30.0)
+            compiled = [r["compile_s"] for r in self.rows if r.get("compile_s")]
+            estimate += max(compiled, default=COMPILE_GUESS_S) * (MAX_AUTOTUNE_FACTOR if "max_autotune" in options
+                                                                   else 1.0)
         return self._agree(time.perf_counter() - self.clock + estimate > self.budget)
 
     # -- one variant -------------------------------------------------------------------------------------------

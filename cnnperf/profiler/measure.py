@@ -130,7 +130,7 @@ def _check_run(prep: Prepared, loss_fn: Callable, batches: Sequence, seed: int) 
     for i, (x, y) in enumerate(batches):
         for attempt in range(MAX_SCALER_RETRIES + 1):
             prep.optimizer.zero_grad(set_to_none=True)
-            torch.manual_seed(seed + i)
+            _seed(prep.device, seed + i)
             synchronize(prep.device)
             start = time.perf_counter()
             loss = forward_loss(prep, loss_fn, x, y)
@@ -154,6 +154,14 @@ def _check_run(prep: Prepared, loss_fn: Callable, batches: Sequence, seed: int) 
                       if p.grad is not None})
     prep.optimizer.zero_grad(set_to_none=True)
     return CheckRun(losses, grads, first_s, notes)
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    """Seed the generator that random ops on ``device`` draw from (and the CPU's), and no other: torch.manual_seed
+    would also queue a seed for every CUDA device, changing the random state of a GPU this run never used."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
 
 
 def compare(ref: CheckRun, got: CheckRun, tol: Tolerance, precision: str) -> dict:
