@@ -16,10 +16,6 @@ pyplot, so the user's interactive backend and pyplot's figure registry are left 
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import html
-import io
 import json
 import math
 import os
@@ -27,6 +23,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cnnperf import bench
+# The shared pieces, under the short private names this module's code reads with; jsonable and
+# write_json_atomic stay part of this module's API.
+from cnnperf.reporting import CSS as _CSS, Skip as _Skip, duration as _duration, escape as _e
+from cnnperf.reporting import figure as _figure, fmt as _fmt, html_plot as _html_plot, int_or_none as _int
+from cnnperf.reporting import jsonable, write_json_atomic  # noqa: F401
+from cnnperf.reporting import num as _num, pct as _pct, plural as _plural, section as _section, text as _text
 
 SCHEMA = "cnnperf.doctor/1"
 SEVERITIES = ("error", "warning", "info")  # most severe first: the order of every findings listing
@@ -35,38 +37,6 @@ UPDATE_RULE_OF_THUMB = 1e-3  # an update of about 1e-3 of the weight per step is
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _SEVERITY_COLOUR = {"error": "#c62828", "warning": "#e65100", "info": "#1565c0"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# JSON.
-# ---------------------------------------------------------------------------------------------------------
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with every NaN/inf float replaced by None, tuples by lists, numpy/torch scalars and arrays by
-    Python numbers and lists, paths by strings; anything else json cannot write is left for json to reject."""
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, float):  # numpy.float64 too: it subclasses float
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): jsonable(v)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy scalar or array, torch tensor (0-d gives a Python number)
-        return jsonable(obj.tolist())
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, record: Mapping) -> None:
-    """Write ``jsonable(record)`` to ``path`` as strict JSON (``allow_nan=False``, indent 1), atomically.
-
-    The writing itself is :func:`cnnperf.bench.write_json_atomic`: a temporary file in the same directory,
-    fsync, ``os.replace``; the temporary file is removed on any error.
-    """
-    bench.write_json_atomic(Path(path), jsonable(record))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,30 +52,6 @@ def _check_record(record: Any) -> Mapping:
     return record
 
 
-def _section(record: Mapping, *keys: str) -> Mapping:
-    """``record[k1][k2]...`` as a dict, ``{}`` where anything on the way is missing or null."""
-    for key in keys:
-        record = record.get(key) if isinstance(record, Mapping) else None
-    return record if isinstance(record, Mapping) else {}
-
-
-def _num(x: Any) -> float:
-    """A number as a float (NaN stays NaN); None or anything not a number is NaN."""
-    if isinstance(x, bool) or x is None:
-        return math.nan
-    if isinstance(x, (int, float)):
-        return float(x)
-    if hasattr(x, "item"):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(x.item())
-    return math.nan
-
-
-def _int(x: Any) -> int | None:
-    value = _num(x)
-    return int(value) if math.isfinite(value) else None
-
-
 def _epochs(record: Mapping) -> list[Mapping]:
     epochs = _section(record, "history").get("epochs") or []
     return [e for e in epochs if isinstance(e, Mapping)]
@@ -116,41 +62,6 @@ def _findings(record: Mapping) -> list[Mapping]:
     findings = [f for f in record.get("findings") or [] if isinstance(f, Mapping)]
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: rank.get(f.get("severity"), len(SEVERITIES)))
-
-
-def _text(x: Any, missing: str = "?") -> str:
-    return missing if x is None else str(x)
-
-
-def _fmt(x: Any, spec: str = ".4g", missing: str = "-") -> str:
-    if x is None:
-        return missing
-    value = _num(x)
-    if math.isnan(value):
-        return "nan" if isinstance(x, float) or hasattr(x, "item") else missing
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
-
-
-def _pct(x: Any) -> str:
-    value = _num(x)
-    return f"{100 * value:.1f} %" if math.isfinite(value) else _fmt(x)
-
-
-def _duration(seconds: Any) -> str:
-    s = _num(seconds)
-    if not math.isfinite(s):
-        return "?"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _advice(finding: Mapping) -> list[str]:
@@ -281,9 +192,6 @@ def render_terminal(record: Mapping, console) -> None:
 # Plots: each function returns a Figure, or raises _Skip with the note the report shows instead.
 # ---------------------------------------------------------------------------------------------------------
 
-class _Skip(Exception):
-    """A plot that cannot be drawn from this record; the message is the note shown in its place."""
-
 
 def _matrix(rows: Any, columns: int, what: str):
     """``rows`` ([[number] per step]) as a float array of shape (steps, columns); None becomes NaN."""
@@ -309,12 +217,6 @@ def _steps_and_names(block: Mapping, key: str, what: str):
     if len(steps) != len(values):
         steps = list(range(len(values)))
     return steps, names, values
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _step_ticks(ax, steps: Sequence) -> None:
@@ -523,39 +425,9 @@ _PLOTS = (
 )
 
 
-def _png_base64(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # HTML.
 # ---------------------------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:2em auto;padding:0 1em;
-color:#212121;line-height:1.45}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:1.8em}h3{font-size:1.02em;margin:.1em 0 .3em}
-table{border-collapse:collapse;font-size:.9em}td,th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:right}
-th{background:#f5f5f5}td.l,th.l{text-align:left}tr.best td{font-weight:bold;background:#e8f5e9}
-.finding{border-left:6px solid #999;background:#fafafa;padding:.5em 1em;margin:.8em 0}
-.sev{display:inline-block;color:#fff;border-radius:3px;padding:0 .4em;font-size:.8em;margin-right:.4em}
-.kind{color:#757575;font-size:.85em;font-family:monospace}
-.verdict{font-weight:bold;padding:.5em 1em;border-radius:4px}
-.error{background:#ffebee;color:#b71c1c}.warning{background:#fff3e0;color:#bf360c}.ok{background:#e8f5e9;color:#1b5e20}
-.note{color:#757575;font-style:italic}figure{margin:1em 0}figure img{max-width:100%}
-figcaption{color:#616161;font-size:.9em}pre{font-size:.8em;background:#f5f5f5;padding:.5em;overflow-x:auto}
-dl{display:grid;grid-template-columns:max-content auto;gap:.1em 1em;font-size:.9em}dt{color:#757575}dd{margin:0}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(_text(x, ""), quote=True)
 
 
 def _html_run(record: Mapping) -> list[str]:
@@ -619,17 +491,6 @@ def _html_metrics(record: Mapping) -> list[str]:
     return ["<p>" + ", ".join(f"{name} <b>{_e(_pct(metrics.get(key)))}</b>" for name, key in (
         ("accuracy", "accuracy"), ("macro precision", "precision_macro"), ("macro recall", "recall_macro"),
         ("macro F1", "f1_macro"))) + "</p>"]
-
-
-def _html_plot(record: Mapping, title: str, caption: str, plot) -> list[str]:
-    out = [f"<h2>{_e(title)}</h2>"]
-    try:
-        fig = plot(record)
-    except _Skip as skip:
-        return out + [f'<p class="note">Not shown: {_e(skip)}.</p>']
-    out.append(f'<figure><img alt="{_e(title)}" src="data:image/png;base64,{_png_base64(fig)}">'
-               f"<figcaption>{_e(caption)}</figcaption></figure>")
-    return out
 
 
 def html_report(record: Mapping) -> str:

@@ -10,8 +10,8 @@
 
 Every part of the record may be missing or null (a run stopped by Ctrl-C has no recommendation, maybe no
 variant): the terminal says so in one line, the HTML replaces a plot by a short note. The JSON writer, the
-number formatting, the CSS and the Agg-canvas plotting (never through pyplot) are the doctor's
-(:mod:`cnnperf.doctor.report`).
+number formatting, the CSS and the Agg-canvas plotting (never through pyplot) are shared with the doctor's
+report (:mod:`cnnperf.reporting`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cnnperf import bench
-from cnnperf.doctor.report import (_CSS, _Skip, _duration, _e, _figure, _fmt, _html_plot, _int, _num, _pct,
-                                   _plural, _section, _text, jsonable, write_json_atomic)
+from cnnperf.reporting import CSS as _CSS, Skip as _Skip, duration as _duration, escape as _e
+from cnnperf.reporting import figure as _figure, fmt as _fmt, html_plot as _html_plot, int_or_none as _int
+from cnnperf.reporting import jsonable, write_json_atomic
+from cnnperf.reporting import num as _num, pct as _pct, plural as _plural, section as _section, text as _text
 
 __all__ = ["SCHEMA", "html_report", "jsonable", "render_html", "render_terminal", "summary_line",
            "write_json_atomic", "write_reports"]
