@@ -451,7 +451,7 @@ def test_confirmation_reruns_the_recommended_variant(monkeypatch):
     result = run(variants=["channels_last"])
     rec = result.record["recommendation"]
     assert rec["variant"] == "channels_last"  # the baseline sleeps 10 ms per forward: a gain that holds
-    assert rec["confirmation"]["speedup"] > 1.5 and rec["confirmation"]["rounds"] == 3
+    assert rec["confirmation"]["speedup"] > 1.5 and rec["confirmation"]["rounds"] == core.CONFIRM_ROUNDS
     assert "Confirmed" in rec["summary"]
 
 
@@ -724,6 +724,17 @@ def test_compile_variant():
     assert row["check"]["passed"] and row["check"]["precision"] == "float32"
     assert row["compile_s"] > 0
     assert result.row("eager")["compile_s"] is None
+
+
+def test_phases_are_profiler_ranges_only_in_the_profiled_pass(tmp_path, monkeypatch):
+    entered = []
+    real = torch.profiler.record_function
+    monkeypatch.setattr(torch.profiler, "record_function", lambda name: entered.append(name) or real(name))
+    result = run(variants=[], top_ops=True, trace=tmp_path / "t.json")
+    names = {e.get("name") for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"]}
+    assert {"cnnperf/data", "cnnperf/forward", "cnnperf/backward", "cnnperf/optimizer"} <= names
+    # the timed steps of the search (and the top-ops pass's warm-up step) add none: the 3 profiled steps do
+    assert len(entered) == 4 * 3 and result.record["top_ops"]["ops"]
 
 
 def test_switches_are_set_for_a_variant_and_put_back():

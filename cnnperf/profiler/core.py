@@ -44,7 +44,7 @@ SWEEP_FLAT_GAIN = 0.02  # stop doubling after two sizes that each gained less th
 SWEEP_STEPS = 10
 COMPILE_GUESS_S = 30.0  # what a first torch.compile of a small CNN's training step takes (20-40 s on 2 CPU cores)
 MAX_AUTOTUNE_FACTOR = 4.0
-CONFIRM_ROUNDS = 3  # the recommended variant and the baseline timed again in turns: 3 x (baseline, variant)
+CONFIRM_ROUNDS = 4  # the recommended variant and the baseline timed again in turns, each first in 2 of them
 CONFIRM_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
 # what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
@@ -496,8 +496,10 @@ class _Profiler:
             return
         self.log(f"confirming {rec['variant']} against {BASELINE}, in turns")
         times = {BASELINE: [], rec["variant"]: []}
-        for _ in range(CONFIRM_ROUNDS):
-            for name, prep in ((BASELINE, self.kept[BASELINE][1]), (rec["variant"], best[1])):
+        pair = [(BASELINE, self.kept[BASELINE][1]), (rec["variant"], best[1])]
+        for round_ in range(CONFIRM_ROUNDS):
+            # Each goes first in turn, so that a drift within a round falls on both alike.
+            for name, prep in pair if round_ % 2 == 0 else pair[::-1]:
                 with global_switches(prep.options, self.device), compile_config(prep.options):
                     source = measure.batch_source(prep, getattr(self, "batch", None))
                     try:
