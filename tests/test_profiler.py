@@ -743,18 +743,85 @@ def test_switches_are_set_for_a_variant_and_put_back():
 
     cuda = torch.device("cuda", 0)
     pairs = _fp32_switches()
-    before = [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark]
+
+    def state() -> list:
+        return [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark]
 
     def tf32_on() -> list[bool]:
         return [getattr(obj, attr) in ("tf32", True) for obj, attr in pairs]
 
+    before = state()
     with global_switches(("tf32", "cudnn_benchmark"), cuda):
         assert tf32_on() == [True, True] and torch.backends.cudnn.benchmark is True
-    with global_switches((), cuda):  # the baseline is IEEE float32, whatever the process had
-        assert tf32_on() == [False, False] and torch.backends.cudnn.benchmark is False
-    assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
-    saved = set_switches(("bf16",), cuda, strict=False)  # optimize(): leaves what the variant does not name
-    assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
+    with global_switches((), cuda, ieee=True):  # the numerical check's reference: IEEE float32
+        assert tf32_on() == [False, False] and torch.backends.cudnn.benchmark == before[-1]
+    with global_switches(("bf16", "channels_last"), cuda):  # the baseline and other variants: as the user has it
+        assert state() == before
+    assert state() == before
+    saved = set_switches(("tf32",), cuda)  # optimize(): set, and put back by restore_switches
+    assert tf32_on() == [True, True]
     restore_switches(saved)
+    assert state() == before
     with global_switches(("tf32",), torch.device("cpu")):  # nothing is touched on the CPU
-        assert [getattr(obj, attr) for obj, attr in pairs] + [torch.backends.cudnn.benchmark] == before
+        assert state() == before
+
+
+class HeadFirst(nn.Module):
+    """Registers ``head`` before ``body`` but calls ``body`` first: a fused (fx) copy lists its parameters in
+    the order of use, so only names can tell which optimizer state belongs to which parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.head(F.relu(self.body(x)))).mean((2, 3))
+
+
+def test_optimize_carries_optimizer_state_by_parameter_name():
+    model = HeadFirst()
+    opt = torch.optim.AdamW([{"params": model.head.parameters(), "lr": 1e-2},
+                             {"params": model.body.parameters(), "lr": 1e-3}], weight_decay=0.05)
+    x, y = torch.randn(4, 8, 6, 6), torch.randint(0, 8, (4,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    out = cnnperf.optimize(model, opt, "fuse")
+    assert type(out.optimizer) is torch.optim.AdamW and out.optimizer.defaults == opt.defaults
+    new = dict(out.module.named_parameters())
+    assert [p for p, _ in out.module.named_parameters()] != [p for p, _ in model.named_parameters()]  # reordered
+    for group, (user_group) in zip(out.optimizer.param_groups, opt.param_groups):
+        assert group["lr"] == user_group["lr"] and group["weight_decay"] == 0.05
+    for name, p in model.named_parameters():
+        mine, theirs = opt.state[p], out.optimizer.state[new[name]]
+        assert torch.equal(mine["exp_avg"], theirs["exp_avg"]) and mine["exp_avg"] is not theirs["exp_avg"]
+        assert any(new[name] is q for q in out.optimizer.param_groups[0 if name.startswith("head") else 1]["params"])
+
+
+def test_loaders_without_automatic_batching_and_iterable_data():
+    from torch.utils.data import IterableDataset
+
+    from cnnperf.profiler.variants import not_applicable, rebuild_loader
+
+    x, y = batch()
+    whole = DataLoader([(x, y), (x, y)], batch_size=None)  # the data set yields whole batches
+    rebuilt = next(iter(rebuild_loader(whole)))
+    assert rebuilt[0].shape == x.shape and torch.equal(rebuilt[1], y)
+    result = run(data=whole, variants=["channels_last"])
+    assert result.row("channels_last")["status"] == "ok"
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from [(x[0], y[0])] * 16
+
+    reason = not_applicable("workers", torch.device("cpu"), DataLoader(Stream(), batch_size=8))
+    assert reason is not None and "IterableDataset" in reason
+
+
+def test_saved_trace_path_is_relative_to_the_record(tmp_path):
+    result = run(variants=[], top_ops=True, trace=tmp_path / "traces" / "t.json")
+    assert result.record["trace"] == str(tmp_path / "traces" / "t.json")
+    result.save(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "profile.json").read_text())
+    assert saved["trace"] == "../traces/t.json" and (tmp_path / "out" / saved["trace"]).exists()
+    assert result.record["trace"] == str(tmp_path / "traces" / "t.json")  # the result itself is not changed

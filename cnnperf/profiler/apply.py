@@ -73,12 +73,13 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, variant, *, loa
     if "workers" in options and loader is None:
         raise ValueError(f"variant {name!r} tunes the DataLoader: pass loader=")
 
-    def factory(new_params) -> torch.optim.Optimizer:
-        return _rebuild_optimizer(optimizer, params, list(new_params))
-
-    switches = set_switches(options, device, strict=False)
+    switches = set_switches(options, device)
     try:
-        prep = prepare(options, inner, factory, device, loader=loader, ddp=ddp)
+        # The optimizer is rebuilt once the copy exists, matching parameters by name: a fused model (an fx
+        # GraphModule) lists its parameters in the order of use, not of registration.
+        prep = prepare(options, inner, _placeholder_optimizer, device, loader=loader, ddp=ddp)
+        prep.optimizer = _rebuild_optimizer(optimizer, dict(inner.named_parameters()),
+                                            dict(prep.module.named_parameters()))
     except BaseException:
         restore_switches(switches)
         raise
@@ -86,24 +87,31 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, variant, *, loa
     return Optimized(**fields, variant=prep.name, switches=switches)
 
 
-def _rebuild_optimizer(optimizer: torch.optim.Optimizer, old: list, new: list) -> torch.optim.Optimizer:
-    """``optimizer``'s class, parameter groups (hyperparameters included) and state, on the parameters ``new``
-    (position for position the copies of ``old``)."""
-    if len(old) != len(new) or any(a.shape != b.shape for a, b in zip(old, new)):
-        raise ValueError("the variant changed the model's parameters (count or shapes): the optimizer's state "
-                         "cannot be carried over")
-    index = {id(p): i for i, p in enumerate(old)}
+def _placeholder_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def _rebuild_optimizer(optimizer: torch.optim.Optimizer, old: dict[str, torch.Tensor],
+                       new: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
+    """``optimizer``'s class, parameter groups (hyperparameters included), defaults and a copy of its state,
+    on the parameters ``new`` (name -> parameter of the copy) in place of ``old`` (name -> the user's)."""
+    if old.keys() != new.keys() or any(old[n].shape != new[n].shape for n in old):
+        missing = sorted(set(old) ^ set(new))[:3]
+        raise ValueError("the variant changed the model's parameters (names or shapes"
+                         + (f", e.g. {', '.join(missing)}" if missing else "")
+                         + "): the optimizer's state cannot be carried over")
+    name_of = {id(p): n for n, p in old.items()}
     groups = []
     for group in optimizer.param_groups:
-        missing = [i for i, p in enumerate(group["params"]) if id(p) not in index]
-        if missing:
-            raise ValueError(f"optimizer param_groups hold {len(missing)} tensor(s) that are not parameters of "
+        foreign = [p for p in group["params"] if id(p) not in name_of]
+        if foreign:
+            raise ValueError(f"optimizer param_groups hold {len(foreign)} tensor(s) that are not parameters of "
                              "the model: optimize() can only rebuild an optimizer over the model's parameters")
         groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [new[index[id(p)]] for p in group["params"]]})
-    try:
-        rebuilt = type(optimizer)(groups, **optimizer.defaults)
-    except TypeError:
-        rebuilt = type(optimizer)(groups)
+                       "params": [new[name_of[id(p)]] for p in group["params"]]})
+    # Every group carries all its hyperparameters, so the constructor needs no defaults (AdamW's defaults hold
+    # a key its constructor rejects); they are copied after, for a later add_param_group.
+    rebuilt = type(optimizer)(groups)
+    rebuilt.defaults = copy.deepcopy(optimizer.defaults)
     rebuilt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own state, not the user's tensors
     return rebuilt

@@ -245,9 +245,7 @@ def _run(args, device) -> int:
             torch.distributed.destroy_process_group()
     if rank == 0:
         record = result.record
-        if record.get("trace"):
-            record["trace"] = os.path.relpath(record["trace"], out)
-        paths = report.write_reports(record, out, console=None if quiet else console)
+        paths = result.save(out, console=None if quiet else console)
         if quiet:
             print(f"cnnperf profile: {report.summary_line(record)} ({paths['json']})")
         elif record.get("recommendation"):

@@ -16,6 +16,7 @@ and every choice is made from the gathered numbers, so that all ranks take the s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import gc
@@ -32,7 +33,7 @@ from torch import nn
 from cnnperf.profiler import measure
 from cnnperf.profiler.variants import (BASELINE, DEFAULT_EXCLUDED_ON_CPU, OPTIONS, TOLERANCES, VariantError,
                                        compatible, compile_config, global_switches, not_applicable, parse_variant,
-                                       precision, prepare, rebuild_loader, unwrap_ddp, variant_name)
+                                       precision, prepare, rebuild_loader, tf32_enabled, unwrap_ddp, variant_name)
 
 SCHEMA = "cnnperf.profile/1"
 MIN_GAIN = 0.03  # a variant (or one more option) must be 3 % faster to be chosen: less is within run-to-run noise
@@ -97,10 +98,14 @@ class ProfileResult:
         raise KeyError(f"variant {name!r} was not measured; measured: {', '.join(r['name'] for r in self.variants)}")
 
     def save(self, out_dir, console=None) -> dict:
-        """Write profile.json and report.html into ``out_dir`` (and print the summary to ``console``)."""
+        """Write profile.json and report.html into ``out_dir`` (and print the summary to ``console``); a trace
+        path in the record is written relative to ``out_dir``."""
         from cnnperf.profiler.report import write_reports
 
-        return write_reports(self.record, out_dir, console=console)
+        record = self.record
+        if record.get("trace"):
+            record = {**record, "trace": os.path.relpath(os.path.abspath(record["trace"]), os.path.abspath(out_dir))}
+        return write_reports(record, out_dir, console=console)
 
     def print(self, console=None) -> None:
         """The terminal summary (a rich Console on stdout by default)."""
@@ -226,7 +231,13 @@ class _Profiler:
             measure.split_batch(data, "batch_or_loader")
             self.batch = measure.to_device(tuple(data), self.device, non_blocking=False)
         self.model, self.loss_fn, self.optimizer_factory = inner, loss_fn, optimizer_factory
-        self.singles, self.combos, self.not_applicable = requested_options(variants, self.device, self.loader)
+        if self.device.type == "cuda":
+            torch.cuda.init()  # now, so that its random state is saved (and put back) with the others
+        with _on_device(self.device):
+            resolved = requested_options(variants, self.device, self.loader)
+            self.tf32 = tf32_enabled(self.device)  # the baseline's switches: as the user left them
+        # Every rank must measure the same list (CPU affinity, hence "workers", can differ between nodes).
+        self.singles, self.combos, self.not_applicable = self._agree(resolved) if self.world > 1 else resolved
         self.variants_requested = ([variants] if isinstance(variants, str) else
                                    list(variants) if variants is not None else ["default"])
         if batch_sizes == "auto":
@@ -249,21 +260,29 @@ class _Profiler:
         record = {"schema": SCHEMA}
         interrupted = False
         try:
-            self.template = copy.deepcopy(self.model).train()
-            self.check_batches = self._check_batches()
-            record["run"] = self._run_facts(started)
-            record["peak_tflops"] = measure.peak_tflops(record["run"]["device_name"])
-            record["variants"] = self.rows
-            record["baseline"] = BASELINE
-            self._search(record)
-            record["recommendation"] = recommend(self.rows)
-            self._confirm(record)
-            self._after(record)
+            with _on_device(self.device):  # CUDA events, streams and allocations on self.device, not cuda:0
+                self.template = copy.deepcopy(self.model).train()
+                self.check_batches = self._check_batches()
+                record["run"] = self._run_facts(started)
+                record["peak_tflops"] = measure.peak_tflops(record["run"]["device_name"])
+                record["variants"] = self.rows
+                record["baseline"] = BASELINE
+                self._search(record)
+                record["recommendation"] = recommend(self.rows)
+                self._confirm(record)
+                self._drop_kept()  # before the sweep: its largest batch gets the memory they held
+                self._after(record)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            self.kept.clear()
+            self._drop_kept()
             rng.restore()
+            if any(OPTIONS[o].compiles for r in self.rows for o in r["options"]):
+                # The copies compiled here left entries in Dynamo's caches (on the model class's forward): a
+                # torch.compile of the user's own model could hit the recompile limit and silently run eager.
+                import torch._dynamo
+
+                torch._dynamo.reset()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         run = record.setdefault("run", {})
@@ -302,7 +321,8 @@ class _Profiler:
                  "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
                  "optimizer": None, "seed": self.seed,
                  "num_workers": self.loader.num_workers if self.loader is not None else None,
-                 "cpu_count": _cpu_count(), "load_average": _load_average()}
+                 "cpu_count": _cpu_count(), "load_average": _load_average(), "tf32": self.tf32,
+                 "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None}
         facts.update(self.run_info)
         return facts
 
@@ -350,7 +370,7 @@ class _Profiler:
                                               reason=f"over the time budget of {self.budget:g} s"))
                         continue
                     row = self._measure(options, "combination")
-                if _sound(row) and row["median_ms"] < best["median_ms"] * (1 - MIN_GAIN):
+                if _sound(row) and best["median_ms"] / row["median_ms"] >= 1 + MIN_GAIN:
                     best = row
             if best is current:
                 return
@@ -389,12 +409,14 @@ class _Profiler:
                 prep = prepare(options, self.template, self.optimizer_factory, self.device, loader=self.loader,
                                ddp=self.ddp)
                 row["setup_s"] = time.perf_counter() - start
-                check = measure.check_run(prep, self.loss_fn, self.check_batches, self.seed)
-                if stage == "baseline":
+                if stage == "baseline":  # the reference: IEEE float32 (TF32 off), whatever the process has
+                    with global_switches((), self.device, ieee=True):
+                        check = measure.check_run(prep, self.loss_fn, self.check_batches, self.seed)
                     self.reference = check
                     self.optimizer_name = type(prep.optimizer).__name__
                 else:
-                    prec = precision(options)
+                    check = measure.check_run(prep, self.loss_fn, self.check_batches, self.seed)
+                    prec = precision(options, self.tf32)
                     row["check"] = measure.compare(self.reference, check, TOLERANCES[prec], prec)
                 source = measure.batch_source(prep, getattr(self, "batch", None))
                 times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
@@ -406,18 +428,27 @@ class _Profiler:
             row.update(status="failed", error=measure.one_line(exc))
         finally:
             if source is not None and hasattr(source, "close"):
-                source.close()  # shuts the loader's workers down
+                source.close()  # ends the iteration (persistent workers live on with the loader)
         row = self._gather(row)
         if row["status"] == "ok" and self.rows:
             row["speedup"] = self.rows[0]["median_ms"] / row["median_ms"]
         self.rows.append(row)
         self._keep(row, prep)
+        if prep is not None and all(prep is not kept for _, kept in self.kept.values()):
+            _shut_down_workers(prep.loader)
         del prep, source
         if self.device.type == "cuda":  # free the variant's memory before the next one allocates
             gc.collect()
             torch.cuda.empty_cache()
         self.log(_describe(row))
         return row
+
+    def _drop_kept(self) -> None:
+        """Free the kept copies (and the worker processes of their loaders)."""
+        for _, prep in self.kept.values():
+            _shut_down_workers(prep.loader)
+        self.kept.clear()
+        gc.collect()
 
     def _keep(self, row: dict, prep) -> None:
         """Keep the baseline's copy and the fastest sound variant's (for the confirmation, without copying and
@@ -429,6 +460,8 @@ class _Profiler:
             return
         best = self.kept.get("best")
         if best is None or row["median_ms"] < best[0]["median_ms"]:
+            if best is not None:
+                _shut_down_workers(best[1].loader)
             self.kept["best"] = (row, prep)
 
     def _fill(self, row: dict, times: measure.StepTimes, check: measure.CheckRun, prep) -> None:
@@ -641,6 +674,20 @@ class _Profiler:
         return row
 
 
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (events, streams and allocations go there), else nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _shut_down_workers(loader) -> None:
+    """End the worker processes a loader with persistent workers keeps between epochs (they would otherwise
+    live until the loader is garbage-collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -713,7 +760,7 @@ def _derive(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None)
         row["speedup"] = base / row["median_ms"] if base else None
         per_step = (flops or {}).get("per_step")
         if per_step and peaks:
-            peak = peaks.get(precision(row["options"]))
+            peak = peaks.get(precision(row["options"], run.get("tf32", False)))
             row["mfu"] = per_step / seconds / (peak * 1e12) if peak else None
 
 
@@ -729,7 +776,7 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     base_ms = base.get("median_ms")
     sound = [r for r in rows if _sound(r) and r.get("median_ms")]
     fastest = min(sound, key=lambda r: r["median_ms"], default=base)
-    chosen = fastest if (base_ms and fastest["median_ms"] <= base_ms * (1 - MIN_GAIN)) else base
+    chosen = fastest if (base_ms and base_ms / fastest["median_ms"] >= 1 + MIN_GAIN) else base
     unconfirmed = None
     if confirmation is not None and chosen is not base and confirmation["speedup"] < 1 + MIN_GAIN:
         unconfirmed, chosen = chosen, base

@@ -152,11 +152,14 @@ def _check_run(prep: Prepared, loss_fn: Callable, batches: Sequence, seed: int) 
             prep.scaler.update()  # halves the scale after an overflow, as after a skipped step
             if not overflow:
                 break
-            if attempt == MAX_SCALER_RETRIES:
-                notes.append(f"check batch {i}: gradients overflowed at every scale down to "
-                             f"{prep.scaler.get_scale():g}")
+            if attempt == MAX_SCALER_RETRIES or prep.scaler.get_scale() < 1:
+                notes.append(f"check batch {i}: gradients not finite at every scale down to "
+                             f"{prep.scaler.get_scale():g} (not an overflow of the scaling: NaN or inf in fp16)")
+                break
         losses.append(float(loss.detach().float()))
-        grads.append({name: p.grad.detach().float().clone() for name, p in prep.module.named_parameters()
+        # On the host: the reference's gradients live through the whole run, and device memory is the
+        # variants' (and the batch-size sweep's).
+        grads.append({name: p.grad.detach().float().cpu() for name, p in prep.module.named_parameters()
                       if p.grad is not None})
     prep.optimizer.zero_grad(set_to_none=True)
     return CheckRun(losses, grads, first_s, notes)
@@ -226,6 +229,21 @@ class StepTimes:
 
     def median(self, values: Sequence[float] | None = None) -> float:
         return _quantile(self.steps if values is None else values, 0.5)
+
+
+def _bytes_held(prep: Prepared) -> int:
+    """Device bytes of the variant's own tensors between steps: parameters, their gradients, buffers, optimizer
+    state."""
+    tensors = {}
+    for t in itertools.chain(prep.module.parameters(), prep.module.buffers()):
+        tensors[id(t)] = t
+        if t.grad is not None:
+            tensors[id(t.grad)] = t.grad
+    for state in prep.optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                tensors[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == prep.device)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -300,8 +318,11 @@ def timed_steps(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int,
             synchronize(device)
             first_warmup_s = time.perf_counter() - start
     synchronize(device)
+    others = 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+        # Memory the variant does not own (the user's model, the kept copies, the template): left out of its peak.
+        others = torch.cuda.memory_allocated(device) - _bytes_held(prep)
     marks: list[list] = []
     start = time.perf_counter()
     for i in range(steps):
@@ -311,7 +332,7 @@ def timed_steps(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int,
                 and time.perf_counter() - start > max_seconds):
             break
     synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peak = torch.cuda.max_memory_allocated(device) - others if cuda else None
     if cuda:
         durations = [[a.elapsed_time(b) for a, b in zip(m, m[1:])] for m in marks]
     else:
@@ -375,7 +396,12 @@ def top_ops(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int = 3,
     with _native_stderr_silenced(), profile(activities=activities) as prof:
         timed_steps(prep, loss_fn, source, steps, 0, profiled=True)
     if trace_path is not None:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
         prof.export_chrome_trace(str(trace_path))
+        if not os.path.exists(trace_path):  # Kineto reports a failed write on stderr only
+            raise OSError(f"torch.profiler could not write the trace to {trace_path}")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if not e.key.startswith(("cnnperf/", "ProfilerStep"))]
     total = sum(getattr(e, key) for e in events) or 1.0

@@ -5,7 +5,9 @@ options with "+" in the fixed order of :data:`OPTIONS` ("bf16+channels_last+comp
 "eager". :func:`prepare` builds a variant from the user's model, optimizer factory and loader without
 touching them: the model is deep-copied (then fused, converted, compiled, wrapped in DDP), the optimizer comes
 from the factory, the loader is rebuilt from the user's one. Process-wide switches (TF32, cudnn.benchmark) are
-set by :func:`global_switches` for the duration of a measurement and put back afterwards.
+turned on by :func:`global_switches` for the variants that name them and put back afterwards; the baseline runs
+with them as the user left them (torch's default: TF32 for convolutions, not for matmuls), and the numerical
+check's reference runs in IEEE float32.
 
 The numerical check of a variant compares its loss and gradients with the baseline's on the same batches from
 the same weights; :data:`TOLERANCES` says how far each number format may be off.
@@ -118,9 +120,11 @@ def compatible(options: Sequence[str], option: str) -> bool:
     return option not in options and all(group is None or OPTIONS[o].group != group for o in options)
 
 
-def precision(options: Sequence[str]) -> str:
-    """The number format a variant computes in: float32 unless an option changes it."""
-    return next((OPTIONS[o].precision for o in options if OPTIONS[o].precision), "float32")
+def precision(options: Sequence[str], tf32: bool = False) -> str:
+    """The number format a variant computes in: an autocast dtype, else tf32 where the variant or the process
+    (``tf32``: torch's switches as the user left them, see :func:`tf32_enabled`) uses TF32, else float32."""
+    named = next((OPTIONS[o].precision for o in options if OPTIONS[o].precision), None)
+    return named or ("tf32" if tf32 else "float32")
 
 
 def not_applicable(option: str, device: torch.device, loader=None) -> str | None:
@@ -131,11 +135,21 @@ def not_applicable(option: str, device: torch.device, loader=None) -> str | None
                 "cudnn_benchmark": "cuDNN runs on NVIDIA GPUs only; this run is on the CPU"}[option]
     if option == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
         return "TF32 needs an Ampere (sm_80) or newer GPU"
+    if option == "tf32" and all(_uses_tf32(obj, attr) for obj, attr in _fp32_switches()):
+        return ("TF32 is already on for float32 matmuls and convolutions in this process: the baseline runs "
+                "with it")
+    if option == "cudnn_benchmark" and torch.backends.cudnn.benchmark:
+        return "torch.backends.cudnn.benchmark is already on in this process: the baseline runs with it"
     if option == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bfloat16 support"
     if spec.needs_loader:
         if loader is None:
             return "the steps are fed one batch held in memory: there is no DataLoader to tune"
+        from torch.utils.data import IterableDataset
+
+        if isinstance(loader.dataset, IterableDataset) and loader.num_workers == 0:
+            return ("the data set is an IterableDataset: each worker would yield the whole stream unless it "
+                    "shards itself with get_worker_info(), so workers are not tried")
         if worker_count(loader) <= loader.num_workers and not (device.type == "cuda" and not loader.pin_memory):
             return f"the DataLoader already has {loader.num_workers} workers" + (
                 " and pinned memory" if device.type == "cuda" else "")
@@ -183,6 +197,8 @@ def rebuild_loader(loader, *, num_workers: int | None = None, pin_memory: bool |
     if loader.batch_size is not None:
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
                           drop_last=loader.drop_last, **kwargs)
+    if loader.batch_sampler is None:  # batch_size=None: the data set yields whole batches, no collation
+        return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, **kwargs)
     return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **kwargs)
 
 
@@ -200,24 +216,31 @@ def _fp32_switches() -> list[tuple[object, str]]:
     return [(cuda.matmul, "allow_tf32"), (cudnn, "allow_tf32")]
 
 
-def set_switches(options: Sequence[str], device: torch.device, *, strict: bool = True) -> list:
-    """Set TF32 and cudnn.benchmark for a variant; returns what :func:`restore_switches` needs to undo it.
+def _uses_tf32(obj, attr: str) -> bool:
+    return getattr(obj, attr) in ("tf32", True)
 
-    ``strict``: switches the variant does not name are turned off (TF32 off: the float32 baseline is IEEE
-    float32); otherwise they are left as they are (what :func:`cnnperf.optimize` does). Nothing is touched on
-    the CPU, where neither means anything.
-    """
+
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether float32 matmuls or convolutions on ``device`` run in TF32 as the process is set now (torch's
+    default: convolutions yes, matmuls no)."""
+    return device.type == "cuda" and any(_uses_tf32(obj, attr) for obj, attr in _fp32_switches())
+
+
+def set_switches(options: Sequence[str], device: torch.device, *, ieee: bool = False) -> list:
+    """Turn on what the variant names (TF32 for matmuls and convolutions, cudnn.benchmark) and leave the
+    rest as the user has it; with ``ieee``, TF32 off everywhere (the numerical check's reference). Returns what
+    :func:`restore_switches` needs to undo it. Nothing is touched on the CPU, where neither means anything."""
     if device.type != "cuda":
         return []
-    tf32 = "tf32" in options
     pairs = _fp32_switches()
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr in pairs]
     saved.append((torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark))
-    if strict or tf32:
+    if ieee or "tf32" in options:
         for obj, attr in pairs:
-            setattr(obj, attr, ("tf32" if tf32 else "ieee") if attr == "fp32_precision" else tf32)
-    if strict or "cudnn_benchmark" in options:
-        torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
+            on = not ieee
+            setattr(obj, attr, ("tf32" if on else "ieee") if attr == "fp32_precision" else on)
+    if "cudnn_benchmark" in options:
+        torch.backends.cudnn.benchmark = True
     return saved
 
 
@@ -227,9 +250,9 @@ def restore_switches(saved: list) -> None:
 
 
 @contextlib.contextmanager
-def global_switches(options: Sequence[str], device: torch.device):
-    """TF32 and cudnn.benchmark as the variant wants them (off for the float32 baseline), restored on exit."""
-    saved = set_switches(options, device)
+def global_switches(options: Sequence[str], device: torch.device, *, ieee: bool = False):
+    """:func:`set_switches` for the duration of a ``with`` block."""
+    saved = set_switches(options, device, ieee=ieee)
     try:
         yield
     finally:
@@ -237,16 +260,23 @@ def global_switches(options: Sequence[str], device: torch.device):
 
 
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, dict | None]:
-    """The module inside a DistributedDataParallel and the keyword arguments to wrap a copy of it the same way
-    (None for a model that is not wrapped)."""
+    """The module inside a DistributedDataParallel (compiled or not) and the keyword arguments to wrap a copy
+    of it the same way (None for a model that is not wrapped). Communication hooks are not carried over."""
     from torch.nn.parallel import DistributedDataParallel
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(m)) or torch.compile(m): what was compiled
     if not isinstance(model, DistributedDataParallel):
         return model, None
-    return model.module, {"device_ids": model.device_ids, "output_device": model.output_device,
-                          "process_group": model.process_group, "broadcast_buffers": model.broadcast_buffers,
-                          "find_unused_parameters": model.find_unused_parameters,
-                          "gradient_as_bucket_view": model.gradient_as_bucket_view}
+    kwargs = {"device_ids": model.device_ids, "output_device": model.output_device,
+              "process_group": model.process_group, "broadcast_buffers": model.broadcast_buffers,
+              "find_unused_parameters": model.find_unused_parameters,
+              "gradient_as_bucket_view": model.gradient_as_bucket_view,
+              "static_graph": bool(getattr(model, "static_graph", False))}
+    if getattr(model, "bucket_bytes_cap", None):
+        kwargs["bucket_cap_mb"] = model.bucket_bytes_cap / (1024 * 1024)
+    if getattr(model, "mixed_precision", None) is not None:
+        kwargs["mixed_precision"] = model.mixed_precision
+    return model.module, kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,17 +359,14 @@ def prepare(options: Sequence[str], template: nn.Module, optimizer_factory: Call
 
 
 def compile_config(options: Sequence[str]):
-    """The torch.compile settings a compiled variant is measured under: Inductor's random numbers drawn with
-    torch's own generator (``fallback_random``: dropout masks then match eager's, so the numerical check
-    compares like with like), static shapes, and a recompile limit high enough that a fresh copy of the model per variant
-    does not fall back to eager after a few variants."""
+    """The torch.compile settings a compiled variant is measured under: static shapes, and a recompile limit
+    high enough that a fresh copy of the model per variant does not fall back to eager after a few variants
+    (:func:`cnnperf.profile` resets Dynamo's caches at its end, so the user's own compiles start clean)."""
     if not any(OPTIONS[o].compiles for o in options):
         return contextlib.nullcontext()
     import torch._dynamo.config
-    import torch._inductor.config
 
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fallback_random=True))
     # Static shapes: a batch of another size (the sweep) compiles its own graph, as a training run at that
     # size would, instead of switching to a dynamic-shape graph that runs every size a little slower.
     stack.enter_context(torch._dynamo.config.patch(automatic_dynamic_shapes=False))
