@@ -146,6 +146,10 @@ def profile(model: nn.Module, loss_fn: Callable, batch_or_loader, optimizer_fact
       write their Chrome/Perfetto trace to.
     - ``log``: called with a line of progress per variant.
 
+    The process-wide switches (TF32, cudnn.benchmark) and the random states are as before on return; after a
+    compiled variant, torch.compile's caches are reset (``torch._dynamo.reset()``), so that a later compile
+    of the user's model starts clean instead of meeting the profile's entries.
+
     Returns a :class:`ProfileResult`. Raises :class:`ProfileError` if the baseline step itself fails,
     ``ValueError``/``TypeError`` for bad arguments, :class:`ProfileInterrupted` on Ctrl-C (with the partial
     result).
