@@ -11,7 +11,10 @@ for anything but copying.
 
 Under torch.distributed (torchrun, DDP), every rank measures the same variants in the same order; their times
 are gathered after each variant, the slowest rank's median counts (a data-parallel step waits for all ranks),
-and every choice is made from the gathered numbers, so that all ranks take the same path.
+and every choice is made from the gathered numbers, so that all ranks take the same path. A variant that fails
+on every rank, or on one rank outside a collective, is recorded like any failure; one that fails on one rank
+*inside* a DDP step (out of memory in the backward pass) leaves the other ranks waiting in the all-reduce until
+the process group's timeout: that cannot be recovered from here.
 """
 
 from __future__ import annotations
