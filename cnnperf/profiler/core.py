@@ -623,18 +623,22 @@ class _Profiler:
                 # One copy for all sizes: a compiled variant compiles once per size (static shapes, as in the
                 # search), not once per size and copy.
                 prep = prepare(options, self.template, self.optimizer_factory, self.device, ddp=self.ddp)
+                stopped = "cap" if self.batch_sizes == "auto" else "end of list"
                 for size in sizes:
                     if self.budget is not None and self._agree(time.perf_counter() - self.clock > self.budget):
+                        stopped = "budget"
                         break
                     row = self._sweep_one(prep, x, y, size)
                     rows.append(row)
                     if row["status"] != "ok":
+                        stopped = row["status"]
                         break
                     ok = [r for r in rows if r["status"] == "ok"]
                     if self.batch_sizes == "auto" and len(ok) >= 2:
                         gained = ok[-1]["images_per_s"] >= ok[-2]["images_per_s"] * (1 + SWEEP_FLAT_GAIN)
                         flat = 0 if gained else flat + 1
                         if flat >= 2:
+                            stopped = "flat"
                             break
         except KeyboardInterrupt:
             raise
@@ -647,9 +651,11 @@ class _Profiler:
                 gc.collect()
                 torch.cuda.empty_cache()
         ok = [r for r in rows if r["status"] == "ok"]
-        return {"variant": variant_name(options), "rows": rows,
-                "largest_fitting": max((r["batch_size"] for r in ok), default=None),
-                "best_batch_size": max(ok, key=lambda r: r["images_per_s"])["batch_size"] if ok else None}
+        # The largest that fits is known only when a larger one ran out of memory.
+        fitting = max((r["batch_size"] for r in ok), default=None) if stopped == "oom" else None
+        return {"variant": variant_name(options), "rows": rows, "largest_fitting": fitting,
+                "best_batch_size": max(ok, key=lambda r: r["images_per_s"])["batch_size"] if ok else None,
+                "stopped": stopped}
 
     def _sweep_one(self, prep, x, y, size: int) -> dict:
         row = {"batch_size": size, "status": "ok", "median_ms": None, "images_per_s": None, "peak_memory": None,

@@ -450,7 +450,11 @@ def _terminal_batch_sweep(record: Mapping, console) -> None:
     if not rows:
         return
     best = _int(sweep.get("best_batch_size"))
-    console.print(Text("Batch sweep", style="bold") + Text(f" of {_text(sweep.get('variant'))}", style="dim"))
+    stopped = {"oom": "stopped: out of memory", "failed": "stopped: a step failed",
+               "flat": "stopped: throughput flat", "cap": "stopped at the automatic sweep's largest size",
+               "budget": "stopped: time budget"}.get(sweep.get("stopped"))
+    console.print(Text("Batch sweep", style="bold") + Text(f" of {_text(sweep.get('variant'))}"
+                                                           + (f" ({stopped})" if stopped else ""), style="dim"))
     cells, notes = [], []
     for row in rows:
         status, size = _text(row.get("status")), _int(row.get("batch_size"))
