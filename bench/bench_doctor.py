@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import statistics
 import sys
 import time
@@ -111,8 +110,8 @@ def measure(case: str, blocks: int, sample_every: int, device: torch.device) -> 
         "case": case, "model": name, "input": [batch, channels, size, size], "optimizer": "adam",
         "sample_every": sample_every, "blocks": blocks, "parameters": sum(p.numel() for p in plain.parameters()),
         "step_ms_plain": plain_s * 1e3, "step_ms_doctor": doctor_s * 1e3,
-        "step_ms_plain_q20_q80": _quantiles(blocks_s["plain"]),
-        "step_ms_doctor_q20_q80": _quantiles(blocks_s["doctor"]),
+        "step_ms_plain_q20_q80": bench.p20_p80(blocks_s["plain"]),
+        "step_ms_doctor_q20_q80": bench.p20_p80(blocks_s["doctor"]),
         "overhead_ab": doctor_s / plain_s - 1,
         "calls_ms_unsampled": med(calls[False]) * 1e3, "calls_ms_sampled": med(calls[True]) * 1e3,
         "hooks_ms_sampled": hooks * 1e3, "end_epoch_ms": med(flush) * 1e3,
@@ -120,11 +119,6 @@ def measure(case: str, blocks: int, sample_every: int, device: torch.device) -> 
         "block_ms_plain": [t * 1e3 for t in blocks_s["plain"]],
         "block_ms_doctor": [t * 1e3 for t in blocks_s["doctor"]],
     }
-
-
-def _quantiles(values):
-    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
-    return [q[0] * 1e3, q[3] * 1e3]
 
 
 def main(argv=None) -> int:
@@ -152,9 +146,7 @@ def main(argv=None) -> int:
               f"(calls {row['calls_ms_unsampled']:.3f} ms unsampled, {row['calls_ms_sampled']:.3f} ms sampled; "
               f"hooks {row['hooks_ms_sampled']:.3f} ms per sampled step; end_epoch {row['end_epoch_ms']:.2f} ms); "
               f"target <= {100 * TARGET_OVERHEAD:.0f}%", flush=True)
-    record = {"tool": "bench_doctor", "device": bench.device_name(device), "versions": bench.versions(),
-              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
-              "rows": rows}
+    record = {**bench.record_header("bench_doctor", device), "rows": rows}
     if args.json:
         bench.write_json_atomic(args.json, record)
         print(f"wrote {args.json}")

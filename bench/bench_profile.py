@@ -39,7 +39,6 @@ results) is printed as tables and written as JSON with ``--json PATH``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
 import statistics
 import sys
@@ -123,11 +122,11 @@ def ab_blocks(prep, batch, blocks: int, block_steps: int) -> dict:
     plain_s, timed_s = med(block_s["plain"]), med(block_s["timed"])
     return {"blocks": blocks, "block_steps": block_steps,
             "step_ms_plain": plain_s * 1e3, "step_ms_timed": timed_s * 1e3,
-            "step_ms_plain_q20_q80": _quantiles(block_s["plain"]),
-            "step_ms_timed_q20_q80": _quantiles(block_s["timed"]),
+            "step_ms_plain_q20_q80": bench.p20_p80(block_s["plain"]),
+            "step_ms_timed_q20_q80": bench.p20_p80(block_s["timed"]),
             "overhead_ab": timed_s / plain_s - 1, "overhead_ms_per_step": (timed_s - plain_s) * 1e3,
             # what timed_steps itself reports (its marks, per step; on a GPU between CUDA events)
-            "reported_step_ms": med(reported), "reported_step_ms_q20_q80": _quantiles(reported, scale=1.0),
+            "reported_step_ms": med(reported), "reported_step_ms_q20_q80": bench.p20_p80(reported, scale=1.0),
             "reported_phases_ms": {name: med(v) for name, v in phases.items()},
             "block_ms_plain": [t * 1e3 for t in block_s["plain"]],
             "block_ms_timed": [t * 1e3 for t in block_s["timed"]]}
@@ -197,11 +196,6 @@ def measure_case(case: str, device: torch.device, blocks: int, block_steps: int,
     prof["wall_in_plain_steps"] = prof["wall_s"] / (overhead["step_ms_plain"] / 1e3)
     return {"case": case, "model": name, "input": [batch_size, channels, size, size], "optimizer": "adam",
             "parameters": sum(p.numel() for p in template.parameters()), "overhead": overhead, "profile": prof}
-
-
-def _quantiles(values, scale: float = 1e3):
-    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
-    return [q[0] * scale, q[3] * scale]
 
 
 def default_variants(device: torch.device):
@@ -315,9 +309,7 @@ def main(argv=None) -> int:
                       f"{pr['recommended']} {_fmt(pr['speedup'], '.2f')}x ("
                       + ("no confirmation" if pr["confirmed_speedup"] is None else
                          f"confirmed {pr['confirmed_speedup']:.2f}x") + ")", highlight=False)
-    record = {"tool": "bench_profile", "device": bench.device_name(device), "versions": bench.versions(),
-              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
-              "variants_requested": requested, "wall_s": time.perf_counter() - start, "bookkeeping": tiny,
+    record = {**bench.record_header("bench_profile", device), "variants_requested": requested, "wall_s": time.perf_counter() - start, "bookkeeping": tiny,
               "rows": rows}
     record = jsonable(record)  # strict JSON: NaN and inf become null
     print_tables(record, console)

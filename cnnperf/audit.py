@@ -629,6 +629,8 @@ def render(rows: Sequence[Row], console, specialization: str = "") -> None:
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from cnnperf.bench import cpu_count
+
     parser = argparse.ArgumentParser(
         prog="cnnperf audit",
         description="Compile every Triton kernel in every config ahead of time for sm_80/sm_90 (no GPU needed) "
@@ -641,7 +643,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="only this dtype: float16/fp16, bfloat16/bf16, float32/fp32 (kernels compiled once "
                              f"for every dtype, shown as {ANY_DTYPE!r}, are kept)")
     parser.add_argument("--config", metavar="TEXT", help="only configs whose label contains TEXT, e.g. '64x64x32'")
-    parser.add_argument("--jobs", "-j", type=int, default=_cpu_count(),
+    parser.add_argument("--jobs", "-j", type=int, default=cpu_count(),
                         help="compile in N worker processes (default: the CPUs available, %(default)s here)")
     parser.add_argument("--json", metavar="PATH", help="also write the table and summary as JSON (atomically)")
     parser.add_argument("--sass-dir", metavar="DIR", help="keep each cubin and its SASS listing in DIR")
@@ -672,13 +674,6 @@ def _progress(total: int):
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("compiling", total=total)
         yield lambda: progress.advance(task)
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def main(argv: Sequence[str] | None = None, *, kernels: Sequence[KernelAudit] = KERNELS) -> int:

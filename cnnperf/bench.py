@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 import uuid
@@ -447,6 +448,26 @@ def device_name(device: torch.device) -> str:
 def device_slug(name: str) -> str:
     """A file-name-safe form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def p20_p80(values: Sequence[float], scale: float = 1e3) -> list[float]:
+    """The 20 % and 80 % quantiles of ``values`` (one value: itself), times ``scale`` (seconds -> ms)."""
+    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
+    return [q[0] * scale, q[3] * scale]
+
+
+def record_header(tool: str, device: torch.device) -> dict:
+    """The fields every benchmark script's JSON record starts with: tool, device, versions, UTC time, argv."""
+    return {"tool": tool, "device": device_name(device), "versions": versions(),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
 
 
 def versions() -> dict:

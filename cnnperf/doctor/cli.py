@@ -20,19 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from cnnperf.bench import Parser, UsageError  # argparse errors as one line, exit status 2
+
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_OUT = "doctor-out"
-
-
-class UsageError(Exception):
-    """A bad command line: exit status 2, the message as one line on stderr."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the usage and the message on two lines
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cnnperf.doctor.models import MODELS
     from cnnperf.doctor.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SCHEDULES
 
-    p = _Parser(prog="cnnperf doctor",
-                description="Train a CNN while watching its gradients, activations, data and curves; then report "
-                            "what is wrong, with the evidence, and what to change.")
+    p = Parser(prog="cnnperf doctor",
+               description="Train a CNN while watching its gradients, activations, data and curves; then report "
+                           "what is wrong, with the evidence, and what to change.")
     p.add_argument("--model", default="convnet", choices=MODELS, help="the model (default: %(default)s)")
     p.add_argument("--data", default="digits", choices=DATASETS,
                    help="the data set (default: %(default)s, scikit-learn's 8x8 digits resized to 28x28)")

@@ -109,12 +109,9 @@ def _device(name: str | None):
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from cnnperf.doctor.cli import UsageError as DoctorUsageError, _device as doctor_device
+    from cnnperf.doctor.cli import _device as doctor_device  # the same checks, the same UsageError
 
-    try:
-        return doctor_device(name)
-    except DoctorUsageError as e:
-        raise UsageError(str(e)) from None
+    return doctor_device(name)
 
 
 def _check(args) -> None:

@@ -315,7 +315,7 @@ class _Profiler:
         return batches
 
     def _run_facts(self, started) -> dict:
-        from cnnperf.bench import device_name, versions
+        from cnnperf.bench import cpu_count, device_name, versions
 
         x, _ = self.check_batches[0]
         facts = {"model": type(self.model).__name__, "data": "loader" if self.loader is not None else "batch",
@@ -328,7 +328,7 @@ class _Profiler:
                  "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
                  "optimizer": None, "seed": self.seed,
                  "num_workers": self.loader.num_workers if self.loader is not None else None,
-                 "cpu_count": _cpu_count(), "load_average": _load_average(), "tf32": self.tf32,
+                 "cpu_count": cpu_count(), "load_average": _load_average(), "tf32": self.tf32,
                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None}
         facts.update(self.run_info)
         return facts
@@ -428,7 +428,7 @@ class _Profiler:
                 source = measure.batch_source(prep, getattr(self, "batch", None))
                 times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
                                             max_seconds=self._time_cap(stage))
-            self._fill(row, times, check, prep)
+            self._fill(row, times, check)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # recorded, and the run goes on
@@ -437,8 +437,8 @@ class _Profiler:
             if source is not None and hasattr(source, "close"):
                 source.close()  # ends the iteration (persistent workers live on with the loader)
         row = self._gather(row)
-        if row["status"] == "ok" and self.rows:
-            row["speedup"] = self.rows[0]["median_ms"] / row["median_ms"]
+        if row["status"] == "ok":  # on the gathered (slowest rank's) medians; the baseline's is 1
+            row["speedup"] = (self.rows[0]["median_ms"] if self.rows else row["median_ms"]) / row["median_ms"]
         self.rows.append(row)
         self._keep(row, prep)
         if prep is not None and all(prep is not kept for _, kept in self.kept.values()):
@@ -471,7 +471,7 @@ class _Profiler:
                 _shut_down_workers(best[1].loader)
             self.kept["best"] = (row, prep)
 
-    def _fill(self, row: dict, times: measure.StepTimes, check: measure.CheckRun, prep) -> None:
+    def _fill(self, row: dict, times: measure.StepTimes, check: measure.CheckRun) -> None:
         median = times.median()
         phases = {name: times.median(values) for name, values in times.phases.items()}
         compile_s = None
@@ -481,12 +481,10 @@ class _Profiler:
             compile_s = max(0.0, check.first_s - (phases["forward"] + phases["backward"]) / 1e3)
             if math.isfinite(times.first_warmup_s):
                 compile_s += max(0.0, times.first_warmup_s - median / 1e3)
-        row.update(status="ok", median_ms=median, p20_ms=measure._quantile(times.steps, 0.2),
-                   p80_ms=measure._quantile(times.steps, 0.8), timed_steps=len(times.steps),
+        row.update(status="ok", median_ms=median, p20_ms=measure.quantile(times.steps, 0.2),
+                   p80_ms=measure.quantile(times.steps, 0.8), timed_steps=len(times.steps),
                    peak_memory=times.peak_memory, compile_s=compile_s, phases_ms=phases,
                    images_per_s=int(self.check_batches[0][0].shape[0]) * self.world / (median / 1e3))
-        base = self.rows[0]["median_ms"] if self.rows else median
-        row["speedup"] = base / median
 
     def _time_cap(self, stage: str) -> float | None:
         """Seconds after which a variant's timed steps stop (once MIN_TIMED_STEPS are done): a variant several
@@ -547,7 +545,7 @@ class _Profiler:
                     finally:
                         if hasattr(source, "close"):
                             source.close()
-        medians = [measure._quantile(times[BASELINE], 0.5), measure._quantile(times[rec["variant"]], 0.5)]
+        medians = [measure.quantile(times[BASELINE], 0.5), measure.quantile(times[rec["variant"]], 0.5)]
         if self.world > 1:
             gathered = [None] * self.world
             torch.distributed.all_gather_object(gathered, medians)
@@ -568,7 +566,7 @@ class _Profiler:
         except Exception as exc:
             flops = {"per_step": None, "forward": None, "method": f"failed: {measure.one_line(exc)}"}
         record["flops"] = flops
-        _derive(self.rows, record["run"], flops, record["peak_tflops"])
+        _add_mfu(self.rows, record["run"], flops, record["peak_tflops"])
         busy = _busy(record["run"].get("load_average"), record["run"].get("cpu_count"))
         if busy:
             record["recommendation"]["summary"] += " " + busy
@@ -701,10 +699,6 @@ def _shut_down_workers(loader) -> None:
         loader._iterator = None
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _load_average() -> float | None:
     """The 1-minute load average of the machine (None where the OS has none)."""
     try:
@@ -762,19 +756,15 @@ def _data_bound(row: dict) -> bool:
     return bool(phases) and max(phases, key=phases.get) == "data"
 
 
-def _derive(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None) -> None:
-    """Speed-ups, images/s and MFU of every measured row."""
-    base = rows[0]["median_ms"] if rows and rows[0]["status"] == "ok" else None
+def _add_mfu(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None) -> None:
+    """The MFU of every measured row: FLOPs per step / median step time / the peak of its number format."""
+    per_step = (flops or {}).get("per_step")
+    if not per_step or not peaks:
+        return
     for row in rows:
-        if row["status"] != "ok":
-            continue
-        seconds = row["median_ms"] / 1e3
-        row["images_per_s"] = run["batch_size"] * run.get("world_size", 1) / seconds
-        row["speedup"] = base / row["median_ms"] if base else None
-        per_step = (flops or {}).get("per_step")
-        if per_step and peaks:
-            peak = peaks.get(precision(row["options"], run.get("tf32", False)))
-            row["mfu"] = per_step / seconds / (peak * 1e12) if peak else None
+        peak = peaks.get(precision(row["options"], run.get("tf32", False)))
+        if row["status"] == "ok" and peak:
+            row["mfu"] = per_step / (row["median_ms"] / 1e3) / (peak * 1e12)
 
 
 def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:

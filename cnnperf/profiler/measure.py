@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from cnnperf.bench import synchronize
 from cnnperf.profiler.variants import Prepared, Tolerance
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -90,11 +91,6 @@ def optimizer_step(prep: Prepared) -> None:
     else:
         prep.optimizer.step()
     prep.optimizer.zero_grad(set_to_none=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +224,7 @@ class StepTimes:
     first_warmup_s: float = math.nan  # wall time of the first warm-up step (compiles again after the check)
 
     def median(self, values: Sequence[float] | None = None) -> float:
-        return _quantile(self.steps if values is None else values, 0.5)
+        return quantile(self.steps if values is None else values, 0.5)
 
 
 def _bytes_held(prep: Prepared) -> int:
@@ -246,7 +242,8 @@ def _bytes_held(prep: Prepared) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == prep.device)
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (float64, linear interpolation); NaN for none."""
     return torch.tensor(list(values), dtype=torch.float64).quantile(q).item() if values else math.nan
 
 

@@ -174,9 +174,10 @@ def _compile_supported() -> bool:
 def worker_count(loader) -> int:
     """Workers the "workers" option gives a loader: one per CPU core (up to 8), split between the processes of
     this machine under torchrun, never fewer than the loader has."""
+    from cnnperf.bench import cpu_count
+
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(loader.num_workers, min(8, max(1, cores // max(local, 1))))
+    return max(loader.num_workers, min(8, max(1, cpu_count() // max(local, 1))))
 
 
 def rebuild_loader(loader, *, num_workers: int | None = None, pin_memory: bool | None = None):
