@@ -34,9 +34,16 @@ FWD_CONFIGS_16 = _configs([
 FWD_CONFIGS_32 = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
 ])
-# dgrad: M = input pixels, N = C_in/groups, K = (kh, kw, C_out/groups).
-DGRAD_CONFIGS_16 = FWD_CONFIGS_16
-DGRAD_CONFIGS_32 = FWD_CONFIGS_32
+# dgrad: M = input pixels, N = C_in/groups, K = (kh, kw, C_out/groups). The forward's tiles, except where the
+# dgrad's extra index math spills on sm_80 under triton 3.6 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8
+# 16-bit, 64x128x32 w4 fp32; none spill under 3.8): those get 8 warps, and the 256x128 tile half the BLOCK_K.
+DGRAD_CONFIGS_16 = _configs([
+    (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (64, 64, 32, 4, 5), (128, 256, 32, 8, 4),
+])
+DGRAD_CONFIGS_32 = _configs([
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
+])
 # wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels.
 WGRAD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4),
