@@ -2,7 +2,8 @@
 
 Rules (the same for every op):
 - CUDA tensors run the Triton kernels; CPU tensors run the reference ops, except with ``TRITON_INTERPRET=1``,
-  where the same Triton kernels run on CPU tensors through Triton's interpreter (how CI tests the kernels).
+  where the same Triton kernels run on CPU tensors through Triton's interpreter (how CI tests the kernels),
+  unless that interpreter cannot run here (:func:`interpreter_problem`).
 - ``CNNPERF_BACKEND=auto|triton|reference`` (or :func:`override`) forces a choice. ``triton`` on a case the
   kernels do not cover raises :class:`UnsupportedError` naming the argument; it never falls back silently.
   ``auto`` sends such a case to the reference op with one warning per case, never a wrong result.
@@ -68,6 +69,33 @@ def override(name: str) -> Iterator[None]:
         _local.override = previous
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here (a sentence), or None.
+
+    Triton 3.6 and older turn one-element NumPy arrays into ints with ``int()``, which NumPy 2.4 made an
+    error: every kernel that loops up to a bound computed from its arguments stops with "only 0-dimensional
+    arrays can be converted to Python scalars" (triton-lang/triton#9171; fixed in Triton 3.7.0, measured
+    here with triton 3.6.0 + numpy 2.4.6: all kernel tests fail; + numpy 2.3.5: all pass).
+    """
+    import triton
+
+    try:
+        import numpy
+    except ImportError:
+        return None
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it converts "
+                f"one-element arrays to ints, an error since NumPy 2.4; fixed in Triton 3.7): install "
+                f"'numpy<2.4' or 'triton>=3.7' to run the kernels with TRITON_INTERPRET=1")
+    return None
+
+
 def device_runs_triton(device_type: str) -> bool:
     """Whether Triton kernels can run on tensors of this device type here."""
     if not has_triton():
@@ -93,6 +121,8 @@ def choose(op: str, device_type: str, unsupported: str | None) -> str:
                 f"(triton installed: {has_triton()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
             )
         return "reference"
+    if unsupported is None and device_type == "cpu":
+        unsupported = interpreter_problem()
     if unsupported is not None:
         if name == "triton":
             raise UnsupportedError(f"{op}: CNNPERF_BACKEND=triton, but {unsupported}")

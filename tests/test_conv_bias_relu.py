@@ -213,6 +213,7 @@ def test_bad_arguments(kwargs, words):
 # --- backend choice ---------------------------------------------------------------------------------------
 
 def test_backend_rules(monkeypatch):
+    monkeypatch.setattr(backend, "interpreter_problem", lambda: None)  # whatever Triton and NumPy are here
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("CNNPERF_BACKEND", "auto")
     assert backend.choose("op", "cpu", None) == "reference"
@@ -228,6 +229,42 @@ def test_backend_rules(monkeypatch):
         backend.choose("op", "cpu", None)
     with backend.override("reference"):
         assert backend.choose("op", "cpu", None) == "reference"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.8.0", "2.5.2", False),
+    ("3.5.1", "2.4.0", True), ("3.6.0+git1a2b", "2.4.0rc1", True),
+])
+def test_an_interpreter_that_cannot_run_is_a_reason_not_a_crash(monkeypatch, triton_version, numpy_version,
+                                                                  broken):
+    """Triton <= 3.6's interpreter with NumPy >= 2.4 (triton-lang/triton#9171): `triton` names the fix, `auto`
+    warns once and takes the reference ops; CUDA tensors are not concerned."""
+    import numpy
+    triton = pytest.importorskip("triton")
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    backend.interpreter_problem.cache_clear()
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        problem = backend.interpreter_problem()
+        assert (problem is not None) == broken
+        if not broken:
+            return
+        assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+        monkeypatch.setenv("CNNPERF_BACKEND", "triton")
+        with pytest.raises(backend.UnsupportedError, match="interpreter cannot run"):
+            backend.choose("op", "cpu", None)
+        monkeypatch.setenv("CNNPERF_BACKEND", "auto")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [backend.choose("op", "cpu", None) for _ in range(2)] == ["reference", "reference"]
+        assert len(caught) == 1 and "interpreter cannot run" in str(caught[0].message)
+        if backend.has_triton():
+            assert backend.choose("op", "cuda", None) == "triton"
+    finally:
+        backend.interpreter_problem.cache_clear()
 
 
 def test_auto_takes_reference_for_float64_with_one_warning(monkeypatch):
