@@ -7,7 +7,8 @@ The training step measured is the one a user runs::
     (scaler.scale(loss) if scaler else loss).backward()     # "backward"
     scaler.step(opt); scaler.update() / opt.step(); opt.zero_grad(set_to_none=True)   # "optimizer"
 
-Each phase is an NVTX range (domain "cnnperf", seen by Nsight Systems) and a torch.profiler record_function.
+Each phase is an NVTX range (seen by Nsight Systems; the ``nvtx`` package is optional, see ``nvtx_range``) and,
+in the profiled pass, a torch.profiler record_function.
 Times: on a GPU, CUDA events at the phase boundaries on the stream (no synchronisation inside the timed steps;
 a step is the time between its first and last event on the GPU, idle gaps included); on the CPU,
 ``time.perf_counter`` at the boundaries.
@@ -16,6 +17,7 @@ a step is the time between its first and last event on the GPU, idle gaps includ
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -54,14 +56,26 @@ def to_device(obj, device: torch.device, non_blocking: bool = True):
     return obj
 
 
+@functools.cache
+def nvtx_range() -> Callable[[str], contextlib.AbstractContextManager] | None:
+    """How a phase becomes an NVTX range: the ``nvtx`` package (domain "cnnperf") when it is installed, else
+    ``torch.cuda.nvtx`` (the default domain, the same names; Nsight Systems shows both) where CUDA is, else
+    nothing (a CPU-only machine without the package: no tool could read the ranges)."""
+    try:
+        import nvtx
+    except ImportError:
+        return torch.cuda.nvtx.range if torch.cuda.is_available() else None
+    return functools.partial(nvtx.annotate, domain="cnnperf")
+
+
 @contextlib.contextmanager
 def phase(name: str, profiled: bool = False):
-    """An NVTX range named ``cnnperf/<name>`` (seen by Nsight Systems), and with ``profiled`` a torch.profiler
-    range of the same name. record_function costs ~16 us even with no profiler running (4 phases: ~65 us a
-    step, enough to widen a launch-bound GPU step), so only the top-ops pass, under torch.profiler, asks."""
-    import nvtx
-
-    with nvtx.annotate(f"cnnperf/{name}", domain="cnnperf"):
+    """An NVTX range named ``cnnperf/<name>`` (seen by Nsight Systems; see :func:`nvtx_range`), and with
+    ``profiled`` a torch.profiler range of the same name. record_function costs ~16 us even with no profiler
+    running (4 phases: ~65 us a step, enough to widen a launch-bound GPU step), so only the top-ops pass,
+    under torch.profiler, asks."""
+    annotate = nvtx_range()
+    with annotate(f"cnnperf/{name}") if annotate is not None else contextlib.nullcontext():
         if not profiled:
             yield
             return
