@@ -288,6 +288,32 @@ def test_forced_triton_on_float64_raises():
         conv2d_bias_relu(x, w, b)
 
 
+def test_pinned_configs_are_the_ones_launched_and_are_restored(monkeypatch):
+    pytest.importorskip("triton")
+    kernels = op._kernels()
+    launched = []
+
+    class Recorder:  # stands for a @triton.jit kernel: kernel[grid](*args, **kwargs)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs)
+
+    monkeypatch.setattr(kernels, "_conv_bias_relu_fwd_kernel", Recorder())
+    monkeypatch.setattr(backend, "interpret", lambda: True)
+    config = kernels.FWD_CONFIGS_16[1]
+    with op.pinned_configs(fwd=config):
+        op._launch("fwd", torch.float16, None, (), {"KH": 3})
+        with op.pinned_configs(fwd={"BLOCK_M": 16, "num_warps": 2}):
+            op._launch("fwd", torch.float16, None, (), {"KH": 3})
+        op._launch("fwd", torch.float16, None, (), {"KH": 3})
+    op._launch("fwd", torch.float16, None, (), {"KH": 3})
+    pinned = {"KH": 3, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    assert launched == [pinned, {"KH": 3, "BLOCK_M": 16, "num_warps": 2}, pinned,
+                        {"KH": 3, **kernels.INTERPRET_FWD_CONFIG}]
+    with pytest.raises(ValueError, match="unknown kernel.*'bwd'"):
+        with op.pinned_configs(bwd=config):
+            pass
+
+
 def test_auto_pick_keeps_the_faster_and_caches(monkeypatch):
     monkeypatch.setattr(op, "_auto_choice", {})
     times = {"t": 2.0, "r": 1.0}

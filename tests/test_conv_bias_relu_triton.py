@@ -3,6 +3,11 @@
 Without a GPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes
 stay small; on a GPU the same tests run the compiled kernels on CUDA tensors. bf16 is left to the GPU run and
 the audit: the interpreter's bf16 tl.dot is wrong (shared/TRITON_NOTES.md).
+
+Configs: the shape tests launch one fixed config per kernel (the interpreter's small one; on a GPU the smallest
+tile of each list, since autotuning every odd test shape would compile and time every config for each);
+``test_every_config`` runs each config of the lists on one shape with partial tiles; ``test_autotuned`` (GPU)
+goes through the autotuner.
 """
 
 import pytest
@@ -12,6 +17,8 @@ from hypothesis import strategies as st
 
 from cnnperf import backend, reference
 from cnnperf.functional import conv2d_bias_relu
+from cnnperf.kernels import conv_bias_relu as kernels
+from cnnperf.ops import conv_bias_relu as op
 from cnnperf.testing import check_against_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,10 +28,29 @@ pytestmark = [pytest.mark.kernels,
               pytest.mark.skipif(not backend.device_runs_triton(DEVICE),
                                  reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")]
 
+# kernel -> (16-bit list, fp32 list)
+CONFIG_LISTS = {"fwd": (kernels.FWD_CONFIGS_16, kernels.FWD_CONFIGS_32),
+                "dgrad": (kernels.DGRAD_CONFIGS_16, kernels.DGRAD_CONFIGS_32),
+                "wgrad": (kernels.WGRAD_CONFIGS_16, kernels.WGRAD_CONFIGS_32)}
+
+
+def _tile(config):
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"]
+
+
+def _smallest(dtype):
+    """Per kernel, the config with the smallest tile of the list for ``dtype`` (None under the interpreter,
+    which launches its own fixed config)."""
+    if DEVICE != "cuda":
+        return {}
+    return {kind: min(lists[dtype.itemsize == 4], key=_tile) for kind, lists in CONFIG_LISTS.items()}
+
 
 def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, groups=1, bias=True,
-          dtype=torch.float32, channels_last=False, grad_layout="nchw"):
-    """Run the fused op on the Triton backend and compare output and gradients with the float64 reference."""
+          dtype=torch.float32, channels_last=False, grad_layout="nchw", configs=None):
+    """Run the fused op on the Triton backend and compare output and gradients with the float64 reference.
+    ``configs``: the kernels' configs (:func:`cnnperf.ops.conv_bias_relu.pinned_configs`), default one small fixed
+    config per kernel."""
     x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -32,7 +58,7 @@ def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, grou
     b = torch.randn(c_out, device=DEVICE, dtype=dtype).requires_grad_() if bias else None
     inputs = [x.requires_grad_(), wt.to(dtype).requires_grad_(), b]
     args = (stride, padding, dilation, groups)
-    with backend.override("triton"):
+    with backend.override("triton"), op.pinned_configs(**(configs if configs is not None else _smallest(dtype))):
         out = conv2d_bias_relu(*inputs, *args)
         grad = torch.randn(out.shape, device=DEVICE, dtype=dtype)
         if grad_layout == "nhwc":
@@ -72,6 +98,32 @@ def test_triton_matches_float64_reference(name, dtype):
     _case(**CASES[name], dtype=dtype)
 
 
+def _every_config():
+    for kind, lists in CONFIG_LISTS.items():
+        for dtypes, configs in zip(([torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"), [torch.float32]), lists):
+            for dtype in dtypes:
+                for config in configs:
+                    label = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    yield pytest.param(kind, config, dtype,
+                                       id=f"{kind}-{label}-w{config.num_warps}s{config.num_stages}-{dtype}")
+
+
+@pytest.mark.parametrize("kind, config, dtype", list(_every_config()))
+def test_every_config(kind, config, dtype):
+    """Each config of each list on a shape with partial tiles in every dimension (338 output pixels, 20 input and
+    36 output channels: neither a multiple of 16) and more than one block of the reduction (K = 9 x 20). The other
+    two kernels run the first config of their lists (large tiles: few programs for the interpreter to step)."""
+    first = {k: lists[dtype.itemsize == 4][0] for k, lists in CONFIG_LISTS.items()}
+    _case(2, 20, 13, 13, 36, 3, 3, padding=1, dtype=dtype, configs={**first, kind: config})
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter cannot autotune (it has no GPU to time configs)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autotuned(dtype):
+    """Through the autotuner, as users run the kernels: on a ResNet-like 3x3 layer."""
+    _case(4, 64, 14, 14, 64, 3, 3, padding=1, dtype=dtype, configs={})
+
+
 @pytest.mark.parametrize("grad_layout", ["nchw", "nhwc", "strided"])
 def test_input_and_grad_layouts(grad_layout):
     out = _case(2, 4, 6, 6, 5, 3, 3, padding=1, channels_last=True, grad_layout=grad_layout)
@@ -83,7 +135,7 @@ def test_same_bits_twice():
     w = torch.randn(8, 6, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(8, device=DEVICE, requires_grad=True)
     results = []
-    with backend.override("triton"):
+    with backend.override("triton"), op.pinned_configs(**_smallest(torch.float32)):
         for _ in range(2):
             x.grad = w.grad = b.grad = None
             out = conv2d_bias_relu(x, w, b, stride=2, padding=1)

@@ -17,9 +17,11 @@ CUDA -> channels_last always; CPU -> channels_last when the input is channels_la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Sequence
+import threading
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +306,56 @@ def _kernels():
     return K
 
 
+_pinned = threading.local()
+KINDS = ("fwd", "dgrad", "wgrad")
+
+
+@contextlib.contextmanager
+def pinned_configs(**configs) -> Iterator[None]:
+    """Launch the conv kernels with fixed configs instead of autotuning, in this thread, inside the block.
+
+    ``configs``: ``fwd=``, ``dgrad=``, ``wgrad=``, each a ``triton.Config`` or a dict of its constexprs
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M) with optional ``num_warps`` / ``num_stages``; a kind not named
+    autotunes as usual. Tests use it to check every config of the lists, and on a GPU to compile one config per
+    shape instead of all of them (autotuning a test's odd shapes would compile and time each config for each).
+    """
+    unknown = set(configs) - set(KINDS)
+    if unknown:
+        raise ValueError(f"pinned_configs: unknown kernel {sorted(unknown)}; the kernels are {', '.join(KINDS)}")
+    previous = {kind: getattr(_pinned, kind, None) for kind in KINDS}
+    for kind, config in configs.items():
+        setattr(_pinned, kind, config)
+    try:
+        yield
+    finally:
+        for kind, config in previous.items():
+            setattr(_pinned, kind, config)
+
+
+def _launch_kwargs(config) -> dict:
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _launch(kind: str, dtype: torch.dtype, grid, args: tuple, const: dict) -> None:
+    """Launch kernel ``kind``: with its pinned config (:func:`pinned_configs`), else the interpreter's fixed
+    config under ``TRITON_INTERPRET=1`` (the interpreter cannot autotune), else autotuned for ``dtype``."""
+    K = _kernels()
+    kernel, autotuned, interpret_config = {
+        "fwd": (K._conv_bias_relu_fwd_kernel, K.conv_bias_relu_fwd_autotuned, K.INTERPRET_FWD_CONFIG),
+        "dgrad": (K._conv_dgrad_kernel, K.conv_dgrad_autotuned, K.INTERPRET_DGRAD_CONFIG),
+        "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned, K.INTERPRET_WGRAD_CONFIG),
+    }[kind]
+    config = getattr(_pinned, kind, None)
+    if config is None and backend.interpret():
+        config = interpret_config
+    if config is None:
+        autotuned(dtype)[grid](*args, **const)
+    else:
+        kernel[grid](*args, **const, **_launch_kwargs(config))
+
+
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """``t`` with channel stride 1 and flattenable spatial dims (channels_last), copying only if needed."""
     return t.contiguous(memory_format=torch.channels_last)
@@ -322,7 +374,6 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """Triton forward: implicit GEMM over NHWC, bias and ReLU in the epilogue. Returns channels_last output."""
-    K = _kernels()
     x = _nhwc(input)
     w = _weight_khwc(weight)
     n, c_in, h, wd = x.shape
@@ -339,10 +390,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     def grid(meta):
         return (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(c_out_g, meta["BLOCK_N"]), groups)
 
-    if backend.interpret():
-        K._conv_bias_relu_fwd_kernel[grid](*args, **const, **K.INTERPRET_FWD_CONFIG)
-    else:
-        K.conv_bias_relu_fwd_autotuned(x.dtype)[grid](*args, **const)
+    _launch("fwd", x.dtype, grid, args, const)
     return y.permute(0, 3, 1, 2)
 
 
@@ -382,10 +430,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         def grid(meta):
             return (triton_cdiv(pixels, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]), groups)
 
-        if backend.interpret():
-            K._conv_dgrad_kernel[grid](*args, **const, **K.INTERPRET_DGRAD_CONFIG)
-        else:
-            K.conv_dgrad_autotuned(input.dtype)[grid](*args, **const)
+        _launch("dgrad", input.dtype, grid, args, const)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
@@ -400,10 +445,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
             tiles = triton_cdiv(c_out_g, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
             return (tiles, split, groups)
 
-        if backend.interpret():
-            K._conv_wgrad_kernel[grid](*args, **const, **K.INTERPRET_WGRAD_CONFIG)
-        else:
-            K.conv_wgrad_autotuned(input.dtype)[grid](*args, **const)
+        _launch("wgrad", input.dtype, grid, args, const)
         grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
         grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
     return grad_input, grad_weight, grad_bias
