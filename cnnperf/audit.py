@@ -78,8 +78,8 @@ class Arch:
 
 
 ARCHS = {
-    80: Arch(80, 163 * 1024, "HMMA"),  # A100: 163 KB of shared memory per block
-    90: Arch(90, 227 * 1024, "HGMMA"),  # H100: 227 KB of shared memory per block
+    80: Arch(80, 163 * 1024, "HMMA"),  # A100 (sm_80): 163 KB of shared memory per block
+    90: Arch(90, 227 * 1024, "HGMMA"),  # H100 and H200 (sm_90): 227 KB of shared memory per block
 }
 # SASS opcodes of the tensor cores (mma.sync, wgmma and their integer / fp8 / fp64 forms).
 MMA_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA")

@@ -433,7 +433,7 @@ def check_cnnperf(fn: Callable, shape: ConvShape, pass_: str, inputs: Inputs) ->
 # ---------------------------------------------------------------------------------------------------------
 
 def device_name(device: torch.device) -> str:
-    """'NVIDIA H100 80GB HBM3', or for the CPU its model and the number of threads torch uses."""
+    """'NVIDIA H200' or 'NVIDIA H100 80GB HBM3', or for the CPU its model and the number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -446,7 +446,7 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(name: str) -> str:
-    """A file-name-safe form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    """A file-name-safe form of a device name: 'NVIDIA H200' -> 'nvidia-h200'."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
 
 

@@ -253,6 +253,23 @@ def test_gpu_only_options_are_not_applicable_on_the_cpu(cpu_run):
         assert not_chosen(cpu_run, name) == f"not applicable: {row['reason']}"
 
 
+@pytest.mark.parametrize("name, key, bf16", [
+    ("NVIDIA H200", "H200", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5), ("NVIDIA GH200 480GB", "GH200", 989.4),
+    ("NVIDIA H100 80GB HBM3", "H100", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312.0), ("NVIDIA A100 80GB PCIe", "A100", 312.0),
+    ("NVIDIA B200", None, None), ("AMD EPYC 7B13", None, None),
+])
+def test_peak_tflops_by_device_name(name, key, bf16):
+    from cnnperf.profiler import measure
+
+    peaks = measure.peak_tflops(name)
+    if key is None:
+        assert peaks is None
+        return
+    assert peaks["bfloat16"] == bf16 and peaks["source"] == f"NVIDIA data sheet, {key}, dense"
+    assert peaks["float32"] < peaks["tf32"] < peaks["bfloat16"] == peaks["float16"]
+
+
 def test_run_facts(cpu_run):
     run = cpu_run.record["run"]
     assert cpu_run.record["schema"] == "cnnperf.profile/1" and cpu_run.record["baseline"] == "eager"

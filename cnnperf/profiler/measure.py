@@ -373,12 +373,17 @@ def count_flops(prep: Prepared, loss_fn: Callable, batch) -> dict:
             "method": "torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward + backward)"}
 
 
-# Dense (no sparsity) peak TFLOP/s by number format, from NVIDIA's data sheets; matched on the device name,
-# the more specific entries first. float32 is the CUDA-core rate; tf32/bfloat16/float16 the tensor cores'.
+# Dense (no sparsity) peak TFLOP/s by number format, from NVIDIA's data sheets (half the sparse figures they
+# quote); matched on the device name as torch reports it ("NVIDIA H200", "NVIDIA H100 80GB HBM3",
+# "NVIDIA A100-SXM4-80GB"), the more specific entries first: "GH200" and "H200 NVL" before "H200".
+# float32 is the CUDA-core rate; tf32/bfloat16/float16 the tensor cores'. The H200 (SXM) computes at the H100
+# SXM's rates (its memory is larger and faster, 4.8 TB/s against 3.35).
 PEAK_TFLOPS = (
     ("H100 PCIe", {"float32": 51.2, "tf32": 378.0, "bfloat16": 756.0, "float16": 756.0}),
     ("H100 NVL", {"float32": 60.0, "tf32": 417.5, "bfloat16": 835.0, "float16": 835.0}),
     ("H100", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    ("H200 NVL", {"float32": 60.0, "tf32": 417.5, "bfloat16": 835.5, "float16": 835.5}),
+    ("GH200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
     ("H200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
     ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0}),
     ("L40S", {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.05, "float16": 362.05}),
