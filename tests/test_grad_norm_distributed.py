@@ -1,5 +1,6 @@
 """clip_grad_norm_ across 2 CPU processes on gloo: sharded gradients give the norm and the clipped gradients of
-the unsharded ones, with FSDP2-style DTensor shards and with plain shards plus ``process_group=``."""
+the unsharded ones, with FSDP2-style DTensor shards and with plain shards plus ``process_group=``, for every kind
+of order (p > 0, 0, negative, +-inf); with DTensor shards the total is a DTensor, as torch's clip returns."""
 
 import math
 import os
@@ -19,21 +20,32 @@ def _full_grads(seed=0):
     return [torch.randn(s, generator=gen) * 3 for s in SIZES]
 
 
-CASES = [(mode, norm_type) for mode in ("dtensor", "process_group", "replicated") for norm_type in (2.0, math.inf)]
+MODES = ("dtensor", "process_group", "replicated")
+NORM_TYPES = {"triton": (2.0, math.inf),  # the kernels' orders; the others take the reference ops
+              "reference": (2.0, math.inf, 1.0, 0.0, -1.0, -math.inf)}
 
 
 def _worker(rank, port, backend_name, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CNNPERF_BACKEND=backend_name)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        for mode, norm_type in CASES:
-            results[(rank, mode, norm_type)] = _case(rank, mode, norm_type)
+        for mode in MODES:
+            for norm_type in NORM_TYPES[backend_name]:
+                results[(rank, mode, norm_type)] = _case(rank, mode, norm_type)
     finally:
         dist.destroy_process_group()
 
 
+def _kind(total):
+    """What a total norm is: a plain tensor, or a DTensor with its placements."""
+    if type(total).__name__ == "DTensor":
+        return ("DTensor", tuple(str(p) for p in total.placements))
+    return (type(total).__name__, ())
+
+
 def _case(rank, mode, norm_type):
-    """(clip's total, grad_norms' total, per-parameter norms, this rank's clipped gradients) for one case."""
+    """(clip's total, grad_norms' total, per-parameter norms, this rank's clipped gradients, what clip returned,
+    what torch's clip returns on the same gradients) for one case."""
     import cnnperf
 
     full = _full_grads()
@@ -46,8 +58,14 @@ def _case(rank, mode, norm_type):
             p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, [Shard(0)]))
             p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
             params.append(p)
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for twin, p in zip(twins, params):
+            twin.grad = p.grad.detach().clone()
+        torch_kind = _kind(torch.nn.utils.clip_grad_norm_(twins, 1.0, norm_type))
         norms = cnnperf.grad_norms(params, norm_type)
         total = cnnperf.clip_grad_norm_(params, 1.0, norm_type)
+        kind = _kind(total)
+        total = total.full_tensor()
         shards = [p.grad.to_local() for p in params]
     elif mode == "process_group":
         params = []
@@ -58,6 +76,7 @@ def _case(rank, mode, norm_type):
             params.append(p)
         norms = cnnperf.grad_norms(params, norm_type, process_group=dist.group.WORLD)
         total = cnnperf.clip_grad_norm_(params, 1.0, norm_type, process_group=dist.group.WORLD)
+        kind = torch_kind = _kind(total)
         shards = [p.grad for p in params]
     else:  # replicated gradients (DDP): no communication, each rank clips its full copy
         params = []
@@ -67,8 +86,10 @@ def _case(rank, mode, norm_type):
             params.append(p)
         norms = cnnperf.grad_norms(params, norm_type)
         total = cnnperf.clip_grad_norm_(params, 1.0, norm_type)
+        kind = torch_kind = _kind(total)
         shards = [p.grad for p in params]
-    return total.item(), norms.total.item(), norms.per_param.tolist(), [s.clone() for s in shards]
+    return (total.item(), norms.total.item(), norms.per_param.tolist(), [s.clone() for s in shards], kind,
+            torch_kind)
 
 
 def _free_port():
@@ -94,8 +115,8 @@ def _run(backend_name):
 BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("mode, norm_type", CASES)
+@pytest.mark.parametrize("backend_name, mode, norm_type", [
+    (name, mode, norm_type) for name in BACKENDS for mode in MODES for norm_type in NORM_TYPES[name]])
 def test_sharded_matches_unsharded(mode, norm_type, backend_name):
     results = _run(backend_name)
     full = [g.double() for g in _full_grads()]
@@ -103,7 +124,12 @@ def test_sharded_matches_unsharded(mode, norm_type, backend_name):
     expected = torch.linalg.vector_norm(norms, norm_type).item()
     coef = min(1.0, 1.0 / (expected + 1e-6))
     for rank in range(WORLD):
-        total, grad_norms_total, per_param, shards = results[(rank, mode, norm_type)]
+        total, grad_norms_total, per_param, shards, kind, torch_kind = results[(rank, mode, norm_type)]
+        # FSDP2: a DTensor as torch's clip returns (torch's placement is Replicate for p=2, Partial(max) for
+        # inf, ...; cnnperf's is Replicate: the local value is already the global norm, full_tensor() needs no
+        # collective)
+        assert kind[0] == torch_kind[0] == ("DTensor" if mode == "dtensor" else "Tensor"), (kind, torch_kind)
+        assert kind[1] == (("R",) if mode == "dtensor" else ())
         assert total == pytest.approx(expected, rel=1e-5)  # every rank has the global norm
         assert grad_norms_total == pytest.approx(expected, rel=1e-5)
         assert per_param == pytest.approx(norms.tolist(), rel=1e-5)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import math
+import types
+import warnings
 from typing import Iterable, NamedTuple
 
 import torch
@@ -39,18 +41,22 @@ def grad_norms(parameters, norm_type: float = 2.0, *, process_group=None) -> Gra
     """Total norm, per-parameter norms and a finite flag of the gradients, computed in one pass.
 
     ``parameters``: a tensor or an iterable of tensors; those without ``.grad`` are skipped.
-    ``norm_type``: 2 and ``inf`` run the fused kernels; other p > 0 take the reference path.
+    ``norm_type``: any order ``torch.linalg.vector_norm`` takes, as in torch (0 counts non-zeros, negative
+    orders and ``-inf`` too); 2 and ``inf`` run the fused kernels, the others the reference ops.
     ``process_group``: the gradients are shards of the full gradients across this group (DTensor gradients
     from FSDP2 are recognised without it); their norms are all-reduced so every rank gets the global ones.
-    Norms are fp32 (fp64 if any gradient is). No host synchronisation.
+    Norms are fp32 (fp64 if any gradient is), plain tensors also for DTensor gradients. No host synchronisation.
+    Nothing is recorded by autograd, as with torch's clip.
     """
-    grads = _grads(parameters)
-    norm_type = _check_norm_type(norm_type)
-    if not grads:
-        zero = torch.zeros(())
-        return GradNorms(zero, torch.zeros(0), torch.tensor(True))
-    norms, total, finite, _, _ = _norms(grads, norm_type, max_norm=1.0, scale=None, process_group=process_group)
-    return GradNorms(total, norms, finite)
+    with torch.no_grad():
+        grads = _grads(parameters)
+        norm_type = _check_norm_type(norm_type)
+        if not grads:
+            zero = torch.zeros(())
+            return GradNorms(zero, torch.zeros(0), torch.tensor(True))
+        norms, total, finite, _, _ = _norms(grads, norm_type, max_norm=1.0, scale=None,
+                                            process_group=process_group)
+        return GradNorms(total, norms, finite)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -58,14 +64,27 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: scale all gradients so their total norm is at most
     ``max_norm``, and return the total norm (0-dim, on the gradients' device, in their dtype).
 
-    Same arguments and semantics as torch's (``foreach`` is accepted and only used on the reference path).
-    No host synchronisation, except with ``error_if_nonfinite=True``, which must look at the norm.
+    Same arguments and semantics as torch's (``foreach`` is accepted and only used on the reference path): any
+    ``norm_type`` torch takes; a warning for an empty generator; nothing recorded by autograd (gradients made
+    with ``create_graph=True`` are scaled in place, outside the graph); with FSDP2 (DTensor gradients) the
+    total is a DTensor replicated on their mesh. No host synchronisation, except with
+    ``error_if_nonfinite=True``, which must look at the norm.
 
     ``scaler``: a :class:`torch.amp.GradScaler` whose scale the gradients still carry (``scaler.unscale_``
     not called): the gradients are clipped against ``max_norm * scale`` in the same pass, the returned norm is
     the unscaled one, and ``scaler.step`` still skips the step on inf/NaN. ``process_group``: see
     :func:`grad_norms`.
     """
+    with torch.no_grad():
+        return _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group)
+
+
+def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group):
+    if isinstance(parameters, types.GeneratorType):
+        parameters = list(parameters)
+        if not parameters:
+            # torch's own words and category, pointing at the caller of clip_grad_norm_
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = _grads(parameters)
     norm_type = _check_norm_type(norm_type)
     max_norm = float(max_norm)
@@ -83,7 +102,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
     apply(coef)
-    return total.to(_result_dtype(grads))
+    return _as_grads_total(total.to(_result_dtype(grads)), grads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,10 +126,28 @@ def _grads(parameters) -> list[torch.Tensor]:
 
 
 def _check_norm_type(norm_type) -> float:
-    norm_type = float(norm_type)
-    if math.isnan(norm_type) or norm_type <= 0:
-        raise ValueError(f"{OP}: norm_type must be > 0 or inf, got {norm_type}")
-    return norm_type
+    return float(norm_type)  # as torch: 'inf' and 2 are orders too; what float() refuses, it refuses alike
+
+
+def _check_empty(grads, norm_type: float) -> None:
+    """torch.linalg.vector_norm refuses the orders without an identity (inf, negative) on an empty tensor; so
+    does torch's clip, and so does this one (the sizes are on the host: no synchronisation)."""
+    if norm_type == math.inf or norm_type < 0:
+        for i, g in enumerate(grads):
+            if g.numel() == 0:
+                raise RuntimeError(f"{OP}: cannot compute the {norm_type:g} norm of gradient {i} (shape "
+                                   f"{tuple(g.shape)}): it is empty, and that norm has no identity")
+
+
+def _as_grads_total(total: torch.Tensor, grads) -> torch.Tensor:
+    """The total norm as torch's clip returns it: for DTensor gradients (FSDP2) a DTensor replicated on their
+    mesh (callers use ``.full_tensor()``), else the plain tensor."""
+    if not grads or not _is_dtensor(grads[0]):
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = grads[0].device_mesh
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _result_dtype(grads) -> torch.dtype:
@@ -157,6 +194,7 @@ def _reduce_groups(grads, process_group) -> list:
 def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None):
     """(per-tensor norms, total, finite, coefficient, apply) where ``apply(coef)`` clips the gradients."""
     local = [_local(g) for g in grads]
+    _check_empty(local, norm_type)
     groups = _reduce_groups(grads, process_group)
     device = local[0].device
     if any(g.device != device for g in local):
@@ -169,7 +207,7 @@ def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None):
     else:
         acc = reference.grad_norm_accumulate(local, norm_type)
     for group in groups:
-        dist.all_reduce(acc, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(acc, op=reference.grad_norm_reduce_op(norm_type), group=group)
     if path == "triton":
         norms, total, finite, coef = _triton_finalize(acc, norm_type, max_norm, scale)
         return norms, total, finite, coef, lambda c: _triton_scale(table, c)
@@ -195,7 +233,7 @@ def _by_dtype(grads) -> dict:
 
 
 def _unsupported(grads, norm_type) -> str | None:
-    if norm_type != 2.0 and not math.isinf(norm_type):
+    if norm_type not in (2.0, math.inf):
         return f"norm_type={norm_type} is not covered by the Triton kernels (2 and inf are)"
     for i, g in enumerate(grads):
         if g.dtype not in _DTYPE_CODES:
@@ -283,7 +321,7 @@ def _table(grads) -> _Table:
 
 def _triton_accumulate(table: _Table, norm_type: float) -> torch.Tensor:
     K, cfg = _kernels(), _config()
-    norm_inf = math.isinf(norm_type)
+    norm_inf = norm_type == math.inf
     device = table.addr.device
     partial = torch.empty(table.chunks, device=device, dtype=torch.float32)
     K._grad_norm_partial_kernel[(table.chunks,)](
@@ -303,7 +341,7 @@ def _triton_finalize(acc: torch.Tensor, norm_type: float, max_norm: float, scale
     finite = torch.empty((), device=acc.device, dtype=torch.bool)
     K._grad_norm_finalize_kernel[(1,)](
         acc, norms, total, finite, coef, scale if scale is not None else acc, acc.numel(), max_norm,
-        NORM_INF=math.isinf(norm_type), HAS_SCALE=scale is not None, BLOCK_T=K.FINALIZE_BLOCK_T)
+        NORM_INF=norm_type == math.inf, HAS_SCALE=scale is not None, BLOCK_T=K.FINALIZE_BLOCK_T)
     return norms, total, finite, coef.view(())
 
 
