@@ -44,7 +44,9 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
                  tf32: bool = False, name: str = "output") -> None:
     """Assert ``actual`` matches the float64 ``reference`` within the table's row for ``dtype``.
 
-    ``dtype`` defaults to ``actual.dtype``. Raises AssertionError naming ``name`` and the worst element.
+    ``dtype`` defaults to ``actual.dtype``. NaN must be NaN and +-inf the same infinity where the reference has
+    them; the scale of ``atol`` is the largest finite magnitude. Raises AssertionError naming ``name`` and the
+    worst element.
     """
     dtype = dtype or actual.dtype
     if actual.shape != reference.shape:
@@ -52,8 +54,9 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
     tol = tolerance(dtype, tf32=tf32)
     ref = reference.detach().to(torch.float64).cpu()
     got = actual.detach().to(torch.float64).cpu()
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    torch.testing.assert_close(got, ref, atol=tol.atol * scale, rtol=tol.rtol,
+    finite = ref[ref.isfinite()]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(got, ref, atol=tol.atol * scale, rtol=tol.rtol, equal_nan=True,
                                msg=lambda m: f"{name} ({dtype}, tol {tol}, scale {scale:.3g}): {m}")
 
 

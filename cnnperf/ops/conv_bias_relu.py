@@ -25,6 +25,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_memory_format, in Python
 
 from cnnperf import backend, reference
 
@@ -68,7 +69,12 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+    if input.numel() == 0 or weight.numel() == 0:
+        # Nothing to compute, and torch has its own rules for such shapes (zero input channels give zero output
+        # channels; zero output channels are an error): its ops, with its autograd, decide.
+        out = reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -160,10 +166,16 @@ def _output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
                  for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
 
 
-def _memory_format(input: torch.Tensor) -> torch.memory_format:
+def _memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of the output and of the input's gradient.
+
+    CUDA: channels_last, always (the kernels write NHWC; a contiguous result would cost a copy). CPU: torch's own
+    rule for convolutions there (ATen's mkldnn/thnn ``*_use_channels_last``): channels_last when the input's or
+    the weight's strides suggest it, so that the fused op returns what ``relu(conv2d(...))`` returns.
+    """
     if input.device.type == "cuda":
         return torch.channels_last
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -186,7 +198,7 @@ def _unsupported(input, weight, output_numel: int) -> str | None:
 def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
     oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    fmt = _memory_format(input)
+    fmt = _memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow))
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
@@ -211,7 +223,7 @@ def _reference_forward(input, weight, bias, stride, padding, dilation, groups, f
 def _(input, weight, bias, stride, padding, dilation, groups):
     oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
-    return out.contiguous(memory_format=_memory_format(input))
+    return out.contiguous(memory_format=_memory_format(input, weight))
 
 
 @torch.library.custom_op("cnnperf::conv2d_bias_relu_backward", mutates_args=())
@@ -234,11 +246,12 @@ def _conv2d_bias_relu_backward_op(grad_output: torch.Tensor, input: torch.Tensor
 
 
 def _backward_results(grads, input, weight, output_mask):
+    """The three gradients as the custom op returns them: one tensor each, an empty one (its own: outputs of a
+    custom op may not alias each other) for a gradient not asked for."""
     gi, gw, gb = grads
-    empty = input.new_empty((0,))
-    gi = gi.contiguous(memory_format=_memory_format(input)) if output_mask[0] else empty
-    gw = gw.contiguous() if output_mask[1] else empty
-    gb = gb.contiguous() if output_mask[2] else empty
+    gi = gi.contiguous(memory_format=_memory_format(input, weight)) if output_mask[0] else input.new_empty((0,))
+    gw = gw.contiguous() if output_mask[1] else input.new_empty((0,))
+    gb = gb.contiguous() if output_mask[2] else input.new_empty((0,))
     return gi, gw, gb
 
 
@@ -382,7 +395,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     y = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
     m = n * oh * ow
     c_out_g = c_out // groups
-    b = bias if bias is not None else w  # never read when HAS_BIAS is False
+    b = bias.contiguous() if bias is not None else w  # the kernel reads bias[c] at c; never read without HAS_BIAS
     args = (x, w, b, y, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
     const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
