@@ -39,6 +39,10 @@ _log = logging.getLogger(__name__)
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Everything a Module keeps about its hooks (nn.Module.__init__), handed to the GraphModule that replaces it.
+_HOOK_STATE = _HOOK_DICTS + ("_is_full_backward_hook", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                             "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+                             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 @dataclass
@@ -76,6 +80,11 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Modules rewritten through ``torch.fx`` come back as ``GraphModule``: their Python control flow is fixed as
     it was when traced (branches on ``self.training`` included), so fuse a model in the mode it will run in.
+
+    Hooks keep firing, with the same tensors: ``torch.fx`` never enters a module that has forward, forward-pre
+    or backward hooks (it stays one call, fused inside on its own), and a module with hooks that is rewritten
+    takes them along (the same hook dicts: a handle's ``remove()`` still works). Such a hook then receives the
+    GraphModule as its ``module`` argument. No hook is called while fusing.
 
     Args:
         model: the model; it is left unchanged unless ``inplace``.
@@ -116,7 +125,29 @@ def _fuse_module(module: nn.Module, name: str, fold: bool, report: FuseReport) -
         report.untraced.append((name, f"{type(error).__name__}: {error}".splitlines()[0]))
         _fuse_children(module, name, fold, report)
         return module
-    return traced if _fuse_graph(traced, name, fold, report) else module
+    result = module
+    if _fuse_graph(traced, name, fold, report):
+        for attr in _HOOK_STATE:  # the module's own hooks go with its rewritten forward
+            if hasattr(module, attr):
+                setattr(traced, attr, getattr(module, attr))
+        result = traced
+    # Modules with hooks were single calls in the trace: fuse inside each on its own.
+    for target in _hooked_calls(traced):
+        sub = result.get_submodule(target)
+        fused = _fuse_module(sub, _join(name, target), fold, report)
+        if fused is not sub:
+            result.set_submodule(target, fused)
+    return result
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, hooks, None) for hooks in _HOOK_DICTS)
+
+
+def _hooked_calls(gm: torch.fx.GraphModule) -> list[str]:
+    """The modules with hooks and with children that ``gm``'s graph calls (the tracer did not enter them)."""
+    targets = dict.fromkeys(node.target for node in gm.graph.nodes if node.op == "call_module")
+    return [t for t in targets if _has_hooks(gm.get_submodule(t)) and len(gm.get_submodule(t)._modules) > 0]
 
 
 def _fuse_children(module: nn.Module, name: str, fold: bool, report: FuseReport) -> None:
@@ -132,10 +163,13 @@ def _fuse_children(module: nn.Module, name: str, fold: bool, report: FuseReport)
 
 
 class _Tracer(torch.fx.Tracer):
-    """The default tracer, with fused layers as leaves (their forward checks shapes, which a Proxy cannot pass)."""
+    """The default tracer, with fused layers as leaves (their forward checks shapes, which a Proxy cannot pass),
+    and modules with hooks as leaves: tracing through one would call its hooks with Proxies, and the graph would
+    then call its children without it, so its hooks would never fire again."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FusedConv2dBiasReLU) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, FusedConv2dBiasReLU) or _has_hooks(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _trace(module: nn.Module) -> torch.fx.GraphModule:

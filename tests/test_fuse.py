@@ -250,6 +250,76 @@ def test_conv_with_hook_is_not_fused():
     assert "hooks" in dict(report(fused).skipped)["0"]
 
 
+def _recording_hooks(model, calls):
+    """Forward hooks on the model itself and on containers torch.fx would otherwise inline, a pre-hook and a
+    backward hook; each records its name, and the forward ones the type they saw where not a real tensor (an fx
+    Proxy while tracing)."""
+    def forward_hook(name):
+        def hook(module, args, output):
+            calls.append(name if type(output) is torch.Tensor else f"{name}({type(output).__name__})")
+        return hook
+
+    def pre_hook(module, args):
+        calls.append("layer1.0:pre" if type(args[0]) is torch.Tensor else f"layer1.0:pre({type(args[0]).__name__})")
+
+    handles = [model.register_forward_hook(forward_hook("model")),
+               model.layer4.register_forward_hook(forward_hook("layer4")),
+               model.layer1[0].register_forward_pre_hook(pre_hook),
+               model.layer2.register_full_backward_hook(lambda module, gin, gout: calls.append("layer2:backward"))]
+    return handles
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_hooks_on_the_model_and_on_containers_keep_firing(mode):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.resnet18(num_classes=10).double(), mode)()
+    calls = []
+    _recording_hooks(model, calls)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    fused = cnnperf.fuse(model)
+    assert calls == []  # no hook runs while fusing
+    out = fused(x)
+    out.sum().backward()
+    fused_calls, calls[:] = list(calls), []
+    expected = model(x)
+    expected.sum().backward()
+    assert fused_calls == calls == ["layer1.0:pre", "layer4", "model", "layer2:backward"]
+    testing.assert_close(out, expected)
+    if mode == "eval":  # inside the hooked containers too: 9 Conv2d -> BatchNorm2d -> ReLU, as without hooks
+        assert {"layer1.0.conv1", "layer4.0.conv1", "layer4.1.conv1"} <= set(report(fused).fused)
+        assert len(report(fused).fused) == 9
+
+
+def test_a_rewritten_module_keeps_its_hooks_and_their_handles():
+    model = FunctionalNet().double()
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append("model"))
+    fused = cnnperf.fuse(model, inplace=True)
+    assert isinstance(fused, torch.fx.GraphModule) and report(fused).fused
+    fused(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert calls == ["model"]
+    handle.remove()  # the handle the user holds still reaches the hook
+    fused(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert calls == ["model"]
+
+
+@pytest.mark.parametrize("name, mode", [("resnet18", "eval"), ("vgg11_bn", "eval"), ("squeezenet1_1", "train")])
+def test_input_gradient_of_a_frozen_fused_model(name, mode):
+    """Saliency maps and adversarial examples: every parameter frozen, the gradient of the input asked for."""
+    torch.manual_seed(0)
+    model = getattr(getattr(torchvision.models, name)(num_classes=10).double(), mode)()
+    for module in model.modules():  # dropout off: the same function on both sides
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.requires_grad_(False)
+    fused = cnnperf.fuse(model)
+    assert report(fused).fused
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused(x).sum(), x)
+    (expected,) = torch.autograd.grad(model(x).sum(), x)
+    testing.assert_close(grad, expected, name="input gradient")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.fx.
 # ---------------------------------------------------------------------------------------------------------
