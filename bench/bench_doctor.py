@@ -27,9 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cnnperf import bench
+from cnnperf import _env, _io, _timing
 from cnnperf.doctor import Doctor
-from cnnperf.doctor.models import build_model
+from cnnperf.zoo.models import build_model
 
 CASES = {  # name -> (model, in_channels, image_size, batch)
     "convnet": ("convnet", 1, 28, 64),
@@ -40,10 +40,10 @@ TARGET_OVERHEAD = 0.05  # the issue's target: at most 5 % slower steps
 
 def _step(model, optimizer, x, y, doctor, device) -> tuple[float, float, float]:
     """One training step: (whole step, time inside the doctor's calls, forward pass), in seconds."""
-    bench.synchronize(device)
+    _timing.synchronize(device)
     start = time.perf_counter()
     logits = model(x)  # the doctor's hooks, on sampled steps, run in here
-    bench.synchronize(device)
+    _timing.synchronize(device)
     forward = time.perf_counter() - start
     calls = 0.0
     if doctor is not None:
@@ -62,7 +62,7 @@ def _step(model, optimizer, x, y, doctor, device) -> tuple[float, float, float]:
         t = time.perf_counter()
         doctor.after_step(optimizer)
         calls += time.perf_counter() - t
-    bench.synchronize(device)
+    _timing.synchronize(device)
     return time.perf_counter() - start, calls, forward
 
 
@@ -110,8 +110,8 @@ def measure(case: str, blocks: int, sample_every: int, device: torch.device) -> 
         "case": case, "model": name, "input": [batch, channels, size, size], "optimizer": "adam",
         "sample_every": sample_every, "blocks": blocks, "parameters": sum(p.numel() for p in plain.parameters()),
         "step_ms_plain": plain_s * 1e3, "step_ms_doctor": doctor_s * 1e3,
-        "step_ms_plain_q20_q80": bench.p20_p80(blocks_s["plain"]),
-        "step_ms_doctor_q20_q80": bench.p20_p80(blocks_s["doctor"]),
+        "step_ms_plain_q20_q80": _timing.p20_p80(blocks_s["plain"], scale=1e3),
+        "step_ms_doctor_q20_q80": _timing.p20_p80(blocks_s["doctor"], scale=1e3),
         "overhead_ab": doctor_s / plain_s - 1,
         "calls_ms_unsampled": med(calls[False]) * 1e3, "calls_ms_sampled": med(calls[True]) * 1e3,
         "hooks_ms_sampled": hooks * 1e3, "end_epoch_ms": med(flush) * 1e3,
@@ -146,9 +146,9 @@ def main(argv=None) -> int:
               f"(calls {row['calls_ms_unsampled']:.3f} ms unsampled, {row['calls_ms_sampled']:.3f} ms sampled; "
               f"hooks {row['hooks_ms_sampled']:.3f} ms per sampled step; end_epoch {row['end_epoch_ms']:.2f} ms); "
               f"target <= {100 * TARGET_OVERHEAD:.0f}%", flush=True)
-    record = {**bench.record_header("bench_doctor", device), "rows": rows}
+    record = {**_env.record_header("bench_doctor", device), "rows": rows}
     if args.json:
-        bench.write_json_atomic(args.json, record)
+        _io.write_json_atomic(args.json, record)
         print(f"wrote {args.json}")
     return 0
 

@@ -39,7 +39,6 @@ results) is printed as tables and written as JSON with ``--json PATH``.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -48,11 +47,11 @@ import torch
 import torch.nn.functional as F
 
 import cnnperf
-from cnnperf import bench
-from cnnperf.doctor.models import build_model
-from cnnperf.profiler import measure, variants
+from cnnperf import _cli, _env, _io, _timing
+from cnnperf._format import finite, fmt
+from cnnperf.profiler import measure, step, variants
 from cnnperf.profiler.variants import DEFAULT_EXCLUDED_ON_CPU, OPTIONS
-from cnnperf.reporting import jsonable
+from cnnperf.zoo.models import build_model
 
 CASES = {  # name -> (model, in_channels, image_size, batch)
     "convnet": ("convnet", 1, 28, 64),
@@ -80,20 +79,20 @@ def _sgd(parameters):
 
 def _plain_block(prep, x, y, steps: int) -> float:
     """Seconds per step of ``steps`` plain training steps, synchronised at the block's ends only."""
-    bench.synchronize(prep.device)
+    _timing.synchronize(prep.device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = measure.forward_loss(prep, F.cross_entropy, x, y)
-        measure.backward(prep, loss)
-        measure.optimizer_step(prep)
-    bench.synchronize(prep.device)
+        loss = step.forward_loss(prep, F.cross_entropy, x, y)
+        step.backward(prep, loss)
+        step.optimizer_step(prep)
+    _timing.synchronize(prep.device)
     return (time.perf_counter() - start) / steps
 
 
 def _timed_block(prep, source, steps: int) -> tuple[float, measure.StepTimes]:
     """Seconds per step of one ``timed_steps`` call (no warm-up: it syncs before its first step and after its
     last one), and what it measured."""
-    bench.synchronize(prep.device)
+    _timing.synchronize(prep.device)
     start = time.perf_counter()
     times = measure.timed_steps(prep, F.cross_entropy, source, steps, 0)
     return (time.perf_counter() - start) / steps, times
@@ -122,11 +121,11 @@ def ab_blocks(prep, batch, blocks: int, block_steps: int) -> dict:
     plain_s, timed_s = med(block_s["plain"]), med(block_s["timed"])
     return {"blocks": blocks, "block_steps": block_steps,
             "step_ms_plain": plain_s * 1e3, "step_ms_timed": timed_s * 1e3,
-            "step_ms_plain_q20_q80": bench.p20_p80(block_s["plain"]),
-            "step_ms_timed_q20_q80": bench.p20_p80(block_s["timed"]),
+            "step_ms_plain_q20_q80": _timing.p20_p80(block_s["plain"], scale=1e3),
+            "step_ms_timed_q20_q80": _timing.p20_p80(block_s["timed"], scale=1e3),
             "overhead_ab": timed_s / plain_s - 1, "overhead_ms_per_step": (timed_s - plain_s) * 1e3,
             # what timed_steps itself reports (its marks, per step; on a GPU between CUDA events)
-            "reported_step_ms": med(reported), "reported_step_ms_q20_q80": bench.p20_p80(reported, scale=1.0),
+            "reported_step_ms": med(reported), "reported_step_ms_q20_q80": _timing.p20_p80(reported),
             "reported_phases_ms": {name: med(v) for name, v in phases.items()},
             "block_ms_plain": [t * 1e3 for t in block_s["plain"]],
             "block_ms_timed": [t * 1e3 for t in block_s["timed"]]}
@@ -206,7 +205,7 @@ def default_variants(device: torch.device):
 
 
 def _fmt(value, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+    return fmt(value, spec) if finite(value) is not None else "-"
 
 
 def _pct(value, spec: str) -> str:
@@ -291,7 +290,7 @@ def main(argv=None) -> int:
     requested = (default_variants(device) if args.variants is None else
                  None if args.variants == "default" else args.variants)
     log = (lambda line: print(f"  profile: {line}", file=sys.stderr, flush=True)) if args.verbose else None
-    console = bench.make_console()
+    console = _cli.make_console()
 
     start = time.perf_counter()
     tiny = bookkeeping(device, TINY_BLOCKS, TINY_BLOCK_STEPS)
@@ -309,12 +308,12 @@ def main(argv=None) -> int:
                       f"{pr['recommended']} {_fmt(pr['speedup'], '.2f')}x ("
                       + ("no confirmation" if pr["confirmed_speedup"] is None else
                          f"confirmed {pr['confirmed_speedup']:.2f}x") + ")", highlight=False)
-    record = {**bench.record_header("bench_profile", device), "variants_requested": requested, "wall_s": time.perf_counter() - start, "bookkeeping": tiny,
-              "rows": rows}
-    record = jsonable(record)  # strict JSON: NaN and inf become null
+    record = {**_env.record_header("bench_profile", device), "variants_requested": requested,
+              "wall_s": time.perf_counter() - start, "bookkeeping": tiny, "rows": rows}
+    record = _io.jsonable(record)  # strict JSON: NaN and inf become null
     print_tables(record, console)
     if args.json:
-        bench.write_json_atomic(args.json, record)
+        _io.write_json_atomic(args.json, record)
         print(f"wrote {args.json}")
     return 0
 

@@ -9,7 +9,8 @@ import shlex
 
 import pytest
 
-from cnnperf import bench
+from cnnperf._cli import UsageError
+from cnnperf.benchmarks import conv as bench
 
 
 def pytest_addoption(parser):
@@ -25,7 +26,7 @@ def _config(config) -> bench.Config:
     try:
         args = bench.build_parser().parse_args(shlex.split(config.getoption("--bench-args")))
         return bench.resolve_config(args)
-    except bench.UsageError as e:
+    except UsageError as e:
         raise pytest.UsageError(f"--bench-args: {e}") from None
 
 

@@ -178,7 +178,7 @@ EOF
 # cnnperf.kernels is mapped from the top-level kernels/ folder by the package metadata, so PYTHONPATH alone
 # cannot import it: an editable install can, with no dependencies, no index and no build environment.
 step install 60 120 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
-step import 60 90 "$PY" -c 'import cnnperf, cnnperf.bench, cnnperf.kernels.conv_bias_relu as k
+step import 60 90 "$PY" -c 'import cnnperf, cnnperf.benchmarks.conv, cnnperf.kernels.conv_bias_relu as k
 print("cnnperf", cnnperf.__version__, "kernels from", k.__file__)'
 if [[ $(tail -n 1 "$STEPS" | cut -f2) != 0 ]]; then
     echo "=== gpu_check: cnnperf does not import; the other steps would all fail the same way"

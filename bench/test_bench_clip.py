@@ -15,7 +15,10 @@ import shlex
 
 import pytest
 
-from cnnperf import bench, bench_clip
+from cnnperf._cli import UsageError
+from cnnperf._env import device_name, versions
+from cnnperf._timing import synchronize
+from cnnperf.benchmarks import clip as bench_clip
 
 _CONFIG = []
 _GRADS = {}  # the gradients of the last (dtype, case): the variants of one case run one after another
@@ -26,7 +29,7 @@ def _config() -> bench_clip.Config:
         text = os.environ.get("CNNPERF_BENCH_CLIP_ARGS", "")
         try:
             _CONFIG.append(bench_clip.resolve_config(bench_clip.build_parser().parse_args(shlex.split(text))))
-        except bench.UsageError as e:
+        except UsageError as e:
             raise pytest.UsageError(f"CNNPERF_BENCH_CLIP_ARGS: {e}") from None
     return _CONFIG[0]
 
@@ -53,7 +56,7 @@ def test_clip_grad_norm(benchmark, bench_rounds, clip_case):
     case = bench_clip.make_case(case_name)
     grads = _grads(dtype, case_name)
     fn = bench_clip.make_variant(variant, cfg.backend)
-    info = {"device": bench.device_name(cfg.device), "versions": bench.versions(), "dtype": dtype,
+    info = {"device": device_name(cfg.device), "versions": versions(), "dtype": dtype,
             "case": case_name, "variant": variant, "tensors": case.tensors, "elements": case.elements,
             "grad_bytes": case.grad_bytes(dtype), "max_norm": grads.max_norm, "clip_coef": grads.clip_coef}
     if variant != "torch":
@@ -62,11 +65,11 @@ def test_clip_grad_norm(benchmark, bench_rounds, clip_case):
 
     def restore():
         grads.restore()
-        bench.synchronize(cfg.device)
+        synchronize(cfg.device)
 
     def timed():
         fn(grads.params, grads.max_norm)
-        bench.synchronize(cfg.device)
+        synchronize(cfg.device)
 
     restore()
     timed()  # compiles the Triton kernels, caches cnnperf's device table

@@ -6,7 +6,8 @@ call ends with a device synchronisation; ``cnnperf bench`` (CUDA events through 
 for GPU numbers, this is for pytest-benchmark's comparison and history tooling.
 """
 
-from cnnperf import bench
+from cnnperf._timing import synchronize
+from cnnperf.benchmarks import conv as bench
 
 
 def test_conv_bias_relu(benchmark, bench_config, bench_rounds, bench_case):
@@ -23,7 +24,7 @@ def test_conv_bias_relu(benchmark, bench_config, bench_rounds, bench_case):
 
     def timed():
         call()
-        bench.synchronize(cfg.device)
+        synchronize(cfg.device)
 
     timed()  # compiles (torch.compile, Triton autotuning) outside the measurement
     setup = (lambda: bench.clear_grads(sets)) if pass_ == "fwdbwd" else None

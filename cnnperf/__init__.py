@@ -11,10 +11,10 @@
 """
 
 from cnnperf import backend, functional, nn
-from cnnperf.fuse import FuseReport, fuse
+from cnnperf._version import __version__
+from cnnperf.fusion import FuseReport, fuse
 from cnnperf.ops.grad_norm import GradNorms, clip_grad_norm_, grad_norms
 from cnnperf.profiler import Optimized, ProfileResult, optimize, profile
 
-__version__ = "0.1.0"
 __all__ = ["backend", "functional", "nn", "fuse", "FuseReport", "clip_grad_norm_", "grad_norms", "GradNorms",
            "profile", "optimize", "ProfileResult", "Optimized", "__version__"]

@@ -22,8 +22,8 @@ pipelines them with ``cp.async``, and registers and shared memory are not what t
 ``--generic-ints`` audits the other specialization, with no int divisible by 16 (a first layer with 3 input
 channels); it is much slower to compile, because most GEMM configs spill there.
 
-**Cost** on the 2-core CI machine (126 rows, ``--jobs 2``): 3.5 to 5.5 min with an empty Triton cache, about
-10 s when nothing changed (compiles and cubin inspections both come from the cache).
+**Cost**: one compile per row; a re-run with nothing changed takes seconds (compiles and cubin inspections both
+come from the cache).
 
 **Why compiles run in worker processes.** ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` on machines
 without a GPU, and Triton reads the flag when ``@triton.jit`` runs: in such a process the kernels are
@@ -34,7 +34,7 @@ with ``TRITON_INTERPRET=0`` in its environment, before it imports anything; the 
 lists. Workers are plain subprocesses fed one job a line, not a ``multiprocessing`` pool: nothing depends on
 the caller's ``__main__`` (spawn would re-run it), and a worker that crashes fails one row and is replaced.
 The same path serves ``--jobs 1`` and ``--jobs N``, tests and CI. Each worker imports torch once (``cnnperf``
-does), about 7 s on the 2-core CI machine. Triton caches compiles in ``~/.triton/cache`` (or ``TRITON_CACHE_DIR``); the
+does). Triton caches compiles in ``~/.triton/cache`` (or ``TRITON_CACHE_DIR``); the
 audit keeps its cubin inspection there too, so a re-run with nothing changed takes seconds.
 """
 
@@ -66,7 +66,6 @@ DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # torch nam
 # The "dtype" of a kernel whose argument types are all fixed (e.g. it reads each tensor's dtype at run time):
 # compiled once, and kept by every --dtype filter.
 ANY_DTYPE = "any"
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -577,29 +576,13 @@ def summary_line(s: Mapping[str, Any]) -> str:
             f"max {s['max_registers']} registers")
 
 
-def _versions() -> dict[str, str]:
-    import triton
-
-    return {"triton": triton.__version__, "python": sys.version.split()[0]}
-
-
 def write_json(path: str, rows: Sequence[Row], summary_: Mapping[str, Any]) -> None:
-    """Write the rows and the summary to ``path`` atomically (a temporary file in the same folder, renamed)."""
-    payload = {"versions": _versions(), "summary": dict(summary_),
-               "rows": [{**dataclasses.asdict(r), "ok": r.ok} for r in rows]}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".audit-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the versions, the summary and the rows to ``path`` as JSON, atomically."""
+    from cnnperf._env import versions
+    from cnnperf._io import write_json_atomic
+
+    write_json_atomic(path, {"versions": versions(), "summary": dict(summary_),
+                             "rows": [{**dataclasses.asdict(r), "ok": r.ok} for r in rows]})
 
 
 def render(rows: Sequence[Row], console, specialization: str = "") -> None:
@@ -629,9 +612,10 @@ def render(rows: Sequence[Row], console, specialization: str = "") -> None:
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from cnnperf.bench import cpu_count
+    from cnnperf import _cli
+    from cnnperf._env import cpu_count
 
-    parser = argparse.ArgumentParser(
+    parser = _cli.Parser(
         prog="cnnperf audit",
         description="Compile every Triton kernel in every config ahead of time for sm_80/sm_90 (no GPU needed) "
                     "and check registers, spills, shared memory and tensor-core instructions. Exit status 1 on "
@@ -639,35 +623,28 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "tensor-core instructions.")
     parser.add_argument("--arch", choices=("80", "90", "both"), default="both", help="target (default: both)")
     parser.add_argument("--kernel", metavar="NAME", help="only kernels whose name contains NAME")
-    parser.add_argument("--dtype", metavar="DTYPE",
+    parser.add_argument("--dtype", metavar="DTYPE", type=_cli.dtype_name(DTYPES),
                         help="only this dtype: float16/fp16, bfloat16/bf16, float32/fp32 (kernels compiled once "
                              f"for every dtype, shown as {ANY_DTYPE!r}, are kept)")
     parser.add_argument("--config", metavar="TEXT", help="only configs whose label contains TEXT, e.g. '64x64x32'")
-    parser.add_argument("--jobs", "-j", type=int, default=cpu_count(),
+    parser.add_argument("--jobs", "-j", type=_cli.positive_int, default=cpu_count(),
                         help="compile in N worker processes (default: the CPUs available, %(default)s here)")
     parser.add_argument("--json", metavar="PATH", help="also write the table and summary as JSON (atomically)")
     parser.add_argument("--sass-dir", metavar="DIR", help="keep each cubin and its SASS listing in DIR")
     parser.add_argument("--generic-ints", action="store_true",
                         help="audit the specialization for channel counts and strides that are not multiples of "
                              "16 (e.g. a first layer with 3 input channels) instead of the usual one")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.dtype is not None:
-        dtype = _DTYPE_ALIASES.get(args.dtype.lower(), args.dtype.lower())
-        if dtype not in DTYPES:
-            parser.error(f"--dtype must be one of {', '.join(DTYPES)} (or fp16, bf16, fp32), got {args.dtype!r}")
-        args.dtype = dtype
-    return args
+    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
 def _progress(total: int):
     """A progress bar on stderr when it is a terminal (a compile can take 10 s); nothing in CI logs."""
-    from rich.console import Console
     from rich.progress import Progress
 
-    console = Console(stderr=True)
+    from cnnperf._cli import make_console
+
+    console = make_console(stderr=True)
     if not console.is_terminal:
         yield None
         return
@@ -678,12 +655,15 @@ def _progress(total: int):
 
 def main(argv: Sequence[str] | None = None, *, kernels: Sequence[KernelAudit] = KERNELS) -> int:
     """Run the audit; ``kernels`` replaces the registry (tests audit synthetic entries through it)."""
-    from rich.console import Console
+    from cnnperf import _cli
 
-    args = _parse_args(sys.argv[1:] if argv is None else list(argv))
-    console = Console()
-    if not console.is_terminal:  # CI logs: no 80-column wrapping of the table
-        console = Console(width=max(console.width, 180))
+    return _cli.run("cnnperf audit", argv, _parse_args, lambda args: _audit(args, kernels))
+
+
+def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
+    from cnnperf._cli import make_console
+
+    console = make_console(width=180)  # CI logs: no 80-column wrapping of the table
     archs = tuple(ARCHS) if args.arch == "both" else (int(args.arch),)
     if args.sass_dir:
         os.makedirs(args.sass_dir, exist_ok=True)

@@ -8,12 +8,14 @@ import sys
 
 # subcommand -> (module with main(argv) -> int, one-line help)
 COMMANDS = {
-    "doctor": ("cnnperf.doctor.cli", "train a CNN, watch its gradients and curves, and say what is wrong and what to change"),
+    "doctor": ("cnnperf.doctor.cli", "train a CNN, watch its gradients and curves, and say what is wrong and what "
+                                     "to change"),
     "profile": ("cnnperf.profiler.cli", "measure AMP, channels_last, torch.compile, fused layers, loader workers on "
                                         "one model, recommend the fastest sound set"),
     "audit": ("cnnperf.audit", "compile every Triton kernel for sm_80/sm_90 and check registers, spills, smem"),
-    "bench": ("cnnperf.bench", "benchmark the fused conv layers against eager PyTorch and torch.compile"),
-    "bench-clip": ("cnnperf.bench_clip", "benchmark the fused gradient norm + clip against torch's clip_grad_norm_"),
+    "bench": ("cnnperf.benchmarks.conv", "benchmark the fused conv layers against eager PyTorch and torch.compile"),
+    "bench-clip": ("cnnperf.benchmarks.clip", "benchmark the fused gradient norm + clip against torch's "
+                                              "clip_grad_norm_"),
 }
 
 

@@ -1,10 +1,8 @@
-"""What the doctor's and the profiler's reports share: strict JSON, lenient readers of a record, number
-formatting, the HTML page's style, and plots drawn on Agg figures.
+"""What the doctor's and the profiler's reports share: reading a record that may miss any part, the HTML
+page's style, and plots drawn on Agg figures. (Numbers are formatted by :mod:`cnnperf._format`, files written
+by :mod:`cnnperf._io`.)
 
-- :func:`jsonable` / :func:`write_json_atomic`: a record as strict JSON (NaN and inf become null), atomically.
-- :func:`section`, :func:`num`, :func:`int_or_none`, :func:`text`: read a record that may miss any part
-  (a run stopped by Ctrl-C) without failing; :func:`fmt`, :func:`pct`, :func:`duration`, :func:`plural`
-  format what was found.
+- :func:`section`: a part of a record that may be missing (a run stopped by Ctrl-C), as a dict.
 - :data:`CSS`, :func:`escape`, :func:`html_plot` (a titled figure, or a note where :class:`Skip` was raised),
   :func:`figure`, :func:`png_base64`: the pieces of a self-contained HTML report. Figures are
   :class:`matplotlib.figure.Figure` objects printed by the Agg canvas, never pyplot, so the user's interactive
@@ -14,43 +12,11 @@ formatting, the HTML page's style, and plots drawn on Agg figures.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
-import math
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
-from cnnperf import bench
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with every NaN/inf float replaced by None, tuples by lists, numpy/torch scalars and arrays by
-    Python numbers and lists, paths by strings; anything else json cannot write is left for json to reject."""
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, float):  # numpy.float64 too: it subclasses float
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): jsonable(v)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy scalar or array, torch tensor (0-d gives a Python number)
-        return jsonable(obj.tolist())
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, record: Mapping) -> None:
-    """Write ``jsonable(record)`` to ``path`` as strict JSON (``allow_nan=False``, indent 1), atomically.
-
-    The writing itself is :func:`cnnperf.bench.write_json_atomic`: a temporary file in the same directory,
-    fsync, ``os.replace``; the temporary file is removed on any error.
-    """
-    bench.write_json_atomic(Path(path), jsonable(record))
+from cnnperf._format import text
 
 
 def section(record: Mapping, *keys: str) -> Mapping:
@@ -58,64 +24,6 @@ def section(record: Mapping, *keys: str) -> Mapping:
     for key in keys:
         record = record.get(key) if isinstance(record, Mapping) else None
     return record if isinstance(record, Mapping) else {}
-
-
-def num(x: Any) -> float:
-    """A number as a float (NaN stays NaN); None or anything not a number is NaN."""
-    if isinstance(x, bool) or x is None:
-        return math.nan
-    if isinstance(x, (int, float)):
-        return float(x)
-    if hasattr(x, "item"):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(x.item())
-    return math.nan
-
-
-def int_or_none(x: Any) -> int | None:
-    """:func:`num` as an int; None where it is not a finite number."""
-    value = num(x)
-    return int(value) if math.isfinite(value) else None
-
-
-def text(x: Any, missing: str = "?") -> str:
-    """``str(x)``, or ``missing`` for None."""
-    return missing if x is None else str(x)
-
-
-def fmt(x: Any, spec: str = ".4g", missing: str = "-") -> str:
-    """A number formatted with ``spec``; ``missing`` for None or a non-number, "nan"/"inf" as such."""
-    if x is None:
-        return missing
-    value = num(x)
-    if math.isnan(value):
-        return "nan" if isinstance(x, float) or hasattr(x, "item") else missing
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
-
-
-def pct(x: Any) -> str:
-    """A fraction (0..1) as "12.3 %"."""
-    value = num(x)
-    return f"{100 * value:.1f} %" if math.isfinite(value) else fmt(x)
-
-
-def duration(seconds: Any) -> str:
-    """Seconds as "12.3 s", "2 min 05 s" or "1 h 02 min"; "?" for a non-number."""
-    s = num(seconds)
-    if not math.isfinite(s):
-        return "?"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
-def plural(n: int, word: str) -> str:
-    """"1 epoch", "2 epochs"."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 class Skip(Exception):

@@ -26,6 +26,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from cnnperf import audit, cli  # noqa: E402
+from cnnperf._cli import UsageError  # noqa: E402
 
 FWD = "_conv_bias_relu_fwd_kernel"
 
@@ -149,7 +150,7 @@ def test_no_matching_kernel_is_a_usage_error(capsys):
 
 def test_dtype_aliases():
     assert audit._parse_args(["--dtype", "bf16"]).dtype == "bfloat16"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--dtype.*int8"):
         audit._parse_args(["--dtype", "int8"])
 
 

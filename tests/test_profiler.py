@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 
 import numpy
@@ -23,13 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import cnnperf
-from cnnperf.profiler import core
-from cnnperf.profiler.core import MIN_GAIN, ProfileError, ProfileInterrupted, ProfileResult, recommend
-from cnnperf.profiler.variants import TOLERANCES, VariantError, parse_variant, variant_name
+from cnnperf import fusion as fuse_module
+from cnnperf._io import jsonable
+from cnnperf.profiler import core, sweep
+from cnnperf.profiler.core import ProfileError, ProfileInterrupted, ProfileResult
+from cnnperf.profiler.policy import MIN_GAIN, recommend
+from cnnperf.profiler.variants import CHECK_BOUNDS, VariantError, parse_variant, variant_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-fuse_module = sys.modules["cnnperf.fuse"]  # the package's attribute ``cnnperf.fuse`` is the function
 BATCH = 8
 PHASES = {"data", "forward", "backward", "optimizer"}
 QUICK = dict(steps=3, warmup=1, batch_sizes=None, top_ops=False)  # the shortest run that still has a median
@@ -161,10 +162,6 @@ def snapshot(obj) -> object:
 
 
 def strict_json(record: dict) -> str:
-    try:
-        from cnnperf.profiler.report import jsonable
-    except ImportError:  # the renderers are written in parallel; the contract is the same
-        from cnnperf.doctor.report import jsonable
     return json.dumps(jsonable(record), allow_nan=False)
 
 
@@ -382,8 +379,8 @@ def test_failing_variant_is_reported_and_skipped(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 def _check(passed: bool = True, precision: str = "float32", grad_err: float = 1e-6) -> dict:
-    tol = TOLERANCES[precision]
-    return {"passed": passed, "loss_err": 0.0, "grad_err": grad_err, "loss_tol": tol.loss, "grad_tol": tol.grad,
+    bound = CHECK_BOUNDS[precision]
+    return {"passed": passed, "loss_err": 0.0, "grad_err": grad_err, "loss_tol": bound.loss, "grad_tol": bound.grad,
             "worst_param": "0.weight", "steps": 2, "precision": precision}
 
 
@@ -502,14 +499,14 @@ def test_wrong_gradients_fail_the_check(monkeypatch):
     assert check["loss_err"] == 0.0  # the forward pass is right
     assert check["grad_err"] == pytest.approx(1.0, rel=1e-6)  # ||2g - g|| / ||g||
     assert check["worst_param"] in dict(TinyNet().named_parameters())
-    assert (check["precision"], check["grad_tol"]) == ("float32", TOLERANCES["float32"].grad)
+    assert (check["precision"], check["grad_tol"]) == ("float32", CHECK_BOUNDS["float32"].grad)
     assert result.recommended != "fuse"
     assert not_chosen(result, "fuse").startswith(
-        f"numerically off: gradient error 1 > {TOLERANCES['float32'].grad:g}")
+        f"numerically off: gradient error 1 > {CHECK_BOUNDS['float32'].grad:g}")
     bf16 = result.row("bf16")["check"]
     assert bf16["passed"] and bf16["precision"] == "bfloat16"
-    assert (bf16["grad_tol"], bf16["loss_tol"]) == (TOLERANCES["bfloat16"].grad, TOLERANCES["bfloat16"].loss)
-    assert 0 < bf16["grad_err"] < TOLERANCES["bfloat16"].grad  # bfloat16 rounding is seen, and tolerated
+    assert (bf16["grad_tol"], bf16["loss_tol"]) == (CHECK_BOUNDS["bfloat16"].grad, CHECK_BOUNDS["bfloat16"].loss)
+    assert 0 < bf16["grad_err"] < CHECK_BOUNDS["bfloat16"].grad  # bfloat16 rounding is seen, and tolerated
 
 
 def test_channels_last_check_with_spatial_dropout():
@@ -546,7 +543,7 @@ def test_batch_size_sweep_auto_stops():
     assert all(r["status"] == "ok" for r in rows)
     if len(sizes) < 4:  # stopped early: the last two doublings each gained less than SWEEP_FLAT_GAIN
         rates = [r["images_per_s"] for r in rows]
-        assert all(b < a * (1 + core.SWEEP_FLAT_GAIN) for a, b in zip(rates[-3:], rates[-2:]))
+        assert all(b < a * (1 + sweep.SWEEP_FLAT_GAIN) for a, b in zip(rates[-3:], rates[-2:]))
 
 
 def test_batch_size_sweep_stops_at_oom():

@@ -45,8 +45,9 @@ def _worker(rank, port, results):
     # A rank that dies makes mp.spawn end the other; the timeout bounds any collective that waits for it anyway.
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
-        import cnnperf
         from torch.nn.parallel import DistributedDataParallel
+
+        import cnnperf
 
         model = DistributedDataParallel(_tiny_cnn())
         before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@
 
 from cnnperf.doctor.findings import KINDS, SEVERITIES, Finding, diagnose, early_stopping
 from cnnperf.doctor.monitor import Doctor, Report
-from cnnperf.doctor.train import classification_metrics, evaluate, fit, lr_range_test, make_optimizer
+from cnnperf.doctor.train import classification_metrics, fit, lr_range_test
 
 __all__ = ["Doctor", "Report", "Finding", "KINDS", "SEVERITIES", "diagnose", "early_stopping", "fit",
-           "lr_range_test", "make_optimizer", "evaluate", "classification_metrics"]
+           "lr_range_test", "classification_metrics"]

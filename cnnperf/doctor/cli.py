@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
 
-from cnnperf.bench import Parser, UsageError  # argparse errors as one line, exit status 2
+from cnnperf import _cli
+from cnnperf._cli import UsageError
 
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 64
@@ -29,113 +29,84 @@ DEFAULT_OUT = "doctor-out"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cnnperf.doctor.data import DATASETS
-    from cnnperf.doctor.models import MODELS
-    from cnnperf.doctor.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SCHEDULES
+    from cnnperf.zoo.data import DATASETS
+    from cnnperf.zoo.models import MODELS
+    from cnnperf.zoo.optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SCHEDULES
 
-    p = Parser(prog="cnnperf doctor",
-               description="Train a CNN while watching its gradients, activations, data and curves; then report "
-                           "what is wrong, with the evidence, and what to change.")
+    p = _cli.Parser(prog="cnnperf doctor",
+                    description="Train a CNN while watching its gradients, activations, data and curves; then "
+                                "report what is wrong, with the evidence, and what to change.")
     p.add_argument("--model", default="convnet", choices=MODELS, help="the model (default: %(default)s)")
     p.add_argument("--data", default="digits", choices=DATASETS,
                    help="the data set (default: %(default)s, scikit-learn's 8x8 digits resized to 28x28)")
     p.add_argument("--data-root", metavar="DIR", help="where MNIST/CIFAR-10 are, or the image folder")
     p.add_argument("--download", action="store_true", help="download MNIST/CIFAR-10 into --data-root")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs to train (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="batch size (default: %(default)s)")
+    p.add_argument("--epochs", type=_cli.positive_int, default=DEFAULT_EPOCHS,
+                   help="epochs to train (default: %(default)s)")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="batch size (default: %(default)s)")
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZERS,
                    help="optimizer (default: %(default)s; SGD has Nesterov momentum 0.9)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_cli.positive_float, default=None,
                    help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=_cli.nonnegative_float, default=None,
                    help="weight decay (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items())
                         + ")")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
                    help="lr schedule: cosine (5%% linear warm-up, then cosine to 0; the default) or constant")
-    p.add_argument("--clip", type=float, default=None, metavar="MAX_NORM",
+    p.add_argument("--clip", type=_cli.positive_float, default=None, metavar="MAX_NORM",
                    help="clip the total gradient norm to this (cnnperf.clip_grad_norm_; default: no clipping)")
     p.add_argument("--augment", action="store_true", help="augment the training images")
     p.add_argument("--find-lr", action="store_true",
                    help="run the LR range test first (on copies of the model and optimizer) and report its suggestion")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", type=_cli.device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
-    p.add_argument("--sample-every", type=int, default=10,
+    p.add_argument("--workers", type=_cli.nonnegative_int, default=0,
+                   help="DataLoader worker processes (default: %(default)s)")
+    p.add_argument("--sample-every", type=_cli.positive_int, default=10,
                    help="per-layer statistics every N steps (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help="where doctor.json and report.html go (default: ./%(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary, only the verdict line")
-    p.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)  # tests: batches per epoch
+    p.add_argument("--limit-batches", type=_cli.positive_int, default=None,
+                   help=argparse.SUPPRESS)  # tests: batches per epoch
     return p
 
 
-def _check(args) -> None:
-    """Argument checks argparse's types cannot do; raises UsageError naming the option."""
-    if args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr must be a positive number, got {args.lr:g}")
-    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise UsageError(f"--weight-decay must be a non-negative number, got {args.weight_decay:g}")
-    if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
-        raise UsageError(f"--clip must be a positive number, got {args.clip:g}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    if args.sample_every < 1:
-        raise UsageError(f"--sample-every must be at least 1, got {args.sample_every}")
-    if args.limit_batches is not None and args.limit_batches < 1:
-        raise UsageError(f"--limit-batches must be at least 1, got {args.limit_batches}")
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked: UsageError naming the option for anything that cannot run."""
+    args = build_parser().parse_args(argv)
+    # The one check that needs two options: a data root to download into need not exist yet.
     if args.data_root is not None and not args.download and not Path(args.data_root).expanduser().is_dir():
         raise UsageError(f"--data-root {args.data_root} is not a directory"
                          + ("" if args.data in ("digits", "fake", "imagefolder") else
                             f" (add --download to fetch {args.data} into it)"))
-
-
-def _device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
-    return device
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        _check(args)
-        device = _device(args.device)
-    except UsageError as exc:
-        print(f"cnnperf doctor: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    return _run(args, device)
+    return _cli.run("cnnperf doctor", argv, parse, lambda args: _run(args, args.device))
 
 
 def _run(args, device) -> int:
     import torch
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
+    from cnnperf._env import cpu_count
     from cnnperf.doctor import report as reports
-    from cnnperf.doctor.data import DataError, load_data
-    from cnnperf.doctor.models import ModelError, build_model
     from cnnperf.doctor.monitor import Doctor
-    from cnnperf.doctor.train import (DEFAULT_LR, DEFAULT_WEIGHT_DECAY, FitState, classification_metrics,
-                                      describe_row, fit, lr_range_test, make_optimizer, make_scheduler)
+    from cnnperf.doctor.train import FitState, classification_metrics, describe_row, fit, lr_range_test
+    from cnnperf.zoo.data import DataError, load_data
+    from cnnperf.zoo.models import ModelError, build_model
+    from cnnperf.zoo.optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scheduler
 
     started = _dt.datetime.now(_dt.timezone.utc)
     clock = time.perf_counter()
@@ -220,7 +191,7 @@ def _run(args, device) -> int:
            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "interrupted": interrupted, "seconds": time.perf_counter() - clock, "parameters": parameters,
            "train_size": bundle.train_size, "val_size": bundle.val_size, "weight_decay": weight_decay,
-           "num_classes": bundle.num_classes, "num_workers": args.workers, "cpu_count": os.cpu_count(),
+           "num_classes": bundle.num_classes, "num_workers": args.workers, "cpu_count": cpu_count(),
            "stop_reason": state.stop_reason, "limit_batches": args.limit_batches}
     findings, record = doctor.report(run, metrics=metrics, lr_finder=finder)
     paths = reports.write_reports(record, out, console=None if quiet else console)

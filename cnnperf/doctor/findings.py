@@ -17,6 +17,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from cnnperf._format import finite as _finite
+
 KINDS = ("overfitting", "underfitting", "vanishing_gradients", "exploding_gradients", "nonfinite_gradients",
          "dead_relu", "diverging_loss", "softmax_before_cross_entropy", "unnormalized_input", "lr_too_low",
          "slow_data_loading")
@@ -180,13 +182,13 @@ def early_stopping(epochs: Sequence[Mapping], patience: int = EARLY_STOP_PATIENC
     ``patience`` epochs without a new best (it would have kept the weights of :func:`best_before` it); None if
     that never happened. Both None without validation losses.
     """
-    with_val = [r for r in epochs if _num(r.get("val_loss")) is not None]
+    with_val = [r for r in epochs if _finite(r.get("val_loss")) is not None]
     if not with_val:
         return None, None
-    best_epoch = int(min(with_val, key=lambda r: _num(r["val_loss"]))["epoch"])
+    best_epoch = int(min(with_val, key=lambda r: _finite(r["val_loss"]))["epoch"])
     best, wait, seen = math.inf, 0, False
     for row in epochs:
-        loss = _num(row.get("val_loss"))
+        loss = _finite(row.get("val_loss"))
         if loss is not None and loss < best:
             best, wait, seen = loss, 0, True
         elif seen:
@@ -198,8 +200,8 @@ def early_stopping(epochs: Sequence[Mapping], patience: int = EARLY_STOP_PATIENC
 
 def best_before(epochs: Sequence[Mapping], epoch: int) -> int | None:
     """The epoch with the lowest validation loss up to ``epoch`` (what early stopping there would keep)."""
-    rows = [r for r in epochs if _num(r.get("val_loss")) is not None and int(r["epoch"]) <= epoch]
-    return int(min(rows, key=lambda r: _num(r["val_loss"]))["epoch"]) if rows else None
+    rows = [r for r in epochs if _finite(r.get("val_loss")) is not None and int(r["epoch"]) <= epoch]
+    return int(min(rows, key=lambda r: _finite(r["val_loss"]))["epoch"]) if rows else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,13 +212,13 @@ def detect_nonfinite_gradients(history: Mapping, run: Mapping) -> Finding | None
     """Any step whose total gradient norm is NaN or inf (an error: the step poisons the weights)."""
     steps = _steps(history)
     norms = steps.get("grad_norm") or []
-    bad = [i for i, g in enumerate(norms) if _num(g) is None]
+    bad = [i for i, g in enumerate(norms) if _finite(g) is None]
     if not bad or len(norms) == 0:
         return None
     if run.get("grad_scaler"):  # a GradScaler skips such steps and lowers its scale: a few are its normal work
         tail = norms[-NONFINITE_SCALER_TAIL:]
         if (len(bad) <= NONFINITE_SCALER_FRACTION * len(norms)
-                and not (len(tail) == NONFINITE_SCALER_TAIL and all(_num(g) is None for g in tail))):
+                and not (len(tail) == NONFINITE_SCALER_TAIL and all(_finite(g) is None for g in tail))):
             return None
     step_ids, epochs = steps.get("step") or list(range(1, len(norms) + 1)), steps.get("epoch") or []
     first = bad[0]
@@ -224,8 +226,8 @@ def detect_nonfinite_gradients(history: Mapping, run: Mapping) -> Finding | None
     first_epoch = epochs[first] if first < len(epochs) else None
     layers = _first_nonfinite_layers(history, first_step)
     losses = steps.get("loss") or []
-    loss_first_bad = next((step_ids[i] for i, l in enumerate(losses) if _num(l) is None), None)
-    finite_before = [g for g in (_num(x) for x in norms[:first]) if g is not None]
+    loss_first_bad = next((step_ids[i] for i, loss in enumerate(losses) if _finite(loss) is None), None)
+    finite_before = [g for g in (_finite(x) for x in norms[:first]) if g is not None]
     evidence = (f"The total gradient norm was NaN or inf on {len(bad)} of {len(norms)} steps, first at step "
                 f"{first_step}{_in_epoch(first_epoch)}")
     evidence += (f", after reaching {_g(max(finite_before))} (median before: {_g(statistics.median(finite_before))})."
@@ -234,7 +236,7 @@ def detect_nonfinite_gradients(history: Mapping, run: Mapping) -> Finding | None
         evidence += f" The first sampled step with a non-finite layer norm shows it in {_names(layers)}."
     if loss_first_bad is not None:
         evidence += f" The loss itself became non-finite at step {loss_first_bad}."
-    lr = _num(run.get("lr"))
+    lr = _finite(run.get("lr"))
     advice = [f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}." if lr else
               "Lower the learning rate 10x: an lr that makes the loss blow up is the usual cause.",
               "Clip the gradient norm (--clip 1.0, or cnnperf.clip_grad_norm_(model.parameters(), 1.0) after "
@@ -250,7 +252,7 @@ def detect_nonfinite_gradients(history: Mapping, run: Mapping) -> Finding | None
 def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None:
     """Total-norm spikes: steps more than :data:`EXPLODING_SPIKE` times the median of the steps around them."""
     steps = _steps(history)
-    norms = [_num(g) for g in steps.get("grad_norm") or []]
+    norms = [_finite(g) for g in steps.get("grad_norm") or []]
     step_ids = steps.get("step") or list(range(1, len(norms) + 1))
     finite = [(i, g) for i, g in enumerate(norms) if g is not None]
     spikes = []
@@ -272,11 +274,11 @@ def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None
                 f"{EXPLODING_SPIKE:g}x the median of the {EXPLODING_WINDOW} steps before and after it; the worst, step "
                 f"{worst['step']}, reached {_g(worst['norm'])}, {_g(worst['ratio'])}x its running median "
                 f"({_g(worst['running_median'])}).")
-    clip = _num(run.get("clip"))
+    clip = _finite(run.get("clip"))
     if clip:
         evidence += (f" Gradients were clipped at {_g(clip)}, so these steps moved the weights by at most that "
                      "norm (the doctor reads the norms before clipping).")
-    lr = _num(run.get("lr"))
+    lr = _finite(run.get("lr"))
     advice = []
     if not clip:
         advice.append("Clip the gradient norm (--clip 1.0, or cnnperf.clip_grad_norm_(model.parameters(), 1.0) "
@@ -306,10 +308,10 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     early, late = hidden[:k], hidden[-k:]
     ratios = []
     for row in rows:
-        e = _median([_num(row[i]) for i in early if i < len(row)])
-        l = _median([_num(row[i]) for i in late if i < len(row)])
-        if e is not None and l is not None and l > 0:
-            ratios.append((e / l, e, l))
+        early_ratio = _median([_finite(row[i]) for i in early if i < len(row)])
+        late_ratio = _median([_finite(row[i]) for i in late if i < len(row)])
+        if early_ratio is not None and late_ratio is not None and late_ratio > 0:
+            ratios.append((early_ratio / late_ratio, early_ratio, late_ratio))
     if len(ratios) < MIN_SAMPLED_STEPS:
         return None
     low = [r for r in ratios if r[0] <= VANISHING_RATIO]
@@ -318,7 +320,7 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     ratio = statistics.median(r[0] for r in ratios)
     e_med = statistics.median(r[1] for r in ratios)
     l_med = statistics.median(r[2] for r in ratios)
-    per_layer = {names[i]: _median([_num(row[i]) for row in rows if i < len(row)]) for i in weight_idx}
+    per_layer = {names[i]: _median([_finite(row[i]) for row in rows if i < len(row)]) for i in weight_idx}
     evidence = (f"On {len(low)} of {len(ratios)} sampled steps the first layers' gradient-to-weight ratio "
                 f"({_names([names[i] for i in early])}: median {_g(e_med)}) was {_g(1 / VANISHING_RATIO)}x or more "
                 f"below the last hidden layers' ({_names([names[i] for i in late])}: median {_g(l_med)}); the median "
@@ -352,9 +354,9 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
     late = rows[int(len(rows) * (1 - DEAD_RELU_LATE_FRACTION)):] or rows[-1:]
     dead = {}
     for i, name in enumerate(names):
-        value = _median([_num(r[i]) for r in late if i < len(r)])
+        value = _median([_finite(r[i]) for r in late if i < len(r)])
         if value is not None and value >= DEAD_RELU_WARNING:
-            first = _median([_num(r[i]) for r in rows[:1] if i < len(r)])
+            first = _median([_finite(r[i]) for r in rows[:1] if i < len(r)])
             dead[name] = {"dead_fraction": value, "first_sample": first}
     if not dead:
         return None
@@ -368,7 +370,7 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
         evidence += "Nothing passes through such a layer, so no layer before it gets a gradient. "
     evidence += ("They were dead from the first step: the initialisation (or a bias) keeps their input negative."
                  if from_start else "They died during training, the mark of steps too large for them.")
-    lr = _num(run.get("lr"))
+    lr = _finite(run.get("lr"))
     lower = f"Lower the learning rate (now {_g(lr)}), e.g. to {_g(lr / 10)}." if lr else "Lower the learning rate 10x."
     init = ("Check the initialisation of the layers before these ReLUs: default or Kaiming init and zero biases "
             "(a large negative bias, or weights loaded wrong, keeps every unit off).")
@@ -395,14 +397,14 @@ def detect_diverging_loss(history: Mapping, run: Mapping) -> Finding | None:
         return None
     step_ids = steps.get("step") or list(range(1, len(raw) + 1))
     epochs = steps.get("epoch") or []
-    losses = [_num(l) for l in raw]
-    bad = next((i for i, l in enumerate(losses) if l is None), None)
-    finite = [(i, l) for i, l in enumerate(losses[:bad] if bad is not None else losses) if l is not None]
+    losses = [_finite(loss) for loss in raw]
+    bad = next((i for i, loss in enumerate(losses) if loss is None), None)
+    finite = [(i, loss) for i, loss in enumerate(losses[:bad] if bad is not None else losses) if loss is not None]
     start = finite[0][1] if finite else None
-    smooth = _window_medians([l for _, l in finite])
+    smooth = _window_medians([loss for _, loss in finite])
     peak_at = max(range(len(smooth)), key=lambda j: smooth[j]) if smooth else None
     peak = smooth[peak_at] if smooth else None
-    lr = _num(run.get("lr"))
+    lr = _finite(run.get("lr"))
     lower = (f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}, or run the LR range test (--find-lr)."
              if lr else "Lower the learning rate 10x, or run the LR range test (--find-lr).")
     advice = [lower, "Clip the gradient norm (--clip 1.0) and warm the learning rate up over the first steps.",
@@ -414,11 +416,11 @@ def detect_diverging_loss(history: Mapping, run: Mapping) -> Finding | None:
         epoch = epochs[bad] if bad < len(epochs) else None
         evidence = f"The training loss became {_word(raw[bad])} at step {step}{_in_epoch(epoch)}"
         if finite:
-            top = max(l for _, l in finite)
+            top = max(loss for _, loss in finite)
             evidence += f", after going from {_g(start)} at the first step to as high as {_g(top)}."
         else:
             evidence += ", at the very first step: check the data and the loss for NaN."
-        data.update(nonfinite_step=step, max_finite_loss=max((l for _, l in finite), default=None))
+        data.update(nonfinite_step=step, max_finite_loss=max((loss for _, loss in finite), default=None))
         return Finding("diverging_loss", "error", f"The loss diverged: {_word(raw[bad])} at step {step}",
                        evidence, advice, data)
     if start is None or start <= 0 or len(smooth) < 2:
@@ -447,13 +449,14 @@ def detect_diverging_loss(history: Mapping, run: Mapping) -> Finding | None:
 def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
     """A flat loss while each step moves the weights by a tiny fraction of their norm (gradients present)."""
     steps = _steps(history)
-    losses = [l for l in (_num(x) for x in steps.get("loss") or []) if l is not None]
+    losses = [loss for loss in (_finite(x) for x in steps.get("loss") or []) if loss is not None]
     layers = history.get("layers") or {}
     weight_idx = _weight_layers(layers)
-    updates = [_median([_num(row[i]) for i in weight_idx if i < len(row)])
+    updates = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
                for row in layers.get("update_to_weight") or []]
     updates = [u for u in updates if u is not None]
-    grads = [_median([_num(row[i]) for i in weight_idx if i < len(row)]) for row in layers.get("grad_to_weight") or []]
+    grads = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
+             for row in layers.get("grad_to_weight") or []]
     grads = [g for g in grads if g is not None]
     if len(updates) < MIN_SAMPLED_STEPS or len(losses) < 2 * LOSS_WINDOW_MIN or not grads:
         return None
@@ -464,9 +467,9 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
     drop = (first - last) / first if first > 0 else 0.0
     if update >= LR_LOW_MAX_UPDATE or drop >= LR_LOW_MAX_DROP or grad <= LR_LOW_MIN_GRAD:
         return None
-    lr = _num(run.get("lr"))
+    lr = _finite(run.get("lr"))
     finder = run.get("lr_finder") or {}
-    suggested = _num(finder.get("suggested_lr")) if isinstance(finder, Mapping) else None
+    suggested = _finite(finder.get("suggested_lr")) if isinstance(finder, Mapping) else None
     evidence = (f"Over {len(losses)} steps the training loss went from {_g(first)} to {_g(last)} (median over {w} "
                 f"steps; {_pct(max(drop, 0.0))} lower), while each step changed the weights by a median "
                 f"{_g(update)} of their norm; healthy training moves them by about 1e-3 per step.")
@@ -499,19 +502,19 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
 def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     """Validation loss rising while the training loss falls, or a wide train/validation accuracy gap."""
     epochs = [e for e in history.get("epochs") or [] if isinstance(e, Mapping)]
-    with_val = [e for e in epochs if _num(e.get("val_loss")) is not None]
+    with_val = [e for e in epochs if _finite(e.get("val_loss")) is not None]
     if not with_val:
         return None
     best_epoch, stop_epoch = early_stopping(epochs)
     best = next(e for e in with_val if e["epoch"] == best_epoch)
     last = with_val[-1]
-    best_val, last_val = _num(best["val_loss"]), _num(last["val_loss"])
+    best_val, last_val = _finite(best["val_loss"]), _finite(last["val_loss"])
     after = sum(1 for e in with_val if e["epoch"] > best_epoch)
-    train_best, train_last = _num(best.get("train_loss")), _num(last.get("train_loss"))
+    train_best, train_last = _finite(best.get("train_loss")), _finite(last.get("train_loss"))
     rising = (after >= OVERFIT_MIN_EPOCHS_AFTER_BEST and last_val >= best_val * (1 + OVERFIT_VAL_RISE)
               and last_val - best_val >= OVERFIT_MIN_ABS_RISE
               and (train_best is None or train_last is None or train_last < train_best))
-    train_acc, val_acc = _num(last.get("train_acc")), _num(last.get("val_acc"))
+    train_acc, val_acc = _finite(last.get("train_acc")), _finite(last.get("val_acc"))
     gap = train_acc - val_acc if train_acc is not None and val_acc is not None else None
     wide = gap is not None and gap >= OVERFIT_ACC_GAP
     if not rising and not wide:
@@ -537,14 +540,14 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     if run.get("augment") is False:
         advice.append("Turn on data augmentation (--augment): random crops, flips or small affine transforms "
                       "make every epoch see new images.")
-    wd = _num(run.get("weight_decay"))
+    wd = _finite(run.get("weight_decay"))
     if wd == 0:
         advice.append("Add weight decay: --optimizer adamw (decoupled decay 0.01), or --weight-decay 5e-4 with SGD.")
     elif wd is not None:
         advice.append(f"Raise the weight decay (now {_g(wd)}) 2-10x.")
     if run.get("dropout") is False:
         advice.append("Add dropout (p = 0.25-0.5) before the classifier's linear layers.")
-    params, train_size = _num(run.get("parameters")), _num(run.get("train_size"))
+    params, train_size = _finite(run.get("parameters")), _finite(run.get("train_size"))
     if params and train_size:
         advice.append(f"Use a smaller model: {int(params):,} parameters for {int(train_size):,} training images "
                       f"({_g(params / train_size)} per image).")
@@ -565,12 +568,12 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
     if not epochs:
         return None
     last, first = epochs[-1], epochs[0]
-    train_acc, val_acc = _num(last.get("train_acc")), _num(last.get("val_acc"))
-    classes = _num(run.get("num_classes"))
+    train_acc, val_acc = _finite(last.get("train_acc")), _finite(last.get("val_acc"))
+    classes = _finite(run.get("num_classes"))
     chance = 1 / classes if classes and classes > 1 else 0.0
     low_acc = chance + UNDERFIT_ACC_FRACTION * (1 - chance)
     low = (train_acc is not None and train_acc < low_acc and (val_acc is None or val_acc < low_acc))
-    t_first, t_last = _num(first.get("train_loss")), _num(last.get("train_loss"))
+    t_first, t_last = _finite(first.get("train_loss")), _finite(last.get("train_loss"))
     drop = (t_first - t_last) / t_first if t_first and t_last is not None and t_first > 0 else None
     flat = (len(epochs) >= 2 and drop is not None and drop < UNDERFIT_MIN_DROP
             and (train_acc is None or train_acc < UNDERFIT_GOOD_ACC))
@@ -585,7 +588,7 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
     if drop is not None and len(epochs) >= 2:
         sentences.append(f"The training loss went from {_g(t_first)} (epoch 1) to {_g(t_last)} "
                          f"({_pct(drop)} lower).")
-    prev = _num(epochs[-2].get("train_loss")) if len(epochs) >= 2 else None
+    prev = _finite(epochs[-2].get("train_loss")) if len(epochs) >= 2 else None
     still = prev is not None and t_last is not None and prev > 0 and (prev - t_last) / prev >= STILL_LEARNING_DROP
     advice = []
     if still or len(epochs) == 1:
@@ -597,7 +600,7 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
         advice.append("Replace sigmoid/tanh activations by ReLU.")
     advice.append("Run the LR range test (--find-lr): a learning rate far from the right one trains slowly.")
     advice.append("Use a bigger model (more channels or layers).")
-    wd = _num(run.get("weight_decay"))
+    wd = _finite(run.get("weight_decay"))
     if wd:
         advice.append(f"Lower the regularisation: weight decay {_g(wd)}" + (", dropout" if run.get("dropout") else "")
                       + (", augmentation" if run.get("augment") else "") + ".")
@@ -618,7 +621,7 @@ def detect_softmax_before_cross_entropy(history: Mapping, run: Mapping) -> Findi
     """Rows of the loss input that are non-negative and sum to 1: probabilities fed to cross_entropy."""
     seen = history.get("loss_inputs") or {}
     rows, mins = seen.get("prob_rows") or [], seen.get("min") or []
-    pairs = [(_num(r), _num(m)) for r, m in zip(rows, mins)]
+    pairs = [(_finite(r), _finite(m)) for r, m in zip(rows, mins)]
     pairs = [(r, m) for r, m in pairs if r is not None and m is not None]
     if not pairs:
         return None
@@ -643,11 +646,11 @@ def detect_unnormalized_input(history: Mapping, run: Mapping) -> Finding | None:
     seen = history.get("inputs") or {}
     means, stds = seen.get("mean") or [], seen.get("std") or []
     mins, maxs = seen.get("min") or [], seen.get("max") or []
-    mean, std = _median([_num(x) for x in means]), _median([_num(x) for x in stds])
+    mean, std = _median([_finite(x) for x in means]), _median([_finite(x) for x in stds])
     if mean is None or std is None:
         return None
     rms = math.sqrt(mean * mean + std * std)
-    low, high = _median([_num(x) for x in mins]), _median([_num(x) for x in maxs])
+    low, high = _median([_finite(x) for x in mins]), _median([_finite(x) for x in maxs])
     if UNNORMALIZED_MIN_RMS <= rms <= UNNORMALIZED_MAX_RMS:
         return None
     rng = f", range {_g(low)}..{_g(high)}" if low is not None and high is not None else ""
@@ -678,7 +681,7 @@ def detect_slow_data_loading(history: Mapping, run: Mapping) -> Finding | None:
     data, total, epochs = steps.get("data_time") or [], steps.get("step_time") or [], steps.get("epoch") or []
     pairs = []
     for i, (d, t) in enumerate(zip(data, total)):
-        d, t = _num(d), _num(t)
+        d, t = _finite(d), _finite(t)
         first_of_epoch = i == 0 or (i < len(epochs) and epochs[i] != epochs[i - 1])
         if d is None or t is None or t <= 0 or first_of_epoch:
             continue
@@ -733,17 +736,6 @@ assert set(DETECTORS) == set(KINDS)
 # helpers
 # ---------------------------------------------------------------------------------------------------------
 
-def _num(x) -> float | None:
-    """A finite float, or None for None, NaN, inf and anything that is not a number."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _word(x) -> str:
     """How a non-finite loss is named: NaN, inf or -inf (None in JSON: NaN or inf)."""
     try:
@@ -788,7 +780,7 @@ def _first_nonfinite_layers(history: Mapping, from_step: int) -> list[str]:
     names = list(layers.get("names") or [])
     seen_finite: set[int] = set()
     for step, row in zip(layers.get("steps") or [], layers.get("grad_norm") or []):
-        values = [_num(v) for v in row]
+        values = [_finite(v) for v in row]
         if step >= from_step:
             bad = [names[i] for i, v in enumerate(values) if i < len(names) and v is None
                    and (i in seen_finite or not seen_finite)]

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 import cnnperf
+from cnnperf._env import versions
 from cnnperf.doctor import findings as _findings
 from cnnperf.nn import FusedConv2dBiasReLU
 
@@ -264,7 +265,7 @@ class Doctor:
         now = time.perf_counter()
         self._flush()
         epoch = self._epoch
-        losses = [l for l, e in zip(self.steps["loss"], self.steps["epoch"]) if e == epoch]
+        losses = [loss for loss, e in zip(self.steps["loss"], self.steps["epoch"]) if e == epoch]
         if train_loss is None and losses:
             train_loss = sum(losses) / len(losses)
         if lr is not None:
@@ -343,7 +344,7 @@ class Doctor:
             "augment": None, "seed": None, "started": self._started.isoformat(timespec="seconds"),
             "finished": now.isoformat(timespec="seconds"), "interrupted": False,
             "seconds": time.perf_counter() - self._started_clock, "parameters": facts["parameters"],
-            "train_size": None, "val_size": None, "versions": _versions()}
+            "train_size": None, "val_size": None, "versions": versions()}
         info.update({k: v for k, v in facts.items() if k not in ("parameters", "lr", "optimizer")})
         info.update(dict(run or {}))
         if interrupted is not None:
@@ -577,15 +578,3 @@ def _tolist(tensors: list[torch.Tensor]) -> list[float]:
         return []
     device = tensors[0].device
     return torch.stack([t.to(device).float().reshape(()) for t in tensors]).cpu().tolist()
-
-
-def _versions() -> dict:
-    import platform
-
-    versions = {"torch": torch.__version__, "cnnperf": cnnperf.__version__, "python": platform.python_version()}
-    try:
-        import sklearn
-        versions["sklearn"] = sklearn.__version__
-    except ImportError:  # pragma: no cover - a dependency
-        pass
-    return versions

@@ -22,16 +22,29 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cnnperf import bench
-# The shared pieces, under the short private names this module's code reads with; jsonable and
-# write_json_atomic stay part of this module's API.
-from cnnperf.reporting import CSS as _CSS, Skip as _Skip, duration as _duration, escape as _e
-from cnnperf.reporting import figure as _figure, fmt as _fmt, html_plot as _html_plot, int_or_none as _int
-from cnnperf.reporting import jsonable, write_json_atomic  # noqa: F401
-from cnnperf.reporting import num as _num, pct as _pct, plural as _plural, section as _section, text as _text
+# The shared pieces, under the short private names this module reads with.
+from cnnperf._format import (
+    duration as _duration,
+    fmt as _fmt,
+    int_or_none as _int,
+    num as _num,
+    pct as _pct,
+    plural as _plural,
+    text as _text,
+)
+from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
+from cnnperf.doctor.findings import SEVERITIES
+from cnnperf.reporting import (
+    CSS as _CSS,
+    Skip as _Skip,
+    escape as _e,
+    figure as _figure,
+    html_plot as _html_plot,
+    section as _section,
+)
 
 SCHEMA = "cnnperf.doctor/1"
-SEVERITIES = ("error", "warning", "info")  # most severe first: the order of every findings listing
+MOST_SEVERE_FIRST = tuple(reversed(SEVERITIES))  # the order of every findings listing
 CONFUSION_MAX_CLASSES = 20  # above this the terminal leaves the confusion matrix to the HTML report
 UPDATE_RULE_OF_THUMB = 1e-3  # an update of about 1e-3 of the weight per step is the usual healthy range
 
@@ -60,8 +73,8 @@ def _epochs(record: Mapping) -> list[Mapping]:
 def _findings(record: Mapping) -> list[Mapping]:
     """The findings, most severe first (the engine's order kept within a severity)."""
     findings = [f for f in record.get("findings") or [] if isinstance(f, Mapping)]
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
-    return sorted(findings, key=lambda f: rank.get(f.get("severity"), len(SEVERITIES)))
+    rank = {s: i for i, s in enumerate(MOST_SEVERE_FIRST)}
+    return sorted(findings, key=lambda f: rank.get(f.get("severity"), len(MOST_SEVERE_FIRST)))
 
 
 def _advice(finding: Mapping) -> list[str]:
@@ -86,7 +99,7 @@ def header(record: Mapping) -> str:
 
 def verdict(record: Mapping) -> tuple[str, str]:
     """(level, sentence): level is the worst severity found ("error", "warning") or "ok"."""
-    counts = {s: 0 for s in SEVERITIES}
+    counts = {s: 0 for s in MOST_SEVERE_FIRST}
     for f in _findings(record):
         if f.get("severity") in counts:
             counts[f.get("severity")] += 1
@@ -514,7 +527,7 @@ def html_report(record: Mapping) -> str:
 def render_html(record: Mapping, path: str | os.PathLike) -> Path:
     """Write the HTML report of ``record`` (a doctor.json dict) to ``path`` atomically; returns the path."""
     path = Path(path)
-    bench.write_text_atomic(path, html_report(record))
+    write_text_atomic(path, html_report(record))
     return path
 
 

@@ -1,6 +1,5 @@
 """The training loop behind ``cnnperf doctor``, its evaluation and metrics, and the LR range test.
 
-- :func:`make_optimizer`: SGD (Nesterov momentum 0.9), Adam or AdamW with the defaults below.
 - :func:`fit`: epochs of training with a :class:`~cnnperf.doctor.monitor.Doctor` watching every step, a
   validation pass after each epoch, optional gradient clipping with :func:`cnnperf.clip_grad_norm_`. It
   keeps what it has done in a :class:`FitState`, so a caller that catches ``KeyboardInterrupt`` can still
@@ -27,62 +26,12 @@ from torch import nn
 import cnnperf
 from cnnperf.doctor.monitor import Doctor
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-# Learning rates that train the doctor's models well from scratch at batch sizes 32..256: SGD with momentum
-# takes ~50x Adam's (Adam's steps are normalised per element; SGD's scale with the gradient).
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
-# Weight decay: the usual 5e-4 for SGD; none for Adam, whose L2 term is rescaled per element and then acts
-# unevenly (use AdamW for decay); AdamW's own default 0.01 (decoupled, multiplied by lr).
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}
-SGD_MOMENTUM = 0.9
-
-SCHEDULES = ("cosine", "constant")
-# "cosine": a linear warm-up over the first 5 % of the steps (the first steps of an untrained net are the
-# unstable ones: gradient spikes, dying ReLUs), then cosine annealing to 0, so the last epochs settle instead
-# of bouncing around the minimum at full lr. "constant": the lr as given, every step.
-WARMUP_FRACTION = 0.05
-
 # LR range test (Smith 2015, "Cyclical learning rates"; the fast.ai lr_find recipe).
 LR_FINDER_START, LR_FINDER_END, LR_FINDER_STEPS = 1e-7, 10.0, 100
 LR_FINDER_SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 LR_FINDER_DIVERGE = 4.0  # stop when the smoothed loss exceeds this multiple of the best smoothed loss
 LR_FINDER_SKIP_START = 0.1  # the first 10 % of the points are the average warming up: no suggestion there
 LR_FINDER_MIN_POINTS = 10  # fewer recorded points than this: no slope worth reading, use min-loss / 10
-
-
-def make_optimizer(name: str, params: Iterable, *, lr: float | None = None,
-                   weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """``name`` (one of :data:`OPTIMIZERS`) over ``params``; ``lr``/``weight_decay`` default per optimizer."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
-    lr = DEFAULT_LR[name] if lr is None else float(lr)
-    weight_decay = DEFAULT_WEIGHT_DECAY[name] if weight_decay is None else float(weight_decay)
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"the learning rate must be a positive number, got {lr}.")
-    if not weight_decay >= 0 or not math.isfinite(weight_decay):
-        raise ValueError(f"the weight decay must be a non-negative number, got {weight_decay}.")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
-    """The per-step lr schedule ``name`` (one of :data:`SCHEDULES`) over ``total_steps``; None for constant."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}.")
-    if name == "constant":
-        return None
-    total = max(1, int(total_steps))
-    warmup = max(1, round(WARMUP_FRACTION * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,7 +111,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, o
 
     ``clip``: the max total gradient norm (:func:`cnnperf.clip_grad_norm_`, after the doctor read the raw
     norms). ``limit_batches``: at most this many training batches per epoch. ``scheduler``: stepped after every
-    optimizer step (see :func:`make_scheduler`). ``progress``: a
+    optimizer step (see :func:`cnnperf.zoo.optim.make_scheduler`). ``progress``: a
     :class:`rich.progress.Progress` (or None). ``on_epoch``: called with each epoch's row. Training stops
     early when the loss is NaN/inf (checked on the doctor's sampled steps): nothing more can be learned.
     """
@@ -346,6 +295,5 @@ def describe_row(row: dict, epochs: int) -> str:
             f"val loss {num(row['val_loss'])}, acc {pct(row['val_acc'])} ({row['seconds']:.1f} s)")
 
 
-__all__ = ["OPTIMIZERS", "DEFAULT_LR", "DEFAULT_WEIGHT_DECAY", "SCHEDULES", "make_optimizer", "make_scheduler",
-           "Evaluation", "evaluate",
-           "classification_metrics", "FitState", "fit", "lr_range_test", "suggest_lr", "describe_row"]
+__all__ = ["Evaluation", "evaluate", "classification_metrics", "FitState", "fit", "lr_range_test", "suggest_lr",
+           "describe_row"]

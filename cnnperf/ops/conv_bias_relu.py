@@ -154,14 +154,15 @@ def _string_padding(padding: str, input, weight, stride, dilation):
 
 
 def _check_output_size(input, weight, stride, padding, dilation):
-    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"{OP}: output would be empty ({oh}x{ow}): input {tuple(input.shape)}, weight "
                          f"{tuple(weight.shape)}, stride={tuple(stride)}, padding={tuple(padding)}, "
                          f"dilation={tuple(dilation)}")
 
 
-def _output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
+def output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
+    """(OH, OW) of a convolution of an (H, W) image ``hw`` with a (KH, KW) filter ``khw``."""
     return tuple((x + 2 * p - d * (k - 1) - 1) // s + 1
                  for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
 
@@ -197,7 +198,7 @@ def _unsupported(input, weight, output_numel: int) -> str | None:
 @torch.library.custom_op("cnnperf::conv2d_bias_relu", mutates_args=())
 def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = _memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow))
@@ -221,7 +222,7 @@ def _reference_forward(input, weight, bias, stride, padding, dilation, groups, f
 
 @_conv2d_bias_relu_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups):
-    oh, ow = _output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
     return out.contiguous(memory_format=_memory_format(input, weight))
 
@@ -288,6 +289,13 @@ _conv2d_bias_relu_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 
 _auto_choice: dict[tuple, str] = {}
+
+
+def auto_choices(input_shape, weight_shape, dtype: torch.dtype) -> dict[str, str]:
+    """What ``auto`` chose on a GPU for convolutions of these shapes and dtype, by direction: ``{"fwd":
+    "triton" | "reference", "bwd": ...}`` for the directions timed so far (any stride, padding and groups)."""
+    return {key[0]: path for key, path in _auto_choice.items()
+            if key[1] == tuple(input_shape) and key[2] == tuple(weight_shape) and dtype in key}
 
 
 def _auto_pick(key: tuple, run_triton, run_reference, timer=None) -> str:
@@ -391,7 +399,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     w = _weight_khwc(weight)
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = weight.shape
-    oh, ow = _output_hw((h, wd), (kh, kw), stride, padding, dilation)
+    oh, ow = output_hw((h, wd), (kh, kw), stride, padding, dilation)
     y = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
     m = n * oh * ow
     c_out_g = c_out // groups
@@ -401,7 +409,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(c_out_g, meta["BLOCK_N"]), groups)
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups)
 
     _launch("fwd", x.dtype, grid, args, const)
     return y.permute(0, 3, 1, 2)
@@ -422,9 +430,9 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
     # 1. g = grad_output * (output > 0), stored NHWC [M, C_out]; bias-gradient partial sums per row block.
     g = torch.empty((m, c_out), device=go.device, dtype=go.dtype)
     cfg = K.MASK_CONFIG
-    m_blocks = triton_cdiv(m, cfg["BLOCK_M"])
+    m_blocks = _cdiv(m, cfg["BLOCK_M"])
     partial_b = torch.empty((m_blocks, c_out) if output_mask[2] else (1,), device=go.device, dtype=torch.float32)
-    K._relu_mask_bias_grad_kernel[(m_blocks, triton_cdiv(c_out, cfg["BLOCK_C"]))](
+    K._relu_mask_bias_grad_kernel[(m_blocks, _cdiv(c_out, cfg["BLOCK_C"]))](
         go, y, g, partial_b, m, c_out, oh * ow,
         go.stride(0), go.stride(3), go.stride(1), y.stride(0), y.stride(3), y.stride(1),
         COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
@@ -441,7 +449,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         pixels = n * h * wd
 
         def grid(meta):
-            return (triton_cdiv(pixels, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]), groups)
+            return (_cdiv(pixels, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]), groups)
 
         _launch("dgrad", input.dtype, grid, args, const)
         grad_input = dx.permute(0, 3, 1, 2)
@@ -455,7 +463,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
 
         def grid(meta):
-            tiles = triton_cdiv(c_out_g, meta["BLOCK_M"]) * triton_cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
+            tiles = _cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
             return (tiles, split, groups)
 
         _launch("wgrad", input.dtype, grid, args, const)
@@ -478,8 +486,8 @@ def _wgrad_split(m: int, c_out_g: int, k_total: int, device: torch.device) -> in
     if device.type != "cuda":
         return min(2, max(1, m // 64))  # the interpreter: still exercise the split
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = triton_cdiv(c_out_g, 64) * triton_cdiv(k_total, 64)
-    split = max(1, min(triton_cdiv(2 * sms, tiles), m // 512))
+    tiles = _cdiv(c_out_g, 64) * _cdiv(k_total, 64)
+    split = max(1, min(_cdiv(2 * sms, tiles), m // 512))
     workspace_cap = (256 << 20) // max(1, 4 * c_out_g * k_total)
     return int(max(1, min(split, workspace_cap, 128)))
 
@@ -489,7 +497,7 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 

@@ -1,9 +1,10 @@
 """``cnnperf.optimize``: apply a variant (chosen, or the one a profile recommends) to a model and its optimizer.
-
 The model is copied (then fused, converted to channels_last, wrapped in DDP, compiled, as the variant says); the
 optimizer is rebuilt on the copy's parameters with the same class, parameter groups and state; neither of the
-user's objects is changed. What cannot be a copy is said out loud: TF32 and cudnn.benchmark are process-wide
-switches, set when the variant names them and put back by :meth:`Optimized.restore_switches`.
+user's objects is changed. TF32 and cudnn.benchmark are process-wide switches, not copies: set when the variant
+names them and put back by :meth:`Optimized.restore_switches`. :class:`Optimized` steps with
+:mod:`cnnperf.profiler.step`, the step the profile measured. Imports torch, the profiler's step and variants
+(and core, for :class:`~cnnperf.profiler.core.ProfileResult`, when called).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cnnperf.profiler import measure
-from cnnperf.profiler.variants import (Prepared, parse_variant, prepare, restore_switches, set_switches,
-                                       unwrap_ddp)
+from cnnperf.profiler.step import backward, forward_loss, optimizer_step
+from cnnperf.profiler.variants import Prepared, parse_variant, prepare, restore_switches, set_switches, unwrap_ddp
 
 
 @dataclass
@@ -32,9 +32,9 @@ class Optimized(Prepared):
     def step(self, inputs: torch.Tensor, targets, loss_fn: Callable) -> torch.Tensor:
         """One training step as the profile measured it: forward and loss under autocast, backward (scaled for
         fp16), optimizer step, gradients set to None. Returns the loss (not synchronised)."""
-        loss = measure.forward_loss(self, loss_fn, inputs, targets)
-        measure.backward(self, loss)
-        measure.optimizer_step(self)
+        loss = forward_loss(self, loss_fn, inputs, targets)
+        backward(self, loss)
+        optimizer_step(self)
         return loss.detach()
 
     def restore_switches(self) -> None:

@@ -1,15 +1,11 @@
-"""``cnnperf profile``: measure which speed-ups make a model train faster here, recommend and report.
-
-With no arguments: the doctor's ConvNet on scikit-learn's digits (batch 64, Adam) on the CPU, or torchvision's
-ResNet-18 on CIFAR-shaped data (3x32x32, random) when a GPU is present. The record goes to
-``./profile-out/profile.json`` and ``./profile-out/report.html``, a summary to the terminal.
-
-Under ``torchrun`` (WORLD_SIZE > 1) every rank joins the process group (NCCL on GPUs, gloo on CPUs), wraps the
-model in DistributedDataParallel and reads its shard of the data (DistributedSampler); all ranks measure, rank 0
-writes the report with the spread across ranks.
-
-Exit status: 0 after a run (whatever it recommends), 1 when the baseline step itself fails, 2 for a bad
-argument (one line on stderr), 130 after Ctrl-C (the report of what was measured is still written).
+"""``cnnperf profile``: measure which speed-ups make a model train faster here, recommend and report. With no
+arguments: the zoo's ConvNet on scikit-learn's digits (batch 64, Adam) on the CPU, or ResNet-18 on CIFAR-shaped
+random data when a GPU is present; the record goes to ``./profile-out/profile.json`` and ``report.html``, a
+summary to the terminal. Under ``torchrun`` (WORLD_SIZE > 1) every rank joins the process group (NCCL on GPUs,
+gloo on CPUs), wraps the model in DistributedDataParallel and reads its shard of the data; all ranks measure,
+rank 0 writes. Exit status: 0 after a run (whatever it recommends), 1 when the baseline step itself fails, 2 for a
+bad argument (one line on stderr), 130 after Ctrl-C (the report of what was measured is still written). Imports
+:mod:`cnnperf._cli`, the zoo and the profiler's core, report and variants.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cnnperf.bench import Parser, UsageError  # argparse errors as one line, exit status 2
+from cnnperf import _cli
 
 DEFAULT_OUT = "profile-out"
 DEFAULT_BATCH_SIZE = 64
@@ -58,43 +54,46 @@ def _variants(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cnnperf.bench import positive_int
-    from cnnperf.doctor.data import DATASETS
-    from cnnperf.doctor.models import MODELS
-    from cnnperf.doctor.train import OPTIMIZERS
     from cnnperf.profiler.core import DEFAULT_STEPS, DEFAULT_WARMUP
     from cnnperf.profiler.variants import OPTIONS
+    from cnnperf.zoo.data import DATASETS
+    from cnnperf.zoo.models import MODELS
+    from cnnperf.zoo.optim import OPTIMIZERS
 
-    p = Parser(prog="cnnperf profile",
-               description="Measure AMP, channels_last, torch.compile, TF32, cudnn.benchmark, cnnperf's fused "
-                           "layers, DataLoader workers and their combinations side by side on one model; "
-                           "recommend the fastest that is numerically sound.",
-               epilog="Options: " + "; ".join(f"{o.name}: {o.what}" for o in OPTIONS.values()))
+    p = _cli.Parser(prog="cnnperf profile",
+                    description="Measure AMP, channels_last, torch.compile, TF32, cudnn.benchmark, cnnperf's fused "
+                                "layers, DataLoader workers and their combinations side by side on one model; "
+                                "recommend the fastest that is numerically sound.",
+                    epilog="Options: " + "; ".join(f"{o.name}: {o.what}" for o in OPTIONS.values()))
     p.add_argument("--model", choices=MODELS, default=None,
                    help="the model (default: convnet on the CPU, resnet18 on a GPU)")
     p.add_argument("--data", choices=DATASETS, default=None,
                    help="the data set (default: digits on the CPU, fake CIFAR-shaped data on a GPU)")
-    p.add_argument("--data-root", metavar="DIR", help="where MNIST/CIFAR-10 are, or the image folder")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--data-root", type=_cli.existing_dir, metavar="DIR",
+                   help="where MNIST/CIFAR-10 are, or the image folder")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=DEFAULT_BATCH_SIZE,
                    help="batch size per process (default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                   help="timed training steps per variant (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+    p.add_argument("--steps", type=_cli.at_least(2, " (a median of one step is no measurement)"),
+                   default=DEFAULT_STEPS, help="timed training steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=_cli.nonnegative_int, default=DEFAULT_WARMUP,
                    help="untimed steps before them (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=_cli.device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--variants", type=_variants, default=None, metavar="LIST",
                    help="options or variants to measure, comma separated (e.g. bf16,channels_last or "
                         "bf16+compile), 'all', or 'default': every option that applies here, except "
                         "max_autotune on the CPU")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--budget", type=_cli.positive_float, default=None, metavar="SECONDS",
                    help="no new variant starts after this many seconds (default: "
                         + ", ".join(f"{v:g} on {k}" for k, v in DEFAULT_BUDGET_S.items()) + ")")
     p.add_argument("--batch-sizes", type=_batch_sizes, default="auto", metavar="LIST",
                    help="batch-size sweep of the recommended variant: auto (doubling until out of memory or "
                         "flat), none, or a comma list")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's default)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default: 0)")
+    p.add_argument("--lr", type=_cli.positive_float, default=None,
+                   help="learning rate (default: the optimizer's default)")
+    p.add_argument("--workers", type=_cli.nonnegative_int, default=0,
+                   help="DataLoader workers of the baseline (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help="where profile.json and report.html go (default: ./%(default)s)")
@@ -104,49 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from cnnperf.doctor.cli import _device as doctor_device  # the same checks, the same UsageError
-
-    return doctor_device(name)
-
-
-def _check(args) -> None:
-    import math
-
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.steps < 2:
-        raise UsageError(f"--steps must be at least 2 (a median of one step is no measurement), got {args.steps}")
-    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
-        raise UsageError(f"--budget must be a positive number of seconds, got {args.budget:g}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr must be a positive number, got {args.lr:g}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
-        raise UsageError(f"--data-root {args.data_root} is not a directory")
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        _check(args)
-        device = _device(args.device)
-    except UsageError as exc:
-        print(f"cnnperf profile: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    try:
-        return _run(args, device)
-    except KeyboardInterrupt:  # before profiling started (loading data, building the model): nothing to write
-        print("cnnperf profile: interrupted before any measurement", file=sys.stderr)
-        return 130
+    return _cli.run("cnnperf profile", argv, lambda a: build_parser().parse_args(a), _run)
 
 
 def _distributed(device):
@@ -167,22 +125,23 @@ def _distributed(device):
     return device, dist.get_rank(), dist.get_world_size(), joined
 
 
-def _run(args, device) -> int:
+def _run(args) -> int:
     import functools
 
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from cnnperf.bench import make_console
-    from cnnperf.doctor.data import DataError, load_data
-    from cnnperf.doctor.models import ModelError, build_model
-    from cnnperf.doctor.train import make_optimizer
     from cnnperf.profiler import report
     from cnnperf.profiler.core import ProfileError, ProfileInterrupted, profile
+    from cnnperf.zoo.data import DataError, load_data
+    from cnnperf.zoo.models import ModelError, build_model
+    from cnnperf.zoo.optim import make_optimizer
 
-    device, rank, world, joined = _distributed(device)
+    # Ctrl-C while loading the data or building the model leaves nothing to write: _cli.run exits 130; from
+    # the first measurement on, profile() keeps what it measured (ProfileInterrupted below).
+    device, rank, world, joined = _distributed(args.device or _cli.default_device())
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]
-    console = make_console()
+    console = _cli.make_console()
     quiet = args.quiet or rank != 0
     model_name, data_name = DEFAULT_MODEL["cuda" if device.type == "cuda" else "cpu"]
     model_name, data_name = args.model or model_name, args.data or data_name

@@ -1,20 +1,10 @@
-"""``cnnperf.profile``: measure the speed-ups on the user's own model and recommend the fastest sound one.
-
-The run: the baseline (eager float32, the user's loader as it is); every requested option on its own; then
-greedy combinations of the options that beat the baseline (each round adds the option that helps most, while it
-helps by :data:`MIN_GAIN` or more and the time budget lasts); the recommendation; the top ops of the
-recommended variant (and its trace); a batch-size sweep of it. Every variant is built from copies
-(:func:`cnnperf.profiler.variants.prepare`), checked against the baseline's loss and gradients, then timed.
-A variant that raises is recorded with its error and the run goes on; the torch, CUDA, Python and NumPy random
-states and the loaders' generators are put back at the end, and the user's model and optimizer are never used
-for anything but copying.
-
-Under torch.distributed (torchrun, DDP), every rank measures the same variants in the same order; their times
-are gathered after each variant, the slowest rank's median counts (a data-parallel step waits for all ranks),
-and every choice is made from the gathered numbers, so that all ranks take the same path. A variant that fails
-on every rank, or on one rank outside a collective, is recorded like any failure; one that fails on one rank
-*inside* a DDP step (out of memory in the backward pass) leaves the other ranks waiting in the all-reduce until
-the process group's timeout: that cannot be recovered from here.
+"""``cnnperf.profile`` and the run behind it: :func:`profile`, :class:`ProfileResult`, the argument checks, and
+:class:`_Profiler`'s search, confirmation and measure loop. It orchestrates; the decisions and the parts are other
+modules': :mod:`~cnnperf.profiler.policy` (what to recommend), :mod:`~cnnperf.profiler.measure` (one variant),
+:mod:`~cnnperf.profiler.sweep` (the batch sizes), :mod:`~cnnperf.profiler.ranks` (torch.distributed) and
+:mod:`~cnnperf.profiler.random_state`. It imports those, :mod:`~cnnperf.profiler.step`,
+:mod:`~cnnperf.profiler.variants` and the record's SCHEMA from :mod:`~cnnperf.profiler.report`; of the
+profiler's modules only the package, :mod:`~cnnperf.profiler.apply` and the CLI import it.
 """
 
 from __future__ import annotations
@@ -25,7 +15,6 @@ import datetime as _dt
 import gc
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -33,19 +22,35 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cnnperf.profiler import measure
-from cnnperf.profiler.variants import (BASELINE, DEFAULT_EXCLUDED_ON_CPU, OPTIONS, TOLERANCES, VariantError,
-                                       compatible, compile_config, global_switches, not_applicable, parse_variant,
-                                       precision, prepare, rebuild_loader, tf32_enabled, unwrap_ddp, variant_name)
+from cnnperf._timing import quantile
+from cnnperf.profiler import measure, ranks
+from cnnperf.profiler.policy import MIN_GAIN, busy, data_bound, data_fraction, describe, gain, recommend, sound
+from cnnperf.profiler.random_state import RandomState
+from cnnperf.profiler.report import SCHEMA
+from cnnperf.profiler.step import split_batch, to_device
+from cnnperf.profiler.sweep import batch_sweep
+from cnnperf.profiler.variants import (
+    BASELINE,
+    CHECK_BOUNDS,
+    DEFAULT_EXCLUDED_ON_CPU,
+    OPTIONS,
+    VariantError,
+    compatible,
+    compile_config,
+    global_switches,
+    not_applicable,
+    parse_variant,
+    precision,
+    prepare,
+    rebuild_loader,
+    tf32_enabled,
+    unwrap_ddp,
+    variant_name,
+)
 
-SCHEMA = "cnnperf.profile/1"
-MIN_GAIN = 0.03  # a variant (or one more option) must be 3 % faster to be chosen: less is within run-to-run noise
 DEFAULT_STEPS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_CHECK_STEPS = 2
-SWEEP_DOUBLINGS = {"cpu": 3, "cuda": 6}  # automatic sweep: batch x2, x4, ... up to x8 (CPU) or x64 (GPU)
-SWEEP_FLAT_GAIN = 0.02  # stop doubling after two sizes that each gained less than 2 % throughput
-SWEEP_STEPS = 10
 COMPILE_GUESS_S = 30.0  # what a first torch.compile of a small CNN's training step takes (20-40 s on 2 CPU cores)
 MAX_AUTOTUNE_FACTOR = 4.0
 CONFIRM_ROUNDS = 4  # the recommended variant and the baseline timed again in turns, each first in 2 of them
@@ -112,7 +117,7 @@ class ProfileResult:
 
     def print(self, console=None) -> None:
         """The terminal summary (a rich Console on stdout by default)."""
-        from cnnperf.bench import make_console
+        from cnnperf._cli import make_console
         from cnnperf.profiler.report import render_terminal
 
         render_terminal(self.record, console or make_console())
@@ -206,6 +211,22 @@ def requested_options(variants, device: torch.device, loader) -> tuple[list[str]
 # ---------------------------------------------------------------------------------------------------------
 
 class _Profiler:
+    """The run: the baseline (eager float32, the user's loader as it is); every requested option on its own;
+    then greedy combinations of the options that beat the baseline (each round adds the option that helps most,
+    while it helps by MIN_GAIN or more and the time budget lasts); the recommendation and its confirmation; the
+    top ops of the recommended variant (and its trace); a batch-size sweep of it. Every variant is built from
+    copies (:func:`cnnperf.profiler.variants.prepare`), checked against the baseline's loss and gradients, then
+    timed. A variant that raises is recorded with its error and the run goes on; the torch, CUDA, Python and
+    NumPy random states and the loaders' generators are put back at the end, and the user's model and optimizer
+    are never used for anything but copying.
+
+    Under torch.distributed (torchrun, DDP), every rank measures the same variants in the same order, and every
+    choice is made from the numbers gathered from all ranks (:mod:`cnnperf.profiler.ranks`), so that all ranks
+    take the same path. A variant that fails on every rank, or on one rank outside a collective, is recorded like
+    any failure; one that fails on one rank *inside* a DDP step (out of memory in the backward pass) leaves the
+    other ranks waiting in the all-reduce until the process group's timeout: that cannot be recovered from here.
+    """
+
     def __init__(self, model, loss_fn, data, optimizer_factory, *, variants, steps, warmup, check_steps, budget,
                  batch_sizes, device, seed, top_ops, trace, log, run_info):
         from torch.utils.data import DataLoader
@@ -224,8 +245,7 @@ class _Profiler:
             raise ValueError(f"budget must be a positive number of seconds or None, got {budget!r}")
         self.budget = budget
         inner, self.ddp = unwrap_ddp(model)
-        self.world = torch.distributed.get_world_size() if _dist_on() else 1
-        self.rank = torch.distributed.get_rank() if _dist_on() else 0
+        self.world, self.rank = ranks.world_and_rank()
         params = list(inner.parameters())
         if not any(p.requires_grad for p in params):
             raise ValueError("model has no parameter that requires a gradient: there is no training step to time")
@@ -235,8 +255,8 @@ class _Profiler:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.loader = data if isinstance(data, DataLoader) else None
         if self.loader is None:
-            measure.split_batch(data, "batch_or_loader")
-            self.batch = measure.to_device(tuple(data), self.device, non_blocking=False)
+            split_batch(data, "batch_or_loader")
+            self.batch = to_device(tuple(data), self.device, non_blocking=False)
         self.model, self.loss_fn, self.optimizer_factory = inner, loss_fn, optimizer_factory
         if self.device.type == "cuda":
             torch.cuda.init()  # now, so that its random state is saved (and put back) with the others
@@ -244,7 +264,7 @@ class _Profiler:
             resolved = requested_options(variants, self.device, self.loader)
             self.tf32 = tf32_enabled(self.device)  # the baseline's switches: as the user left them
         # Every rank must measure the same list (CPU affinity, hence "workers", can differ between nodes).
-        self.singles, self.combos, self.not_applicable = self._agree(resolved) if self.world > 1 else resolved
+        self.singles, self.combos, self.not_applicable = ranks.agree(resolved, self.world)
         self.variants_requested = ([variants] if isinstance(variants, str) else
                                    list(variants) if variants is not None else ["default"])
         if batch_sizes == "auto":
@@ -263,7 +283,7 @@ class _Profiler:
     # -- the whole run ------------------------------------------------------------------------------------
     def run(self) -> ProfileResult:
         started = _dt.datetime.now(_dt.timezone.utc)
-        rng = _RandomState(self.loader)
+        rng = RandomState(self.loader)
         record = {"schema": SCHEMA}
         interrupted = False
         try:
@@ -307,7 +327,7 @@ class _Profiler:
             return [self.batch]
         batches = []
         for batch in rebuild_loader(self.loader, num_workers=0):
-            batches.append(tuple(measure.split_batch(batch, "a batch of the loader")))
+            batches.append(tuple(split_batch(batch, "a batch of the loader")))
             if len(batches) == self.check_steps:
                 break
         if not batches:
@@ -315,7 +335,7 @@ class _Profiler:
         return batches
 
     def _run_facts(self, started) -> dict:
-        from cnnperf.bench import cpu_count, device_name, versions
+        from cnnperf._env import cpu_count, device_name, versions
 
         x, _ = self.check_batches[0]
         facts = {"model": type(self.model).__name__, "data": "loader" if self.loader is not None else "batch",
@@ -345,7 +365,7 @@ class _Profiler:
             if option not in self.not_applicable:
                 self._measure((option,), "single")
         fraction = data_fraction(baseline)
-        if (fraction is not None and _data_bound(baseline) and "workers" not in self.singles
+        if (fraction is not None and data_bound(baseline) and "workers" not in self.singles
                 and "workers" not in self.not_applicable and self.loader is not None):
             reason = not_applicable("workers", self.device, self.loader)
             if reason is None:
@@ -358,7 +378,7 @@ class _Profiler:
 
     def _greedy(self) -> None:
         """Add, round by round, the option that makes the current best variant fastest, while it gains."""
-        good = [r for r in self.rows if _sound(r) and len(r["options"]) == 1 and _gain(r) >= MIN_GAIN]
+        good = [r for r in self.rows if sound(r) and len(r["options"]) == 1 and gain(r) >= MIN_GAIN]
         if len(good) < 2:
             return
         good.sort(key=lambda r: r["median_ms"])
@@ -377,7 +397,7 @@ class _Profiler:
                                               reason=f"over the time budget of {self.budget:g} s"))
                         continue
                     row = self._measure(options, "combination")
-                if _sound(row) and best["median_ms"] / row["median_ms"] >= 1 + MIN_GAIN:
+                if sound(row) and best["median_ms"] / row["median_ms"] >= 1 + MIN_GAIN:
                     best = row
             if best is current:
                 return
@@ -398,7 +418,7 @@ class _Profiler:
             compiled = [r["compile_s"] for r in self.rows if r.get("compile_s")]
             estimate += max(compiled, default=COMPILE_GUESS_S) * (MAX_AUTOTUNE_FACTOR if "max_autotune" in options
                                                                    else 1.0)
-        return self._agree(time.perf_counter() - self.clock + estimate > self.budget)
+        return ranks.agree(time.perf_counter() - self.clock + estimate > self.budget, self.world)
 
     # -- one variant -------------------------------------------------------------------------------------------
     def _measure(self, options: tuple[str, ...], stage: str) -> dict:
@@ -424,7 +444,7 @@ class _Profiler:
                 else:
                     check = measure.check_run(prep, self.loss_fn, self.check_batches, self.seed)
                     prec = precision(options, self.tf32)
-                    row["check"] = measure.compare(self.reference, check, TOLERANCES[prec], prec)
+                    row["check"] = measure.compare(self.reference, check, CHECK_BOUNDS[prec], prec)
                 source = measure.batch_source(prep, getattr(self, "batch", None))
                 times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
                                             max_seconds=self._time_cap(stage))
@@ -436,7 +456,7 @@ class _Profiler:
         finally:
             if source is not None and hasattr(source, "close"):
                 source.close()  # ends the iteration (persistent workers live on with the loader)
-        row = self._gather(row)
+        row = ranks.gather_row(row, self.world)
         if row["status"] == "ok":  # on the gathered (slowest rank's) medians; the baseline's is 1
             row["speedup"] = (self.rows[0]["median_ms"] if self.rows else row["median_ms"]) / row["median_ms"]
         self.rows.append(row)
@@ -447,7 +467,7 @@ class _Profiler:
         if self.device.type == "cuda":  # free the variant's memory before the next one allocates
             gc.collect()
             torch.cuda.empty_cache()
-        self.log(_describe(row))
+        self.log(describe(row))
         return row
 
     def _drop_kept(self) -> None:
@@ -460,7 +480,7 @@ class _Profiler:
     def _keep(self, row: dict, prep) -> None:
         """Keep the baseline's copy and the fastest sound variant's (for the confirmation, without copying and
         compiling again); drop the one it replaces. Decided on gathered rows, so every rank keeps the same."""
-        if prep is None or not _sound(row):
+        if prep is None or not sound(row):
             return
         if row["stage"] == "baseline":
             self.kept[BASELINE] = (row, prep)
@@ -481,8 +501,8 @@ class _Profiler:
             compile_s = max(0.0, check.first_s - (phases["forward"] + phases["backward"]) / 1e3)
             if math.isfinite(times.first_warmup_s):
                 compile_s += max(0.0, times.first_warmup_s - median / 1e3)
-        row.update(status="ok", median_ms=median, p20_ms=measure.quantile(times.steps, 0.2),
-                   p80_ms=measure.quantile(times.steps, 0.8), timed_steps=len(times.steps),
+        row.update(status="ok", median_ms=median, p20_ms=quantile(times.steps, 0.2),
+                   p80_ms=quantile(times.steps, 0.8), timed_steps=len(times.steps),
                    peak_memory=times.peak_memory, compile_s=compile_s, phases_ms=phases,
                    images_per_s=int(self.check_batches[0][0].shape[0]) * self.world / (median / 1e3))
 
@@ -493,35 +513,6 @@ class _Profiler:
             return None  # under DDP every rank must take the same number of steps
         return max(TIME_CAP_MIN_S, TIME_CAP_FACTOR * self.rows[0]["median_ms"] / 1e3 * self.steps)
 
-    # -- distributed agreement -------------------------------------------------------------------------------
-    def _agree(self, value):
-        """Rank 0's ``value`` on every rank (identity without torch.distributed)."""
-        if self.world == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _gather(self, row: dict) -> dict:
-        """The row as all ranks saw it: the slowest rank's times, failed if any rank failed."""
-        if self.world == 1:
-            return row
-        rows = [None] * self.world
-        torch.distributed.all_gather_object(rows, row)
-        failed = next((r for r in rows if r["status"] != "ok"), None)
-        if failed is not None:
-            rank = rows.index(failed)
-            return {**failed, "error": f"rank {rank}: {failed.get('error') or failed.get('reason')}"}
-        slowest = max(rows, key=lambda r: r["median_ms"])
-        medians = [r["median_ms"] for r in rows]
-        checks = [r.get("check") for r in rows if r.get("check")]
-        merged = dict(slowest)
-        if checks:
-            merged["check"] = max(checks, key=lambda c: (not c["passed"], c["grad_err"]))
-        merged["ranks"] = {"median_ms": medians, "spread": max(medians) / min(medians) - 1 if min(medians) > 0
-                           else None}
-        return merged
-
     # -- the confirmation ---------------------------------------------------------------------------------------
     def _confirm(self, record: dict) -> None:
         """Time the baseline and the recommended variant again, in turns (CONFIRM_ROUNDS rounds of
@@ -530,7 +521,8 @@ class _Profiler:
         hold; then the baseline is recommended and the summary says why."""
         rec = record["recommendation"]
         best = self.kept.get("best")
-        if rec["variant"] == BASELINE or best is None or best[0]["name"] != rec["variant"] or BASELINE not in self.kept:
+        if (rec["variant"] == BASELINE or best is None or best[0]["name"] != rec["variant"]
+                or BASELINE not in self.kept):
             return
         self.log(f"confirming {rec['variant']} against {BASELINE}, in turns")
         times = {BASELINE: [], rec["variant"]: []}
@@ -545,10 +537,9 @@ class _Profiler:
                     finally:
                         if hasattr(source, "close"):
                             source.close()
-        medians = [measure.quantile(times[BASELINE], 0.5), measure.quantile(times[rec["variant"]], 0.5)]
+        medians = [quantile(times[BASELINE], 0.5), quantile(times[rec["variant"]], 0.5)]
         if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, medians)
+            gathered = ranks.all_gather(medians, self.world)
             medians = [max(m[0] for m in gathered), max(m[1] for m in gathered)]
         confirmation = {"baseline_ms": medians[0], "variant_ms": medians[1], "speedup": medians[0] / medians[1],
                         "rounds": CONFIRM_ROUNDS, "steps": CONFIRM_STEPS}
@@ -567,13 +558,16 @@ class _Profiler:
             flops = {"per_step": None, "forward": None, "method": f"failed: {measure.one_line(exc)}"}
         record["flops"] = flops
         _add_mfu(self.rows, record["run"], flops, record["peak_tflops"])
-        busy = _busy(record["run"].get("load_average"), record["run"].get("cpu_count"))
-        if busy:
-            record["recommendation"]["summary"] += " " + busy
+        note = busy(record["run"].get("load_average"), record["run"].get("cpu_count"))
+        if note:
+            record["recommendation"]["summary"] += " " + note
         chosen = parse_variant(record["recommendation"]["variant"])
         if self.want_top_ops or self.trace is not None:
             record["top_ops"] = self._top_ops(chosen, record)
-        record["batch_sweep"] = self._sweep(chosen)
+        record["batch_sweep"] = batch_sweep(
+            chosen, lambda: prepare(chosen, self.template, self.optimizer_factory, self.device, ddp=self.ddp),
+            self.loss_fn, self.check_batches[0], self.device, batch_sizes=self.batch_sizes, steps=self.steps,
+            warmup=self.warmup, world=self.world, budget=self.budget, clock=self.clock, log=self.log)
 
     def _top_ops(self, options, record: dict) -> dict | None:
         self.log(f"profiling the ops of {variant_name(options)}")
@@ -598,92 +592,6 @@ class _Profiler:
         except Exception as exc:
             return {"variant": variant_name(options), "by": None, "ops": [], "error": measure.one_line(exc)}
 
-    def _sweep(self, options) -> dict | None:
-        if self.batch_sizes is None:
-            return None
-        x, y = self.check_batches[0]
-        if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
-            return {"variant": variant_name(options), "rows": [], "largest_fitting": None, "best_batch_size": None,
-                    "error": "targets are not a tensor with one row per input: no batch-size sweep"}
-        base = x.shape[0]
-        if self.batch_sizes == "auto":
-            sizes = [base << k for k in range(SWEEP_DOUBLINGS.get(self.device.type, 3) + 1)]
-        else:
-            sizes = list(self.batch_sizes)
-        rows, flat = [], 0
-        if self.budget is not None and self._agree(time.perf_counter() - self.clock > self.budget):
-            return {"variant": variant_name(options), "rows": [], "largest_fitting": None, "best_batch_size": None,
-                    "error": f"not run: over the time budget of {self.budget:g} s"}
-        self.log(f"batch-size sweep of {variant_name(options)}: {', '.join(map(str, sizes))}")
-        prep = None
-        try:
-            with global_switches(options, self.device), compile_config(options):
-                # One copy for all sizes: a compiled variant compiles once per size (static shapes, as in the
-                # search), not once per size and copy.
-                prep = prepare(options, self.template, self.optimizer_factory, self.device, ddp=self.ddp)
-                stopped = "cap" if self.batch_sizes == "auto" else "end of list"
-                for size in sizes:
-                    if self.budget is not None and self._agree(time.perf_counter() - self.clock > self.budget):
-                        stopped = "budget"
-                        break
-                    row = self._sweep_one(prep, x, y, size)
-                    rows.append(row)
-                    if row["status"] != "ok":
-                        stopped = row["status"]
-                        break
-                    ok = [r for r in rows if r["status"] == "ok"]
-                    if self.batch_sizes == "auto" and len(ok) >= 2:
-                        gained = ok[-1]["images_per_s"] >= ok[-2]["images_per_s"] * (1 + SWEEP_FLAT_GAIN)
-                        flat = 0 if gained else flat + 1
-                        if flat >= 2:
-                            stopped = "flat"
-                            break
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # the copy could not be made: a sweep with no row, and why
-            return {"variant": variant_name(options), "rows": rows, "largest_fitting": None,
-                    "best_batch_size": None, "error": measure.one_line(exc)}
-        finally:
-            del prep
-            if self.device.type == "cuda":
-                gc.collect()
-                torch.cuda.empty_cache()
-        ok = [r for r in rows if r["status"] == "ok"]
-        # The largest that fits is known only when a larger one ran out of memory.
-        fitting = max((r["batch_size"] for r in ok), default=None) if stopped == "oom" else None
-        return {"variant": variant_name(options), "rows": rows, "largest_fitting": fitting,
-                "best_batch_size": max(ok, key=lambda r: r["images_per_s"])["batch_size"] if ok else None,
-                "stopped": stopped}
-
-    def _sweep_one(self, prep, x, y, size: int) -> dict:
-        row = {"batch_size": size, "status": "ok", "median_ms": None, "images_per_s": None, "peak_memory": None,
-               "error": None}
-        batch = None
-        try:
-            repeats = -(-size // x.shape[0])
-            batch = (_repeat(x, repeats, size).to(self.device), _repeat(y, repeats, size).to(self.device))
-            times = measure.timed_steps(prep, self.loss_fn, measure.batch_source(prep, batch),
-                                        min(self.steps, SWEEP_STEPS), max(self.warmup, 2))
-            median = times.median()
-            row.update(median_ms=median, images_per_s=size * self.world / (median / 1e3),
-                       peak_memory=times.peak_memory)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            prep.optimizer.zero_grad(set_to_none=True)  # the gradients of a step that failed half-way
-            row.update(status="oom" if measure.is_oom(exc) else "failed", error=measure.one_line(exc))
-        finally:
-            del batch
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        if self.world > 1:
-            rows = [None] * self.world
-            torch.distributed.all_gather_object(rows, row)
-            row = next((r for r in rows if r["status"] != "ok"), max(rows, key=lambda r: r["median_ms"]))
-        self.log(f"  batch {size}: " + (f"{row['images_per_s']:.0f} images/s" if row["status"] == "ok"
-                                        else row["status"] + f" ({row['error']})"))
-        return row
-
 
 def _on_device(device: torch.device):
     """``torch.cuda.device(device)`` for a CUDA device (events, streams and allocations go there), else nothing."""
@@ -707,24 +615,6 @@ def _load_average() -> float | None:
         return None
 
 
-def _busy(load: float | None, cpus: int | None) -> str | None:
-    """A warning when other processes compete for the CPU: more runnable threads than cores (this process
-    counts about one) make every timing noisy, and CPU threads of two PyTorch processes slow each other
-    down many times over."""
-    if load is None or not cpus or load <= cpus + 0.5:
-        return None
-    return (f"Note: the machine was busy when profiling started (load average {load:.1f} on {cpus} CPUs): "
-            "other processes compete for the cores, so these timings are noisy.")
-
-
-def _repeat(t: torch.Tensor, repeats: int, size: int) -> torch.Tensor:
-    return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size]
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _row(options: Sequence[str], stage: str, **fields) -> dict:
     row = {"name": variant_name(options), "options": list(options), "stage": stage, "status": "ok", "error": None,
            "reason": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "timed_steps": None,
@@ -732,28 +622,6 @@ def _row(options: Sequence[str], stage: str, **fields) -> dict:
            "phases_ms": None, "mfu": None, "check": None, "ranks": None}
     row.update(fields)
     return row
-
-
-def _sound(row: dict) -> bool:
-    """Measured, and numerically within its tolerance (the baseline has no check: it is the reference)."""
-    return row["status"] == "ok" and (row.get("check") is None or row["check"]["passed"])
-
-
-def _gain(row: dict) -> float:
-    return (row.get("speedup") or 0.0) - 1.0
-
-
-def data_fraction(row: dict) -> float | None:
-    """The share of the step spent waiting for data."""
-    phases = row.get("phases_ms")
-    if not phases or not row.get("median_ms"):
-        return None
-    return phases["data"] / max(sum(phases.values()), 1e-12)
-
-
-def _data_bound(row: dict) -> bool:
-    phases = row.get("phases_ms")
-    return bool(phases) and max(phases, key=phases.get) == "data"
 
 
 def _add_mfu(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None) -> None:
@@ -765,120 +633,3 @@ def _add_mfu(rows: list[dict], run: dict, flops: dict | None, peaks: dict | None
         peak = peaks.get(precision(row["options"], run.get("tf32", False)))
         if row["status"] == "ok" and peak:
             row["mfu"] = per_step / (row["median_ms"] / 1e3) / (peak * 1e12)
-
-
-def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
-    """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
-    if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen.
-
-    ``confirmation``: the baseline and that fastest variant timed again in turns (see _Profiler._confirm); if
-    the gain does not hold there (below MIN_GAIN), the baseline is recommended and the summary says so.
-    """
-    rows = [r for r in rows]
-    base = rows[0]
-    base_ms = base.get("median_ms")
-    sound = [r for r in rows if _sound(r) and r.get("median_ms")]
-    fastest = min(sound, key=lambda r: r["median_ms"], default=base)
-    chosen = fastest if (base_ms and base_ms / fastest["median_ms"] >= 1 + MIN_GAIN) else base
-    unconfirmed = None
-    if confirmation is not None and chosen is not base and confirmation["speedup"] < 1 + MIN_GAIN:
-        unconfirmed, chosen = chosen, base
-    speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
-    not_chosen = []
-    for row in rows:
-        if row is chosen:
-            continue
-        why = _why_not(row, chosen, base)
-        if row is unconfirmed:
-            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {confirmation['speedup']:.2f}x when timed again in "
-                   f"turns with {base['name']}: not a gain that holds")
-        not_chosen.append({"variant": row["name"], "why": why})
-    fraction = data_fraction(base)
-    summary = _summary(chosen, base, speedup)
-    if unconfirmed is not None:
-        summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {base_ms / unconfirmed['median_ms']:.2f}x "
-                   "faster in the "
-                   f"search but only {confirmation['speedup']:.2f}x when timed again in turns with it; the "
-                   "machine's speed changed during profiling (other jobs?). Profile again on a quiet machine.")
-    elif confirmation is not None and chosen is not base:
-        summary += (f" Confirmed: {confirmation['speedup']:.2f}x when timed again in turns with {base['name']} "
-                    f"({confirmation['rounds']} rounds).")
-    if _data_bound(base):
-        summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
-                    "waiting for the next batch.")
-    return {"variant": chosen["name"], "speedup": speedup, "summary": summary, "data_bound": _data_bound(base),
-            "data_fraction": fraction, "not_chosen": not_chosen, "confirmation": confirmation}
-
-
-def _why_not(row: dict, chosen: dict, base: dict) -> str:
-    if row["status"] == "failed":
-        return f"failed: {row['error']}"
-    if row["status"] in ("skipped", "not_applicable"):
-        return f"{row['status'].replace('_', ' ')}: {row['reason']}"
-    check = row.get("check")
-    if check is not None and not check["passed"]:
-        if check["loss_err"] > check["loss_tol"]:
-            return (f"numerically off: loss error {check['loss_err']:.3g} > {check['loss_tol']:g} "
-                    f"({check['precision']} tolerance)")
-        return (f"numerically off: gradient error {check['grad_err']:.3g} > {check['grad_tol']:g} "
-                f"({check['precision']} tolerance; worst: {check['worst_param']})")
-    ratio = row["median_ms"] / chosen["median_ms"]
-    if chosen is base and row["median_ms"] < base["median_ms"]:
-        return (f"{base['median_ms'] / row['median_ms']:.3f}x over {base['name']}: less than the "
-                f"{MIN_GAIN:.0%} that counts as a real gain")
-    if row is base:
-        return f"the baseline: {ratio:.2f}x the step time of {chosen['name']}"
-    return f"slower here: {ratio:.2f}x the step time of {chosen['name']}"
-
-
-def _summary(chosen: dict, base: dict, speedup: float | None) -> str:
-    if chosen is base:
-        return (f"Keep {base['name']}: no variant measured was {MIN_GAIN:.0%} or more faster and numerically "
-                f"sound ({base['median_ms']:.4g} ms per step).")
-    check = chosen.get("check") or {}
-    return (f"Use {chosen['name']}: {speedup:.2f}x faster than {base['name']} ({base['median_ms']:.4g} -> "
-            f"{chosen['median_ms']:.4g} ms per step), within the {check.get('precision', 'float32')} tolerance "
-            f"of the numerical check.")
-
-
-def _describe(row: dict) -> str:
-    if row["status"] != "ok":
-        return f"  {row['name']}: {row['status']}: {row['error'] or row['reason']}"
-    check = row.get("check")
-    verdict = "" if check is None else ("  check ok" if check["passed"] else "  check FAILED")
-    return f"  {row['name']}: {row['median_ms']:.4g} ms/step{verdict}"
-
-
-class _RandomState:
-    """torch's (CPU and every initialised CUDA device), Python's and NumPy's random states and the generators of
-    a DataLoader and its sampler, saved now and put back by :meth:`restore`."""
-
-    def __init__(self, loader=None):
-        self.torch = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        self.python = random.getstate()
-        try:
-            import numpy
-
-            self.numpy = numpy.random.get_state()
-        except ImportError:
-            self.numpy = None
-        self.generators = []
-        if loader is not None:
-            for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                          getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-                g = getattr(owner, "generator", None)
-                if isinstance(g, torch.Generator) and all(g is not h for h, _ in self.generators):
-                    self.generators.append((g, g.get_state()))
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        random.setstate(self.python)
-        if self.numpy is not None:
-            import numpy
-
-            numpy.random.set_state(self.numpy)
-        for g, state in self.generators:
-            g.set_state(state)

@@ -1,17 +1,9 @@
-"""Measuring one variant: its numerical check, its timed training steps split into phases, FLOPs, top ops.
-
-The training step measured is the one a user runs::
-
-    x, y = next(batches)                                    # "data": waiting for the loader, copy to device
-    with autocast: loss = loss_fn(model(x), y)              # "forward" (the loss included)
-    (scaler.scale(loss) if scaler else loss).backward()     # "backward"
-    scaler.step(opt); scaler.update() / opt.step(); opt.zero_grad(set_to_none=True)   # "optimizer"
-
-Each phase is an NVTX range (seen by Nsight Systems; the ``nvtx`` package is optional, see ``nvtx_range``) and,
-in the profiled pass, a torch.profiler record_function.
-Times: on a GPU, CUDA events at the phase boundaries on the stream (no synchronisation inside the timed steps;
-a step is the time between its first and last event on the GPU, idle gaps included); on the CPU,
-``time.perf_counter`` at the boundaries.
+"""Measuring one variant: its numerical check (:func:`check_run`, :func:`compare`), its timed training steps
+split into the phases data, forward (the loss included), backward and optimizer (:func:`timed_steps`: each phase
+an NVTX range, and in the profiled pass a torch.profiler range; on a GPU, CUDA events at the phase boundaries with
+no synchronisation inside the timed steps, so that a step is the time between its first and last event, idle gaps
+included; on the CPU, ``time.perf_counter``), FLOPs, the device's peak TFLOP/s and the top ops. The step itself is
+:mod:`cnnperf.profiler.step`'s. Imports torch, :mod:`cnnperf._timing` and the profiler's step and variants.
 """
 
 from __future__ import annotations
@@ -26,34 +18,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from cnnperf.bench import synchronize
-from cnnperf.profiler.variants import Prepared, Tolerance
+from cnnperf._timing import quantile, synchronize
+from cnnperf.profiler.step import BatchError, backward, forward_loss, optimizer_step, split_batch, to_device
+from cnnperf.profiler.variants import CheckBound, Prepared
 
 PHASES = ("data", "forward", "backward", "optimizer")
 MAX_SCALER_RETRIES = 24  # fp16 check: halvings of the GradScaler's scale (2^16 at the start) before giving up
-
-
-class BatchError(ValueError):
-    """A batch the profiler cannot feed: one sentence naming what was expected and what came."""
-
-
-def split_batch(batch, what: str = "batch") -> tuple[torch.Tensor, object]:
-    """``(inputs, targets)`` of a batch: a pair (tuple/list) whose first element is a tensor."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
-        got = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        raise BatchError(f"{what} must be a pair (inputs, targets) with inputs a tensor, got {got}")
-    return batch[0], batch[1]
-
-
-def to_device(obj, device: torch.device, non_blocking: bool = True):
-    """Tensors (also inside tuples, lists and dicts) moved to ``device``; everything else as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device, non_blocking) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    return obj
 
 
 @functools.cache
@@ -81,30 +51,6 @@ def phase(name: str, profiled: bool = False):
             return
         with torch.profiler.record_function(f"cnnperf/{name}"):
             yield
-
-
-def forward_loss(prep: Prepared, loss_fn: Callable, x: torch.Tensor, y) -> torch.Tensor:
-    x = prep.inputs(x)
-    y = to_device(y, prep.device)
-    with prep.autocast():
-        loss = loss_fn(prep.model(x), y)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise BatchError(f"loss_fn must return a scalar tensor, got "
-                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-    return loss
-
-
-def backward(prep: Prepared, loss: torch.Tensor) -> None:
-    (prep.scaler.scale(loss) if prep.scaler is not None else loss).backward()
-
-
-def optimizer_step(prep: Prepared) -> None:
-    if prep.scaler is not None:
-        prep.scaler.step(prep.optimizer)
-        prep.scaler.update()
-    else:
-        prep.optimizer.step()
-    prep.optimizer.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +129,7 @@ def _seed(device: torch.device, seed: int) -> None:
         torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
 
 
-def compare(ref: CheckRun, got: CheckRun, tol: Tolerance, precision: str) -> dict:
+def compare(ref: CheckRun, got: CheckRun, bound: CheckBound, precision: str) -> dict:
     """The check record (SCHEMA.md) of ``got`` against the float32 baseline ``ref``.
 
     The gradient error of a step is relative over all parameters together, ``||g - r|| / ||r||`` with every
@@ -209,9 +155,9 @@ def compare(ref: CheckRun, got: CheckRun, tol: Tolerance, precision: str) -> dic
         if worst is None or err > grad_err:
             grad_err = err
             worst = max(diff2, key=lambda n: diff2[n] if math.isfinite(diff2[n]) else math.inf) if diff2 else None
-    passed = loss_err <= tol.loss and grad_err <= tol.grad and not got.notes
-    return {"passed": bool(passed), "loss_err": loss_err, "grad_err": grad_err, "loss_tol": tol.loss,
-            "grad_tol": tol.grad, "worst_param": worst, "steps": len(got.losses), "precision": precision}
+    passed = loss_err <= bound.loss and grad_err <= bound.grad and not got.notes
+    return {"passed": bool(passed), "loss_err": loss_err, "grad_err": grad_err, "loss_tol": bound.loss,
+            "grad_tol": bound.grad, "worst_param": worst, "steps": len(got.losses), "precision": precision}
 
 
 def _pair_parameters(ref: dict, got: dict):
@@ -254,11 +200,6 @@ def _bytes_held(prep: Prepared) -> int:
             if isinstance(t, torch.Tensor):
                 tensors[id(t)] = t
     return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == prep.device)
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of ``values`` (float64, linear interpolation); NaN for none."""
-    return torch.tensor(list(values), dtype=torch.float64).quantile(q).item() if values else math.nan
 
 
 def batch_source(prep: Prepared, batch=None) -> Iterator:

@@ -1,31 +1,37 @@
-"""The profiler's reports, made from a profile.json record (a plain dict, see SCHEMA.md) and nothing else.
-
-- :func:`render_terminal`: a rich summary: header, the variants in measured order (the recommended one in bold
-  green), the recommendation and why the others were not chosen, the top ops and the batch sweep.
-- :func:`html_report` / :func:`render_html`: one self-contained HTML page (inline CSS, PNG plots embedded as
-  base64, no script, no external asset): run facts, recommendation, variants table, step times, phase split,
-  batch sweep, top ops.
-- :func:`write_reports`: profile.json and report.html into a folder, and the terminal summary.
-- :func:`summary_line`: the outcome in one sentence (for a quiet mode).
-
-Every part of the record may be missing or null (a run stopped by Ctrl-C has no recommendation, maybe no
-variant): the terminal says so in one line, the HTML replaces a plot by a short note. The JSON writer, the
-number formatting, the CSS and the Agg-canvas plotting (never through pyplot) are shared with the doctor's
-report (:mod:`cnnperf.reporting`).
+"""The profiler's reports, made from a profile.json record (a plain dict, see SCHEMA.md) and nothing else:
+:func:`render_terminal` (a rich summary), :func:`html_report` / :func:`render_html` (one self-contained HTML page:
+inline CSS, PNG plots embedded as base64, no script), :func:`write_reports` (profile.json and report.html into a
+folder, and the terminal summary) and :func:`summary_line` (the outcome in one sentence). Every part of the record
+may be missing or null (a run stopped by Ctrl-C): the terminal says so in one line, the HTML replaces a plot by a
+note. Imports no torch: only :mod:`cnnperf._format`, :mod:`cnnperf._io` and :mod:`cnnperf.reporting` (rich and
+matplotlib's Agg canvas when drawing).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from cnnperf import bench
-from cnnperf.reporting import CSS as _CSS, Skip as _Skip, duration as _duration, escape as _e
-from cnnperf.reporting import figure as _figure, fmt as _fmt, html_plot as _html_plot, int_or_none as _int
-from cnnperf.reporting import jsonable, write_json_atomic
-from cnnperf.reporting import num as _num, pct as _pct, plural as _plural, section as _section, text as _text
+from cnnperf._format import (
+    duration as _duration,
+    finite as _finite,
+    fmt as _fmt,
+    int_or_none as _int,
+    num as _num,
+    pct as _pct,
+    plural as _plural,
+    text as _text,
+)
+from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
+from cnnperf.reporting import (
+    CSS as _CSS,
+    Skip as _Skip,
+    escape as _e,
+    figure as _figure,
+    html_plot as _html_plot,
+    section as _section,
+)
 
 __all__ = ["SCHEMA", "html_report", "jsonable", "render_html", "render_terminal", "summary_line",
            "write_json_atomic", "write_reports"]
@@ -84,11 +90,6 @@ def _recommended(record: Mapping) -> str | None:
 
 def _find(record: Mapping, name: Any) -> Mapping:
     return next((v for v in _variants(record) if v.get("name") == name), {})
-
-
-def _finite(x: Any) -> float | None:
-    value = _num(x)
-    return value if math.isfinite(value) else None
 
 
 def _speedup(record: Mapping, variant: Mapping) -> float | None:
@@ -788,7 +789,7 @@ def html_report(record: Mapping) -> str:
 def render_html(record: Mapping, path: str | os.PathLike) -> Path:
     """Write the HTML report of ``record`` (a profile.json dict) to ``path`` atomically; returns the path."""
     page = html_report(record)  # drawn in full before the file is touched
-    bench.write_text_atomic(Path(path), page)
+    write_text_atomic(path, page)
     return Path(path)
 
 

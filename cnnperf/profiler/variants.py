@@ -1,16 +1,13 @@
-"""The profiler's variants: what each option changes, where it applies, and how it is applied to copies.
-
-A *variant* is a set of *options* applied to the baseline, eager float32 training step; its name joins its
-options with "+" in the fixed order of :data:`OPTIONS` ("bf16+channels_last+compile"); the baseline is
-"eager". :func:`prepare` builds a variant from the user's model, optimizer factory and loader without
-touching them: the model is deep-copied (then fused, converted, compiled, wrapped in DDP), the optimizer comes
-from the factory, the loader is rebuilt from the user's one. Process-wide switches (TF32, cudnn.benchmark) are
-turned on by :func:`global_switches` for the variants that name them and put back afterwards; the baseline runs
-with them as the user left them (torch's default: TF32 for convolutions, not for matmuls), and the numerical
-check's reference runs in IEEE float32.
-
-The numerical check of a variant compares its loss and gradients with the baseline's on the same batches from
-the same weights; :data:`TOLERANCES` says how far each number format may be off.
+"""The profiler's variants: what each option changes, where it applies, how it is applied to copies, and how
+far its numbers may be off. A *variant* is a set of *options* applied to the baseline, eager float32 training
+step; its name joins its options with "+" in the fixed order of :data:`OPTIONS` ("bf16+channels_last+compile");
+the baseline is "eager". :func:`prepare` builds a variant from the user's model, optimizer factory and loader
+without touching them (the model deep-copied, then fused, converted, compiled, wrapped in DDP; the optimizer from
+the factory; the loader rebuilt); :func:`global_switches` turns on the process-wide switches (TF32,
+cudnn.benchmark) a variant names and puts them back after (the baseline runs with them as the user left them,
+the numerical check's reference in IEEE float32); :data:`CHECK_BOUNDS` bounds the loss and gradient
+errors of the numerical check per number format. Imports torch, :mod:`cnnperf._env` and (for "fuse")
+:mod:`cnnperf.fusion`.
 """
 
 from __future__ import annotations
@@ -59,8 +56,9 @@ DEFAULT_EXCLUDED_ON_CPU = ("max_autotune",)
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """How far a variant's loss and gradients may be from float32 eager (relative errors, see SCHEMA.md)."""
+class CheckBound:
+    """How far a variant's loss and gradients may be from float32 eager in the numerical check (relative errors,
+    see SCHEMA.md; a record writes them as "loss_tol" and "grad_tol")."""
 
     loss: float
     grad: float
@@ -74,11 +72,11 @@ class Tolerance:
 # 6e-5; bfloat16 autocast 0.31 and 4e-4 (ResNet-18 and VGG-11 with BatchNorm; 0.03-0.1 without). The bounds
 # are these with a margin; TF32 keeps float16's 10 mantissa bits and gets its bounds. A broken variant (a
 # gradient lost, doubled, of the wrong sign, NaN) is off by 1 or more, far outside every bound.
-TOLERANCES = {
-    "float32": Tolerance(loss=1e-4, grad=2e-2),
-    "tf32": Tolerance(loss=1e-2, grad=2.5e-1),
-    "float16": Tolerance(loss=1e-2, grad=2.5e-1),
-    "bfloat16": Tolerance(loss=3e-2, grad=5e-1),
+CHECK_BOUNDS = {
+    "float32": CheckBound(loss=1e-4, grad=2e-2),
+    "tf32": CheckBound(loss=1e-2, grad=2.5e-1),
+    "float16": CheckBound(loss=1e-2, grad=2.5e-1),
+    "bfloat16": CheckBound(loss=3e-2, grad=5e-1),
 }
 
 
@@ -174,7 +172,7 @@ def _compile_supported() -> bool:
 def worker_count(loader) -> int:
     """Workers the "workers" option gives a loader: one per CPU core (up to 8), split between the processes of
     this machine under torchrun, never fewer than the loader has."""
-    from cnnperf.bench import cpu_count
+    from cnnperf._env import cpu_count
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(loader.num_workers, min(8, max(1, cpu_count() // max(local, 1))))
@@ -332,7 +330,7 @@ def prepare(options: Sequence[str], template: nn.Module, optimizer_factory: Call
     options = tuple(options)
     module = copy.deepcopy(template).to(device)
     if "fuse" in options:
-        from cnnperf.fuse import fuse
+        from cnnperf.fusion import fuse
 
         module = fuse(module, inplace=True)
     memory_format = torch.channels_last if "channels_last" in options else torch.contiguous_format

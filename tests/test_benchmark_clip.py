@@ -1,4 +1,4 @@
-"""The gradient-clip benchmark harness (cnnperf.bench_clip) on the CPU: cases, restoring the gradients, the
+"""The gradient-clip benchmark (cnnperf.benchmarks.clip) on the CPU: cases, restoring the gradients, the
 bandwidth arithmetic, the numerical check, the JSON record and the command line.
 
 These test the harness, not the speed of anything: the end-to-end runs use the 1000 tiny tensors.
@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-from cnnperf import bench_clip, cli
+from cnnperf import cli
+from cnnperf._format import sig
+from cnnperf.benchmarks import clip as bench_clip, harness
 
 CPU = torch.device("cpu")
 
@@ -138,13 +140,13 @@ def test_speedups_and_summary():
     rows = [{"dtype": "float32", "case": case, "variant": v, "median_ms": ms}
             for case, v, ms in [("tiny", "torch", 2.0), ("tiny", "loop", 8.0), ("tiny", "cnnperf", 0.5),
                                 ("resnet50", "torch", 1.0), ("resnet50", "loop", 1.0), ("resnet50", "cnnperf", 2.0)]]
-    bench_clip.add_speedups(rows[:3])
-    bench_clip.add_speedups(rows[3:])
+    harness.add_speedups(rows[:3], "torch")
+    harness.add_speedups(rows[3:], "torch")
     assert [r.get("speedup_vs_torch") for r in rows] == [None, 0.25, 4.0, None, 1.0, 0.5]
     assert bench_clip.summarize(rows) == {
         "speedup_vs_torch": {"float32": {"tiny": {"loop": 0.25, "cnnperf": 4.0},
                                          "resnet50": {"loop": 1.0, "cnnperf": 0.5}}},
-        "geomean_speedup_vs_torch": {"float32": {"loop": 0.5, "cnnperf": bench_clip.sig(math.sqrt(2.0))}}}
+        "geomean_speedup_vs_torch": {"float32": {"loop": 0.5, "cnnperf": sig(math.sqrt(2.0))}}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_cli_on_the_gpu_counts_launches_and_host_syncs(tmp_path):
     assert record["copy_bandwidth"]["timer"] == "triton.testing.do_bench"
     by = {(r["dtype"], r["case"], r["variant"]): r for r in record["rows"]}
     assert set(by) == {(d, "tiny", v) for d in ("float32", "mixed") for v in bench_clip.VARIANTS}
-    for (dtype, case, variant), r in by.items():
+    for (_, _, variant), r in by.items():
         assert "error" not in r and r["median_ms"] > 0 and r["reps"] == 10, r
         assert r["kernel_launches"] >= 1
         if variant == "cnnperf":

@@ -34,7 +34,7 @@ __all__ = ["fuse", "FuseReport", "REPORT_ATTRIBUTE"]
 
 REPORT_ATTRIBUTE = "cnnperf_fuse_report"  # the attribute of the returned model that holds its FuseReport
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("cnnperf.fuse")  # named for the function users call
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")

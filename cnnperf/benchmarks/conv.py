@@ -15,28 +15,18 @@ versions; the whole run is written as one JSON record (atomically, after every s
 short still leaves its finished rows).
 
 Timing: on CUDA ``triton.testing.do_bench`` (it flushes L2 before every run; medians and 20/80 % quantiles).
-On the CPU a host clock with warm-up and repeats. On a machine without a GPU ``--quick`` is the default: the
-same layers at batch 2 on 56x56 images, so that a run takes seconds, not hours; its numbers only show that
-the harness works.
+On the CPU a host clock with warm-up and repeats (:mod:`cnnperf._timing`). On a machine without a GPU
+``--quick`` is the default: the same layers at batch 2 on 56x56 images, so that a run takes seconds, not hours;
+its numbers only show that the harness works.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime as _dt
 import functools
 import itertools
-import json
 import math
-import os
-import platform
-import re
-import statistics
-import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,15 +34,18 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-import cnnperf
-from cnnperf import backend, testing
+from cnnperf import _cli, backend, testing
+from cnnperf._env import device_name, versions
+from cnnperf._format import dtype_name, fmt, sig
+from cnnperf._timing import Timing, geomean, time_cuda, time_host
+from cnnperf.benchmarks import harness
+from cnnperf.functional import conv2d_bias_relu
 from cnnperf.ops import conv_bias_relu as conv_op
 
 MODELS = ("resnet50", "vgg16")
 PASSES = ("fwd", "fwdbwd")
 VARIANTS = ("eager", "compile", "cnnperf")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -67,12 +60,6 @@ ROTATE_MIN_BYTES = 128 << 20
 ROTATE_MAX_COPIES = 8
 
 SCHEMA = "cnnperf.bench/1"
-DEFAULT_OUT_DIR = Path(".benchmarks") / "cnnperf"  # git-ignored; real GPU records are copied to bench/results/
-
-
-def sig(x: float, digits: int = 5) -> float:
-    """``x`` to ``digits`` significant digits: JSON stays readable without losing small CPU figures."""
-    return float(f"{x:.{digits}g}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +101,7 @@ class ConvShape:
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        return conv_op._output_hw((self.h, self.w), (self.kh, self.kw), self.stride, self.padding, self.dilation)
+        return conv_op.output_hw((self.h, self.w), (self.kh, self.kw), self.stride, self.padding, self.dilation)
 
     def key(self) -> tuple:
         """Everything but the name and count: two layers with equal keys are the same benchmark."""
@@ -133,9 +120,9 @@ class ConvShape:
         return d
 
 
-def build_model(model: str) -> torch.nn.Module:
+def meta_model(model: str) -> torch.nn.Module:
     """torchvision's ``model`` on the ``meta`` device: its shapes, no memory."""
-    import torchvision  # only needed here; keeps `import cnnperf.bench` light
+    import torchvision  # only needed here; keeps `import cnnperf.benchmarks.conv` light
 
     with torch.device("meta"):  # no weights are allocated or initialised
         return getattr(torchvision.models, model)(weights=None)
@@ -150,7 +137,7 @@ def model_conv_layers(model: str, batch: int, image_size: int) -> tuple[ConvShap
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-    net = build_model(model).eval()
+    net = meta_model(model).eval()
     found: list[ConvShape] = []
 
     def record(name, module, args, _output):
@@ -218,12 +205,7 @@ def make_variant(variant: str, shape: ConvShape, compile_mode: str = "default",
         return torch.compile(lambda x, w, b: eager_conv_bias_relu(x, w, b, *args),
                              mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     if variant == "cnnperf":
-        def fused(x, w, b):
-            if backend_name is None:
-                return cnnperf.functional.conv2d_bias_relu(x, w, b, *args)
-            with backend.override(backend_name):
-                return cnnperf.functional.conv2d_bias_relu(x, w, b, *args)
-        return fused
+        return harness.cnnperf_backend_fn(lambda x, w, b: conv2d_bias_relu(x, w, b, *args), backend_name)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -304,56 +286,6 @@ def clear_grads(sets: Sequence[Inputs]) -> None:
 # Timing.
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Timing:
-    """One measurement, in milliseconds per call."""
-
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    min_ms: float | None = None  # host timer only
-    reps: int | None = None  # None: chosen inside do_bench
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a host clock would otherwise time the launch only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cuda(call: Callable[[], None], grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
-    """Median and 20/80 % quantiles of ``call`` with ``triton.testing.do_bench`` (CUDA events, L2 flushed)."""
-    import triton.testing
-
-    p20, p50, p80 = triton.testing.do_bench(call, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                            quantiles=[0.2, 0.5, 0.8])
-    return Timing(p50, p20, p80)
-
-
-def time_host(call: Callable[[], None], device: torch.device, reset: Callable[[], None] | None = None,
-              budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 100) -> Timing:
-    """Median and 20/80 % quantiles of ``call`` by ``time.perf_counter``, synchronising around every call.
-
-    Two untimed warm-up calls, then as many timed calls as fit in ``budget_s`` (within [min_reps, max_reps]).
-    ``reset`` runs before every call, outside the timed region.
-    """
-    def once() -> float:
-        if reset is not None:
-            reset()
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    once()
-    estimate = once()
-    reps = int(max(min_reps, min(max_reps, budget_s / max(estimate, 1e-6))))
-    times = torch.tensor([once() for _ in range(reps)], dtype=torch.float64) * 1e3
-    p20, p50, p80 = times.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
-    return Timing(p50, p20, p80, times.min().item(), reps)
-
-
 def time_call(call: Callable[[], None], device: torch.device, sets: Sequence[Inputs], pass_: str,
               budget_s: float) -> Timing:
     """do_bench on CUDA, the host timer elsewhere; gradients are cleared before every backward."""
@@ -429,84 +361,24 @@ def check_cnnperf(fn: Callable, shape: ConvShape, pass_: str, inputs: Inputs) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Environment: device name, versions.
-# ---------------------------------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    """'NVIDIA H200' or 'NVIDIA H100 80GB HBM3', or for the CPU its model and the number of threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(name: str) -> str:
-    """A file-name-safe form of a device name: 'NVIDIA H200' -> 'nvidia-h200'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def p20_p80(values: Sequence[float], scale: float = 1e3) -> list[float]:
-    """The 20 % and 80 % quantiles of ``values`` (one value: itself), times ``scale`` (seconds -> ms)."""
-    q = statistics.quantiles(values, n=5) if len(values) >= 2 else [values[0]] * 4
-    return [q[0] * scale, q[3] * scale]
-
-
-def record_header(tool: str, device: torch.device) -> dict:
-    """The fields every benchmark script's JSON record starts with: tool, device, versions, UTC time, argv."""
-    return {"tool": tool, "device": device_name(device), "versions": versions(),
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
-
-
-def versions() -> dict:
-    """Versions of everything that decides the numbers (None where a component is absent)."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "cudnn": cudnn, "python": platform.python_version(), "cnnperf": cnnperf.__version__}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The run: rows, summary, JSON record.
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(harness.Common):
     """What one run measures (resolved from the command line)."""
 
     models: list[str]
     passes: list[str]
-    variants: list[str]
     dtype: torch.dtype
-    device: torch.device
     batch: int
     image_size: int
-    quick: bool
     limit: int | None
     every: int
     memory_format: torch.memory_format
     compile_mode: str
-    backend: str
     time_budget_s: float | None
     cudnn_benchmark: bool = True
-    seed: int = 0
-    skipped: dict = dataclasses.field(default_factory=dict)  # variant -> why it is not run
 
     def shapes(self) -> list[ConvShape]:
         rows = []
@@ -524,27 +396,18 @@ class Config:
                 "skipped_variants": self.skipped}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16'."""
-    return str(dtype).removeprefix("torch.")
-
-
 def _format_name(fmt: torch.memory_format) -> str:
     return "channels_last" if fmt == torch.channels_last else "contiguous"
 
 
-def _cnnperf_path(cfg: Config, x: torch.Tensor, w: torch.Tensor) -> str:
-    """Which implementation the cnnperf variant ran: 'triton', 'reference', or per direction under auto.
-
-    Under ``auto`` on a GPU the op times both per shape and caches the winner; that cache is read here (a
-    diagnostic only: the key layout is the op's, so an unknown layout reads as 'auto').
-    """
+def cnnperf_path(cfg: Config, x: torch.Tensor, w: torch.Tensor) -> str:
+    """Which implementation the cnnperf variant ran: 'triton', 'reference', or per direction under auto (what
+    the op chose for these shapes, :func:`cnnperf.ops.conv_bias_relu.auto_choices`)."""
     if cfg.backend == "reference" or not backend.device_runs_triton(x.device.type):
         return "reference"
     if cfg.backend == "triton" or x.device.type != "cuda":
         return "triton"
-    picks = {k[0]: v for k, v in getattr(conv_op, "_auto_choice", {}).items()
-             if len(k) > 2 and k[1] == x.shape and k[2] == w.shape and x.dtype in k}
+    picks = conv_op.auto_choices(x.shape, w.shape, x.dtype)
     return ",".join(f"{d}={picks[d]}" for d in ("fwd", "bwd") if d in picks) or "auto"
 
 
@@ -555,7 +418,7 @@ def bench_shape(cfg: Config, shape: ConvShape, peak_tflops: float, budget_s: flo
         sets = input_sets(cfg, shape, pass_)
         pass_rows = [bench_variant(cfg, shape, pass_, variant, sets, peak_tflops, budget_s, common)
                      for variant in cfg.variants]
-        add_speedups(pass_rows)
+        harness.add_speedups(pass_rows, "eager")
         rows += pass_rows
         del sets  # free the device memory before the next pass allocates its own
     return rows
@@ -573,30 +436,16 @@ def bench_variant(cfg: Config, shape: ConvShape, pass_: str, variant: str, sets:
             row["compile_mode"] = cfg.compile_mode
         t = time_call(make_call(fn, pass_, sets), cfg.device, sets, pass_, budget_s)
     except Exception as e:  # an unsupported shape or a compile failure must not lose the rest of the run
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        row.update(median_ms=None, p20_ms=None, p80_ms=None, tflops=None, pct_peak=None,
-                   error=f"{type(e).__name__}: {message}"[:500])
+        row.update(harness.error_fields(e, ("tflops", "pct_peak")))
         return row
     finally:
         clear_grads(sets)
     if variant == "cnnperf":
-        row["path"] = _cnnperf_path(cfg, sets[0].x, sets[0].w)
+        row["path"] = cnnperf_path(cfg, sets[0].x, sets[0].w)
     tflops = shape.flops(pass_) / (t.median_ms * 1e-3) / 1e12
-    row.update(median_ms=sig(t.median_ms), p20_ms=sig(t.p20_ms), p80_ms=sig(t.p80_ms), reps=t.reps,
-               gflop=sig(shape.flops(pass_) / 1e9), tflops=sig(tflops), pct_peak=sig(100 * tflops / peak_tflops))
+    row.update(harness.timing_fields(t), gflop=sig(shape.flops(pass_) / 1e9), tflops=sig(tflops),
+               pct_peak=sig(100 * tflops / peak_tflops))
     return row
-
-
-def add_speedups(rows: Sequence[dict]) -> None:
-    """``speedup_vs_eager = t_eager / t_variant`` on the non-eager rows of one shape and pass (>1: faster)."""
-    eager = next((r["median_ms"] for r in rows if r["variant"] == "eager"), None)
-    for r in rows:
-        if r["variant"] != "eager":
-            r["speedup_vs_eager"] = sig(eager / r["median_ms"]) if eager and r["median_ms"] else None
-
-
-def geomean(values: Sequence[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def summarize(rows: Sequence[dict]) -> dict:
@@ -620,90 +469,35 @@ def summarize(rows: Sequence[dict]) -> dict:
     return summary
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write ``record`` to ``path`` so that a reader sees the old file or the new one, never half of one.
-
-    The JSON goes to a temporary file in the same directory (os.replace is atomic only within a file system),
-    is flushed to disk, then renamed over ``path``. On any error the temporary file is removed.
-    """
-    write_text_atomic(Path(path), json.dumps(record, indent=1, allow_nan=False) + "\n")  # dumps fails first
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temporary file in the same directory, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobbers; permissions follow the umask
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def row_context(cfg: Config) -> dict:
     """The fields every result row of a run shares: device, dtype, memory format, versions."""
     return {"device": device_name(cfg.device), "dtype": dtype_name(cfg.dtype),
             "memory_format": _format_name(cfg.memory_format), "versions": versions()}
 
 
-def default_out_path(device: str, now: _dt.datetime) -> Path:
-    return DEFAULT_OUT_DIR / f"bench_conv_{device_slug(device)}_{now:%Y%m%d-%H%M%S}.json"
-
-
 def run(cfg: Config, out: Path | None, argv: Sequence[str],
         log: Callable[[str], None] | None = None) -> tuple[dict, Path]:
-    """Benchmark every shape of ``cfg``, rewriting the JSON record at ``out`` after each shape.
-
-    ``out`` None or a directory: an auto-named file (device and time) in DEFAULT_OUT_DIR or that directory.
-    Returns the record and the path it was written to.
-    """
-    now = _dt.datetime.now(_dt.timezone.utc)
+    """Benchmark every shape of ``cfg``, rewriting the JSON record at ``out`` after each shape
+    (:func:`cnnperf.benchmarks.harness.run`). Returns the record and the path it was written to."""
     common = row_context(cfg)
-    dev = common["device"]
-    out = Path(out) if out is not None else default_out_path(dev, now)
-    if out.is_dir():
-        out = out / default_out_path(dev, now).name
-    shapes = cfg.shapes()
-    record = {"schema": SCHEMA, "device": dev, "device_type": cfg.device.type, "versions": common["versions"],
-              "peak": measure_matmul_peak(cfg.device), "timestamp": now.isoformat(timespec="seconds"),
-              "argv": list(argv), "config": cfg.describe(), "complete": False, "stopped_early": None,
-              "rows": [], "summary": {}}
-    write_json_atomic(out, record)  # the header alone already says what was attempted, should the run die
+    peak = measure_matmul_peak(cfg.device)
     budget_s = 0.1 if cfg.quick else 1.0  # host timer only; do_bench chooses its own repeats
-    start = time.perf_counter()
     previous_cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # the eager baseline (and cuDNN inside cnnperf)
     try:
-        for i, shape in enumerate(shapes, 1):
-            if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
-                record["stopped_early"] = f"time budget of {cfg.time_budget_s:g} s reached after {i - 1} shapes"
-                break
-            if log:
-                log(f"[{i}/{len(shapes)}] {shape.name} {tuple(shape.input_shape)} -> {shape.c_out}, "
-                    f"{shape.kh}x{shape.kw}/{shape.stride[0]}")
-            record["rows"] += bench_shape(cfg, shape, record["peak"]["tflops"], budget_s, common)
-            record["summary"] = summarize(record["rows"])
-            write_json_atomic(out, record)
+        return harness.run(
+            tool="cnnperf bench", schema=SCHEMA, prefix="bench_conv", device=cfg.device, out=out, argv=argv,
+            config=cfg.describe(), header={"peak": peak}, cases=cfg.shapes(),
+            measure=lambda shape: bench_shape(cfg, shape, peak["tflops"], budget_s, common),
+            summarize=summarize, time_budget_s=cfg.time_budget_s, log=log,
+            describe=lambda s: f"{s.name} {tuple(s.input_shape)} -> {s.c_out}, {s.kh}x{s.kw}/{s.stride[0]}")
     finally:
         torch.backends.cudnn.benchmark = previous_cudnn_benchmark
-    record["complete"] = record["stopped_early"] is None
-    record["elapsed_s"] = sig(time.perf_counter() - start)
-    write_json_atomic(out, record)
-    return record, out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Terminal output.
 # ---------------------------------------------------------------------------------------------------------
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def print_report(record: dict, console) -> None:
     """The results table, then the summary and anything that did not run."""
@@ -734,16 +528,13 @@ def results_table(record: dict):
     for (name, pass_), by_variant in grouped.items():
         rows = [by_variant.get(v, {}) for v in variants]
         cells = [name, pass_]
-        cells += ["[red]error[/]" if "error" in r else _fmt(r.get("median_ms"), ".3f") for r in rows]
+        cells += ["[red]error[/]" if "error" in r else fmt(r.get("median_ms"), ".3f") for r in rows]
         if fused:
-            cells += [_fmt(by_variant["cnnperf"].get("tflops"), ".3g"),
-                      _fmt(by_variant["cnnperf"].get("pct_peak"), ".3g")]
-        for v in others:
-            ratio = by_variant.get(v, {}).get("speedup_vs_eager")
-            cells.append("-" if ratio is None else f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]")
+            cells += [fmt(by_variant["cnnperf"].get("tflops"), ".3g"),
+                      fmt(by_variant["cnnperf"].get("pct_peak"), ".3g")]
+        cells += [harness.speedup_cell(by_variant.get(v, {}).get("speedup_vs_eager")) for v in others]
         if fused:
-            check = by_variant["cnnperf"].get("check", "-")
-            cells.append("[green]ok[/]" if check == "ok" else f"[red]{escape(check[:40])}[/]")
+            cells.append(harness.check_cell(by_variant["cnnperf"].get("check", "-")))
         table.add_row(*cells)
     return table
 
@@ -770,106 +561,43 @@ def print_summary(record: dict, console) -> None:
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
 
-class UsageError(Exception):
-    """A bad command line: reported as one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise UsageError (one line, exit 2) instead of printing the usage."""
-
-    def error(self, message):  # argparse would print the whole usage block first
-        raise UsageError(message)
-
-
-def choice_list(allowed: Sequence[str], what: str):
-    """argparse type for 'a,b' or 'all' -> a list of names from ``allowed``, in the order given."""
-    def parse(text: str) -> list[str]:
-        names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"{what} must be 'all' or a comma list of {', '.join(allowed)}; "
-                                             f"got {text!r}")
-        return list(dict.fromkeys(names))
-    return parse
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def _dtype(text: str) -> torch.dtype:
-    name = DTYPE_ALIASES.get(text, text)
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {text!r}")
-    return DTYPES[name]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cnnperf bench",
-                description="Time the fused conv2d + bias + ReLU against eager PyTorch and torch.compile on the "
-                            "convolution shapes of ResNet-50 and VGG-16; print a table, write a JSON record.")
-    p.add_argument("--model", type=choice_list(MODELS, "--model"), default=list(MODELS),
+    p = _cli.Parser(prog="cnnperf bench",
+                    description="Time the fused conv2d + bias + ReLU against eager PyTorch and torch.compile on the "
+                                "convolution shapes of ResNet-50 and VGG-16; print a table, write a JSON record.")
+    p.add_argument("--model", type=_cli.choice_list(MODELS), default=list(MODELS),
                    help="resnet50, vgg16, a comma list, or all (default)")
-    p.add_argument("--pass", dest="passes", type=choice_list(PASSES, "--pass"), default=list(PASSES),
+    p.add_argument("--pass", dest="passes", type=_cli.choice_list(PASSES), default=list(PASSES),
                    help="fwd, fwdbwd, or all (default)")
-    p.add_argument("--variants", type=choice_list(VARIANTS, "--variants"), default=None,
-                   help="comma list of eager, compile, cnnperf (default: all three on a GPU; eager,cnnperf on "
-                        "the CPU, where compiling every shape takes minutes)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compile variant")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile mode (default: max-autotune-no-cudagraphs on a GPU, default on the CPU)")
-    p.add_argument("--dtype", type=_dtype, default=None, help="bfloat16 (GPU default), float16, float32 (CPU "
-                                                              "default)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"reduced shapes: batch {QUICK_BATCH}, {QUICK_IMAGE}x{QUICK_IMAGE} images, short timing "
-                        "(default: on without a GPU)")
-    p.add_argument("--batch", type=positive_int, default=None,
+    p.add_argument("--dtype", type=_cli.dtype_name(DTYPES), default=None,
+                   help="bfloat16 (GPU default), float16, float32 (CPU default)")
+    p.add_argument("--batch", type=_cli.positive_int, default=None,
                    help=f"batch size (default {FULL_BATCH}, {QUICK_BATCH} with --quick)")
-    p.add_argument("--image-size", type=positive_int, default=None,
+    p.add_argument("--image-size", type=_cli.positive_int, default=None,
                    help=f"image side the shapes are derived at (default {FULL_IMAGE}, {QUICK_IMAGE} with --quick)")
-    p.add_argument("--every", type=positive_int, default=None,
+    p.add_argument("--every", type=_cli.positive_int, default=None,
                    help=f"every N-th shape of each model (default {QUICK_EVERY} with --quick, else 1)")
-    p.add_argument("--limit", type=positive_int, default=None,
+    p.add_argument("--limit", type=_cli.positive_int, default=None,
                    help="at most N shapes of each model (after --every)")
     p.add_argument("--memory-format", choices=tuple(MEMORY_FORMATS), default="channels_last",
                    help="memory format of input, weight and output gradient (default channels_last)")
-    p.add_argument("--backend", choices=backend.BACKENDS, default=None,
-                   help="cnnperf backend (default: CNNPERF_BACKEND, else auto)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="let cuDNN pick its fastest algorithm per shape, as tuned training does (default: on)")
-    p.add_argument("--time-budget", type=_positive_float, default=None,
+    p.add_argument("--time-budget", type=_cli.positive_float, default=None,
                    help="start no new shape after this many seconds (the record says where it stopped)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON record path, or an existing directory for an auto-named file (default: "
-                        f"{DEFAULT_OUT_DIR}/bench_conv_<device>_<time>.json)")
+    harness.add_common_arguments(
+        p, VARIANTS, "comma list of eager, compile, cnnperf (default: all three on a GPU; eager,cnnperf on the "
+                     "CPU, where compiling every shape takes minutes)",
+        f"reduced shapes: batch {QUICK_BATCH}, {QUICK_IMAGE}x{QUICK_IMAGE} images, short timing", "bench_conv")
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Fill in the defaults that depend on the machine; UsageError for combinations that cannot run."""
-    has_cuda = torch.cuda.is_available()
-    device = torch.device(args.device or ("cuda" if has_cuda else "cpu"))
-    if device.type == "cuda" and not has_cuda:
-        raise UsageError("--device cuda: no CUDA device is available here")
-    quick = (device.type != "cuda") if args.quick is None else args.quick
+    device, quick, requested = harness.resolve_common(args)
     skipped = {}
     if args.variants is not None:
         variants = args.variants
@@ -883,65 +611,38 @@ def resolve_config(args: argparse.Namespace) -> Config:
         variants = [v for v in variants if v != "compile"]
         skipped["compile"] = "--no-compile"
     if not variants:
-        raise UsageError("no variant left to run (--no-compile removed the only one asked for)")
-    try:
-        requested = args.backend or backend.requested()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise _cli.UsageError("no variant left to run (--no-compile removed the only one asked for)")
     # max-autotune would also capture CUDA graphs, which copy every non-parameter input into graph-owned
     # buffers on each replay: a copy that neither eager nor cnnperf pays. The autotuning is the same without.
     compile_mode = args.compile_mode or ("max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
-    return Config(models=args.model, passes=args.passes, variants=variants,
-                  dtype=args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32),
-                  device=device, batch=args.batch or (QUICK_BATCH if quick else FULL_BATCH),
-                  image_size=args.image_size or (QUICK_IMAGE if quick else FULL_IMAGE), quick=quick,
-                  limit=args.limit, every=args.every or (QUICK_EVERY if quick else 1),
-                  memory_format=MEMORY_FORMATS[args.memory_format],
-                  compile_mode=compile_mode, backend=requested, time_budget_s=args.time_budget,
-                  cudnn_benchmark=args.cudnn_benchmark, skipped=skipped)
-
-
-def make_console(stderr: bool = False):
-    """A rich Console on stdout (or stderr); 160 columns wide when not a terminal."""
-    from rich.console import Console
-
-    console = Console(stderr=stderr)
-    if not console.is_terminal:  # logs and pipes: wide enough that table rows are not folded
-        console = Console(stderr=stderr, width=160)
-    return console
-
-
-def _shapes_or_usage_error(cfg: Config) -> list[ConvShape]:
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = Config(variants=variants, device=device, quick=quick, backend=requested, skipped=skipped,
+                 models=args.model, passes=args.passes, dtype=dtype,
+                 batch=args.batch or (QUICK_BATCH if quick else FULL_BATCH),
+                 image_size=args.image_size or (QUICK_IMAGE if quick else FULL_IMAGE), limit=args.limit,
+                 every=args.every or (QUICK_EVERY if quick else 1), memory_format=MEMORY_FORMATS[args.memory_format],
+                 compile_mode=compile_mode, time_budget_s=args.time_budget, cudnn_benchmark=args.cudnn_benchmark)
     try:
-        return cfg.shapes()
+        cfg.shapes()  # derive them now: a size the models reject is a usage error
     except RuntimeError as e:  # the models' own shape checks, e.g. an image too small for VGG's five poolings
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--image-size {cfg.image_size} with --batch {cfg.batch}: {first}") from None
+        raise _cli.UsageError(f"--image-size {cfg.image_size} with --batch {cfg.batch}: {first}") from None
+    return cfg
+
+
+def parse(argv: list[str]) -> Config:
+    args = build_parser().parse_args(argv)
+    return dataclasses.replace(resolve_config(args), out=args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of ``cnnperf bench``. 0: all ran and every check passed; 1: a variant failed or a check failed;
     2: bad command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        cfg = resolve_config(args)
-        _shapes_or_usage_error(cfg)  # derive them now: a size the models reject is a usage error
-    except UsageError as e:
-        print(f"cnnperf bench: error: {e}", file=sys.stderr)
-        return 2
-
-    out, err = make_console(), make_console(stderr=True)
-    record, path = run(cfg, args.out, argv, log=lambda msg: err.print(msg, style="dim", highlight=False))
-    print_report(record, out)
-    out.print(f"wrote {path} ({len(record['rows'])} rows, {record['elapsed_s']:.1f} s)")
-    failed = [r for r in record["rows"] if "error" in r or r.get("check", "ok") != "ok"]
-    if failed:
-        print(f"cnnperf bench: {len(failed)} rows failed (errors or numerical checks); see {path}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return harness.main("cnnperf bench", argv, parse, lambda cfg, args, log: run(cfg, cfg.out, args, log),
+                        print_report)
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

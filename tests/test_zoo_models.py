@@ -1,13 +1,12 @@
-"""The doctor's model zoo (cnnperf.doctor.models): logits of the right shape for the natural data shapes,
+"""The doctor's model zoo (cnnperf.zoo.models): logits of the right shape for the natural data shapes,
 gradients that reach every parameter, no softmax at the end, the ConvNet's size and that it learns, the errors."""
 
 import pytest
 import torch
 from torch import nn
 
-from cnnperf.doctor.data import load_data
-from cnnperf.doctor.models import MODELS, ModelError, build_model
-
+from cnnperf.zoo.data import load_data
+from cnnperf.zoo.models import MODELS, ModelError, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

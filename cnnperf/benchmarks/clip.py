@@ -30,7 +30,7 @@ versions. The run is one JSON record, rewritten atomically after every case.
 
 Timing: on CUDA CUDA events around each call with L2 flushed before it, as ``triton.testing.do_bench``
 does (which has no per-call set-up hook for the restore; the time includes host overhead that the GPU work
-does not hide, as do_bench's does). On the CPU a host clock, via :func:`cnnperf.bench.time_host`. On the CPU
+does not hide, as do_bench's does). On the CPU a host clock, via :func:`cnnperf._timing.time_host`. On the CPU
 without ``TRITON_INTERPRET`` the cnnperf variant is the reference path: those numbers only show that the
 harness works; the numbers that matter come from a GPU.
 """
@@ -38,12 +38,8 @@ harness works; the numbers that matter come from a GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as _dt
 import functools
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -51,8 +47,12 @@ from typing import Callable, Sequence
 import torch
 
 import cnnperf
-from cnnperf import backend, bench, testing
-from cnnperf.bench import sig
+from cnnperf import _cli, backend, testing
+from cnnperf._env import device_name, versions
+from cnnperf._format import fmt, sig
+from cnnperf._timing import Timing, geomean, time_cuda, time_cuda_with_reset, time_host
+from cnnperf.benchmarks import harness
+from cnnperf.benchmarks.conv import meta_model
 
 CASES = ("resnet50", "vgg16", "tiny")
 QUICK_CASES = ("resnet50", "tiny")  # --quick leaves VGG-16 out: 138M fp32 gradients are 553 MB per copy
@@ -69,12 +69,11 @@ CLIP_FRACTION = 0.5  # max_norm = this x the gradients' total norm: every call c
 BYTES_PER_GRAD_BYTE = 3  # the norm reads every gradient once, the scale reads and writes it
 # The copy that measures the device's bandwidth: 1 GiB of fp32 on a GPU, 128 MiB (beyond any cache) on a CPU.
 COPY_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 25}
-L2_FLUSH_BYTES = 256 << 20  # what do_bench zeroes before each timed call
-CUDA_WARMUP_MS, CUDA_REP_MS, CUDA_QUICK_REP_MS = 25.0, 100.0, 25.0
-CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 1000
+CUDA_REP_MS, CUDA_QUICK_REP_MS = 100.0, 25.0
 HOST_BUDGET_S, HOST_QUICK_BUDGET_S = 1.0, 0.1
 
 SCHEMA = "cnnperf.bench_clip/1"
+MEASURES = ("gbps", "pct_copy_bw")  # the row fields besides the timing that a failed variant has none of
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def make_case(name: str) -> Case:
     if name == "tiny":
         return Case(name, tuple((i % TINY_MAX_ELEMENTS + 1,) for i in range(TINY_TENSORS)))
     if name in ("resnet50", "vgg16"):
-        return Case(name, tuple(tuple(p.shape) for p in bench.build_model(name).parameters()))
+        return Case(name, tuple(tuple(p.shape) for p in meta_model(name).parameters()))
     raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
 
 
@@ -190,13 +189,7 @@ def make_variant(variant: str, backend_name: str | None = None) -> Callable[[lis
     if variant == "loop":
         return clip_loop
     if variant == "cnnperf":
-        if backend_name is None:
-            return cnnperf.clip_grad_norm_
-
-        def fused(params, max_norm):
-            with backend.override(backend_name):
-                return cnnperf.clip_grad_norm_(params, max_norm)
-        return fused
+        return harness.cnnperf_backend_fn(cnnperf.clip_grad_norm_, backend_name)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -267,43 +260,13 @@ def _error(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch
 # Timing, copy bandwidth, kernel launches, host synchronisation.
 # ---------------------------------------------------------------------------------------------------------
 
-def time_cuda_with_reset(call: Callable[[], None], reset: Callable[[], None], rep_ms: float = CUDA_REP_MS,
-                         reps: int | None = None) -> bench.Timing:
-    """``triton.testing.do_bench``'s method (CUDA events around each call, L2 zeroed before it) with ``reset``
-    run before every call, outside the events; do_bench has no per-call set-up hook.
-
-    ``reps``: timed calls; None: as many as fit in ``rep_ms`` (within [CUDA_MIN_REPS, CUDA_MAX_REPS]), after
-    about CUDA_WARMUP_MS of warm-up calls.
-    """
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-
-    def timed(n: int) -> torch.Tensor:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for start, end in events:
-            reset()
-            flush.zero_()
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize()
-        return torch.tensor([s.elapsed_time(e) for s, e in events], dtype=torch.float64)
-
-    estimate = max(timed(5).median().item(), 1e-3)
-    if reps is None:
-        timed(max(1, int(CUDA_WARMUP_MS / estimate)))
-        reps = max(CUDA_MIN_REPS, min(CUDA_MAX_REPS, int(rep_ms / estimate)))
-    times = timed(reps)
-    p20, p50, p80 = times.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
-    return bench.Timing(p50, p20, p80, times.min().item(), reps)
-
-
 def time_clip(call: Callable[[], None], grads: Grads, device: torch.device, quick: bool,
-              repeat: int | None) -> bench.Timing:
+              repeat: int | None) -> Timing:
     """Quantiles of ``call`` with the gradients restored before every call, outside the timed region."""
     if device.type == "cuda":
         return time_cuda_with_reset(call, grads.restore, CUDA_QUICK_REP_MS if quick else CUDA_REP_MS, repeat)
     budget_s = HOST_QUICK_BUDGET_S if quick else HOST_BUDGET_S
-    return bench.time_host(call, device, reset=grads.restore, budget_s=budget_s, min_reps=repeat or 5,
+    return time_host(call, device, reset=grads.restore, budget_s=budget_s, min_reps=repeat or 5,
                            max_reps=repeat or 100)
 
 
@@ -320,10 +283,10 @@ def measure_copy_bandwidth(device: torch.device) -> dict:
     call = functools.partial(dst.copy_, src)
     nbytes = n * src.element_size()
     if device.type == "cuda":
-        ms, statistic, timer = bench.time_cuda(call).median_ms, "median", "triton.testing.do_bench"
+        ms, statistic, timer = time_cuda(call).median_ms, "median", "triton.testing.do_bench"
         what = f"device-to-device copy (Tensor.copy_, {nbytes >> 20} MiB fp32)"
     else:
-        ms, statistic, timer = bench.time_host(call, device, budget_s=0.5).min_ms, "min", "time.perf_counter"
+        ms, statistic, timer = time_host(call, device, budget_s=0.5).min_ms, "min", "time.perf_counter"
         what = f"host-memory copy (Tensor.copy_, {nbytes >> 20} MiB fp32, {torch.get_num_threads()} threads)"
     return {"gbps": sig(2 * nbytes / (ms * 1e-3) / 1e9), "what": what, "bytes_per_copy": nbytes,
             "counted": "bytes read + written", "ms": sig(ms), "statistic": statistic, "timer": timer}
@@ -379,19 +342,13 @@ def host_sync_free(call: Callable[[], None], reset: Callable[[], None]) -> tuple
 # The run: rows, summary, JSON record.
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(harness.Common):
     """What one run measures (resolved from the command line)."""
 
     cases: list[str]
     dtypes: list[str]
-    variants: list[str]
-    device: torch.device
-    quick: bool
     repeat: int | None
-    backend: str
-    seed: int = 0
-    skipped: dict = dataclasses.field(default_factory=dict)  # case -> why it is not run
 
     def describe(self) -> dict:
         return {"cases": self.cases, "dtypes": self.dtypes, "variants": self.variants, "quick": self.quick,
@@ -413,14 +370,14 @@ def bench_case(cfg: Config, case: Case, dtype: str, copy_gbps: float, common: di
     try:
         grads = make_grads(case, dtype, cfg.device, cfg.seed)
     except Exception as e:  # e.g. out of memory: the other cases still run
-        return [{**base, "variant": v, **_error_fields(e)} for v in cfg.variants]
+        return [{**base, "variant": v, **harness.error_fields(e, MEASURES)} for v in cfg.variants]
     base.update(max_norm=sig(grads.max_norm), total_norm=sig(grads.total_norm), clip_coef=sig(grads.clip_coef))
     rows = []
     for variant in cfg.variants:
         if log:
             log(f"  {variant}")
         rows.append(bench_variant(cfg, variant, grads, copy_gbps, base))
-    add_speedups(rows)
+    harness.add_speedups(rows, "torch")
     return rows
 
 
@@ -449,28 +406,13 @@ def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, bas
             row.update(host_sync_free=None, kernel_launches=None)
         t = time_clip(call, grads, cfg.device, cfg.quick, cfg.repeat)
     except Exception as e:
-        row.update(_error_fields(e))
+        row.update(harness.error_fields(e, MEASURES))
         return row
     finally:
         grads.restore()
     gbps = achieved_gbps(base["grad_bytes"], t.median_ms)
-    row.update(median_ms=sig(t.median_ms), p20_ms=sig(t.p20_ms), p80_ms=sig(t.p80_ms), min_ms=sig(t.min_ms),
-               reps=t.reps, gbps=sig(gbps), pct_copy_bw=sig(100 * gbps / copy_gbps))
+    row.update(harness.timing_fields(t), gbps=sig(gbps), pct_copy_bw=sig(100 * gbps / copy_gbps))
     return row
-
-
-def _error_fields(e: Exception) -> dict:
-    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return {"median_ms": None, "p20_ms": None, "p80_ms": None, "gbps": None, "pct_copy_bw": None,
-            "error": f"{type(e).__name__}: {message}"[:500]}
-
-
-def add_speedups(rows: Sequence[dict]) -> None:
-    """``speedup_vs_torch = t_torch / t_variant`` on the other rows of one case and dtype (>1: faster)."""
-    ref = next((r.get("median_ms") for r in rows if r["variant"] == "torch"), None)
-    for r in rows:
-        if r["variant"] != "torch":
-            r["speedup_vs_torch"] = sig(ref / r["median_ms"]) if ref and r.get("median_ms") else None
 
 
 def summarize(rows: Sequence[dict]) -> dict:
@@ -485,56 +427,38 @@ def summarize(rows: Sequence[dict]) -> dict:
         for variants in cases.values():
             for variant, ratio in variants.items():
                 by_variant.setdefault(variant, []).append(ratio)
-        geomeans[dtype] = {v: sig(bench.geomean(r)) for v, r in by_variant.items()}
+        geomeans[dtype] = {v: sig(geomean(r)) for v, r in by_variant.items()}
     return {"speedup_vs_torch": per_case, "geomean_speedup_vs_torch": geomeans}
-
-
-def default_out_path(device: str, now: _dt.datetime) -> Path:
-    return bench.DEFAULT_OUT_DIR / f"bench_clip_{bench.device_slug(device)}_{now:%Y%m%d-%H%M%S}.json"
 
 
 def run(cfg: Config, out: Path | None, argv: Sequence[str],
         log: Callable[[str], None] | None = None) -> tuple[dict, Path]:
-    """Benchmark every dtype x case of ``cfg``, rewriting the JSON record at ``out`` after each.
-
-    ``out`` None or a directory: an auto-named file (device and time) in bench.DEFAULT_OUT_DIR or there.
-    Returns the record and the path it was written to.
-    """
-    now = _dt.datetime.now(_dt.timezone.utc)
-    dev = bench.device_name(cfg.device)
-    common = {"device": dev, "versions": bench.versions()}
-    out = Path(out) if out is not None else default_out_path(dev, now)
-    if out.is_dir():
-        out = out / default_out_path(dev, now).name
-    start = time.perf_counter()
+    """Benchmark every dtype x case of ``cfg``, rewriting the JSON record at ``out`` after each
+    (:func:`cnnperf.benchmarks.harness.run`). Returns the record and the path it was written to."""
+    common = {"device": device_name(cfg.device), "versions": versions()}
     copy_bw = measure_copy_bandwidth(cfg.device)
-    record = {"schema": SCHEMA, "device": dev, "device_type": cfg.device.type, "versions": common["versions"],
-              "copy_bandwidth": copy_bw, "timestamp": now.isoformat(timespec="seconds"), "argv": list(argv),
-              "config": cfg.describe(), "complete": False, "rows": [], "summary": {}}
-    bench.write_json_atomic(out, record)  # the header alone already says what was attempted, should the run die
-    for dtype in cfg.dtypes:
-        for name in cfg.cases:
-            case = make_case(name)
-            if log:
-                log(f"{name} ({case.tensors} tensors, {case.elements:,} elements), {dtype}")
-            record["rows"] += bench_case(cfg, case, dtype, copy_bw["gbps"], common, log)
-            record["summary"] = summarize(record["rows"])
-            bench.write_json_atomic(out, record)
-            if cfg.device.type == "cuda":
-                torch.cuda.empty_cache()  # the next case allocates gradients of another size
-    record["complete"] = True
-    record["elapsed_s"] = sig(time.perf_counter() - start)
-    bench.write_json_atomic(out, record)
-    return record, out
+
+    def measure(item) -> list[dict]:
+        dtype, name = item
+        rows = bench_case(cfg, make_case(name), dtype, copy_bw["gbps"], common, log)
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next case allocates gradients of another size
+        return rows
+
+    def describe(item) -> str:
+        dtype, name = item
+        case = make_case(name)
+        return f"{name} ({case.tensors} tensors, {case.elements:,} elements), {dtype}"
+
+    return harness.run(tool="cnnperf bench-clip", schema=SCHEMA, prefix="bench_clip", device=cfg.device, out=out,
+                       argv=argv, config=cfg.describe(), header={"copy_bandwidth": copy_bw},
+                       cases=[(dtype, name) for dtype in cfg.dtypes for name in cfg.cases], measure=measure,
+                       summarize=summarize, describe=describe, log=log)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Terminal output.
 # ---------------------------------------------------------------------------------------------------------
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def results_table(record: dict):
     """A rich Table: one line per dtype, case and variant."""
@@ -559,10 +483,9 @@ def results_table(record: dict):
         check = r.get("check")
         table.add_row(
             r["dtype"], r["case"], str(r["tensors"]), f"{r['grad_bytes'] / 1e6:.4g}", r["variant"], *timing,
-            _fmt(r.get("kernel_launches"), "d"),
+            fmt(r.get("kernel_launches"), "d"),
             "-" if free is None else ("[green]yes[/]" if free else "[red]NO[/]"),
-            "-" if ratio is None else f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]",
-            "-" if check is None else ("[green]ok[/]" if check == "ok" else f"[red]{escape(check[:40])}[/]"))
+            harness.speedup_cell(ratio), harness.check_cell(check))
     return table
 
 
@@ -588,55 +511,28 @@ def print_report(record: dict, console) -> None:
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
 
-def _dtype_list(text: str) -> list[str]:
-    """argparse type for 'float32,bf16,mixed' or 'all' -> DTYPES names, in the order given."""
-    names = list(DTYPES) if text == "all" else [bench.DTYPE_ALIASES.get(t.strip(), t.strip())
-                                                for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--dtype must be 'all' or a comma list of {', '.join(DTYPES)} (or bf16, "
-                                         f"fp16, fp32); got {text!r}")
-    return list(dict.fromkeys(names))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = bench.Parser(prog="cnnperf bench-clip",
-                     description="Time the fused gradient norm + clip (cnnperf.clip_grad_norm_) against torch's "
-                                 "clip_grad_norm_ (foreach) and a per-parameter loop on the gradients of "
-                                 "ResNet-50, VGG-16 and 1000 tiny tensors; print a table, write a JSON record.")
-    p.add_argument("--case", dest="cases", type=bench.choice_list(CASES, "--case"), default=None,
+    p = _cli.Parser(prog="cnnperf bench-clip",
+                    description="Time the fused gradient norm + clip (cnnperf.clip_grad_norm_) against torch's "
+                                "clip_grad_norm_ (foreach) and a per-parameter loop on the gradients of "
+                                "ResNet-50, VGG-16 and 1000 tiny tensors; print a table, write a JSON record.")
+    p.add_argument("--case", dest="cases", type=_cli.choice_list(CASES), default=None,
                    help="resnet50, vgg16, tiny, a comma list, or all (default: all; resnet50,tiny with --quick)")
-    p.add_argument("--dtype", dest="dtypes", type=_dtype_list, default=["float32"],
+    p.add_argument("--dtype", dest="dtypes", type=_cli.choice_list(DTYPES, _cli.DTYPE_ALIASES), default=["float32"],
                    help="float32 (default), bfloat16, float16, mixed (bf16/fp32 alternating), a comma list, or all")
-    p.add_argument("--variants", type=bench.choice_list(VARIANTS, "--variants"), default=list(VARIANTS),
-                   help="comma list of torch, loop, cnnperf (default: all three)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
-                   help="short timing, and VGG-16 left out of the default cases (default: on without a GPU)")
-    p.add_argument("--repeat", type=bench.positive_int, default=None,
+    p.add_argument("--repeat", type=_cli.positive_int, default=None,
                    help="timed calls per row (default: as many as fit in the time per row)")
-    p.add_argument("--backend", choices=backend.BACKENDS, default=None,
-                   help="cnnperf backend (default: CNNPERF_BACKEND, else auto)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON record path, or an existing directory for an auto-named file (default: "
-                        f"{bench.DEFAULT_OUT_DIR}/bench_clip_<device>_<time>.json)")
+    harness.add_common_arguments(p, VARIANTS, "comma list of torch, loop, cnnperf (default: all three)",
+                                 "short timing, and VGG-16 left out of the default cases", "bench_clip")
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Fill in the defaults that depend on the machine; UsageError for combinations that cannot run."""
-    has_cuda = torch.cuda.is_available()
-    device = torch.device(args.device or ("cuda" if has_cuda else "cpu"))
-    if device.type == "cuda" and not has_cuda:
-        raise bench.UsageError("--device cuda: no CUDA device is available here")
-    quick = (device.type != "cuda") if args.quick is None else args.quick
-    try:
-        requested = args.backend or backend.requested()
-    except ValueError as e:
-        raise bench.UsageError(str(e)) from None
+    device, quick, requested = harness.resolve_common(args)
     if requested == "triton" and not backend.device_runs_triton(device.type):
-        raise bench.UsageError(f"--backend triton: Triton kernels cannot run on {device.type} tensors here "
-                               "(on the CPU they need TRITON_INTERPRET=1)")
+        raise _cli.UsageError(f"--backend triton: Triton kernels cannot run on {device.type} tensors here "
+                              "(on the CPU they need TRITON_INTERPRET=1)")
     skipped = {}
     if args.cases is not None:
         cases = args.cases
@@ -646,33 +542,23 @@ def resolve_config(args: argparse.Namespace) -> Config:
                             "copy; add it with --case all or --no-quick")
     else:
         cases = list(CASES)
-    return Config(cases=cases, dtypes=args.dtypes, variants=args.variants, device=device, quick=quick,
-                  repeat=args.repeat, backend=requested, skipped=skipped)
+    return Config(variants=args.variants or list(VARIANTS), device=device, quick=quick, backend=requested,
+                  skipped=skipped, out=args.out, cases=cases, dtypes=args.dtypes, repeat=args.repeat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of ``cnnperf bench-clip``. 0: all ran and every check passed; 1: a variant failed, a check failed
     or cnnperf synchronised with the host; 2: bad command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        cfg = resolve_config(args)
-    except bench.UsageError as e:
-        print(f"cnnperf bench-clip: error: {e}", file=sys.stderr)
-        return 2
+    def failed(record: dict) -> list[dict]:
+        return harness.failed_rows(
+            record, lambda r: r["variant"] == "cnnperf" and r.get("host_sync_free") is False)
 
-    out, err = bench.make_console(), bench.make_console(stderr=True)
-    record, path = run(cfg, args.out, argv, log=lambda msg: err.print(msg, style="dim", highlight=False))
-    print_report(record, out)
-    out.print(f"wrote {path} ({len(record['rows'])} rows, {record['elapsed_s']:.1f} s)")
-    failed = [r for r in record["rows"] if "error" in r or r.get("check", "ok") != "ok"
-              or (r["variant"] == "cnnperf" and r.get("host_sync_free") is False)]
-    if failed:
-        print(f"cnnperf bench-clip: {len(failed)} rows failed (errors, numerical checks or host syncs); see {path}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return harness.main("cnnperf bench-clip", argv, lambda a: resolve_config(build_parser().parse_args(a)),
+                        lambda cfg, args, log: run(cfg, cfg.out, args, log), print_report, failed,
+                        "errors, numerical checks or host syncs")
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

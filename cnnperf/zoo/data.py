@@ -1,4 +1,5 @@
-"""The doctor's data sets: real images by default, with a held-out validation split, as DataLoaders.
+"""The data sets of the doctor and the profiler: real images by default, with a held-out validation split, as
+DataLoaders.
 
 ``load_data(name)`` returns a :class:`DataBundle`: a shuffled training loader, an unshuffled validation loader and
 what a model and a report need to know about the data (classes, channels, image size, normalisation).

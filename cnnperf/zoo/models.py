@@ -1,4 +1,4 @@
-"""The doctor's model zoo: five classic CNNs, sized for the small images of :mod:`cnnperf.doctor.data`.
+"""The model zoo: classic CNNs sized for the small images of :mod:`cnnperf.zoo.data` (doctor and profiler).
 
 ``build_model(name, in_channels=..., num_classes=..., image_size=...)`` returns a freshly initialised model
 (seed torch first for the same weights) whose output is logits ``(N, num_classes)``: no softmax at the end,
@@ -173,8 +173,9 @@ class VGG11Small(nn.Module):
 def _resnet(arch: str, *, in_channels: int, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
     """torchvision's ResNet ``arch`` (resnet18, resnet50), untrained. Up to 64 px the ImageNet stem (7x7
     stride 2, then a stride-2 max-pool: 28 px would be 7 px before the first block) becomes one 3x3 stride-1
-    convolution with no max-pool, as for CIFAR; above, the ImageNet stem is kept (with ``in_channels``). ``dropout > 0`` puts a dropout layer
-    before the final linear layer (``fc`` becomes ``Sequential(Dropout, Linear)``)."""
+    convolution with no max-pool, as for CIFAR; above, the ImageNet stem is kept (with ``in_channels``).
+    ``dropout > 0`` puts a dropout layer before the final linear layer (``fc`` becomes
+    ``Sequential(Dropout, Linear)``)."""
     import torchvision.models
 
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)

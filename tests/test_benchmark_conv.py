@@ -1,17 +1,16 @@
-"""The benchmark harness (cnnperf.bench) on the CPU: shapes, timing, checks, the JSON record, the command line.
+"""The conv benchmark (cnnperf.benchmarks.conv) on the CPU: shapes, timing, checks, the JSON record, the command line.
 
 These test the harness, not the speed of anything: the end-to-end run uses tiny shapes (batch 1, 32x32).
 """
 
 import json
-import math
 import os
 
 import pytest
 import torch
 
-from cnnperf import bench, cli
-
+from cnnperf import cli
+from cnnperf.benchmarks import conv as bench, harness
 
 # ---------------------------------------------------------------------------------------------------------
 # Shapes derived from torchvision.
@@ -91,15 +90,6 @@ def test_inputs_are_random_and_rotated():
     assert bench.input_sets(cfg, shape, "fwd")[0].grad is None
 
 
-def test_time_host_quantiles_and_reset_outside_the_clock():
-    calls = []
-    timing = bench.time_host(lambda: calls.append("call"), torch.device("cpu"),
-                             reset=lambda: calls.append("reset"), budget_s=0.01, min_reps=5, max_reps=20)
-    assert 5 <= timing.reps <= 20
-    assert 0 < timing.min_ms <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
-    assert calls == ["reset", "call"] * (timing.reps + 2)  # two warm-up calls, then the timed ones
-
-
 @pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
 def test_check_passes_cnnperf_and_catches_a_wrong_result(pass_):
     cfg = _tiny_config()
@@ -117,41 +107,12 @@ def test_speedups_and_summary():
     rows = [{"pass": "fwd", "model": "resnet50", "name": name, "variant": v, "median_ms": ms}
             for name, v, ms in [("a", "eager", 2.0), ("a", "cnnperf", 1.0),
                                 ("b", "eager", 1.0), ("b", "cnnperf", 2.0)]]
-    bench.add_speedups(rows[:2])
-    bench.add_speedups(rows[2:])
+    harness.add_speedups(rows[:2], "eager")
+    harness.add_speedups(rows[2:], "eager")
     assert [r.get("speedup_vs_eager") for r in rows] == [None, 2.0, None, 0.5]
     summary = bench.summarize(rows)
     assert summary == {"fwd": {"resnet50": {"cnnperf": {"geomean_speedup": 1.0, "min_speedup": 0.5,
                                                        "min_shape": "b", "shapes": 2}}}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The JSON record.
-# ---------------------------------------------------------------------------------------------------------
-
-def test_write_json_atomic_leaves_no_temp_file(tmp_path):
-    path = tmp_path / "sub" / "record.json"
-    bench.write_json_atomic(path, {"rows": [1]})
-    bench.write_json_atomic(path, {"rows": [1, 2]})
-    assert json.loads(path.read_text()) == {"rows": [1, 2]}
-    assert os.listdir(path.parent) == ["record.json"]
-
-
-def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "record.json"
-    bench.write_json_atomic(path, {"rows": [1]})
-    with pytest.raises(ValueError):
-        bench.write_json_atomic(path, {"rows": [math.nan]})  # not valid JSON: refused before writing
-
-    def fail(src, dst):
-        assert os.path.dirname(src) == os.path.dirname(dst)  # same directory: the rename is atomic
-        raise OSError("disk full")
-
-    monkeypatch.setattr(bench.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        bench.write_json_atomic(path, {"rows": [1, 2, 3]})
-    assert json.loads(path.read_text()) == {"rows": [1]}
-    assert os.listdir(tmp_path) == ["record.json"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The doctor's data sets (cnnperf.doctor.data): the digits split and normalisation, augmentation, the fake data,
+"""The doctor's data sets (cnnperf.zoo.data): the digits split and normalisation, augmentation, the fake data,
 MNIST / CIFAR-10 / ImageFolder read from small files written here, and the errors.
 
 Nothing is downloaded: MNIST and CIFAR-10 are tiny stand-ins in the real on-disk formats.
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cnnperf.doctor import data
-from cnnperf.doctor.data import DATASETS, DataError, load_data
+from cnnperf.zoo import data
+from cnnperf.zoo.data import DATASETS, DataError, load_data
 
 DIGITS = load_digits()
 DIGITS_LABELS = torch.from_numpy(DIGITS.target).long()
@@ -124,7 +124,9 @@ def test_augment_changes_training_images_but_not_validation_images():
     first, second = _images(augmented.train_loader), _images(augmented.train_loader)
     unchanged = _images(plain.train_loader)
     assert first.shape == unchanged.shape
-    changed = lambda a, b: ((a - b).abs().flatten(1).amax(1) > 0.1).float().mean().item()
+    def changed(a, b):
+        return ((a - b).abs().flatten(1).amax(1) > 0.1).float().mean().item()
+
     assert changed(first, unchanged) > 0.95 and changed(first, second) > 0.95  # a new draw for each read
     # Still the same digits, moved a little: each resembles its own original more than another digit does.
     (mean,), (std,) = plain.mean, plain.std

@@ -1,0 +1,130 @@
+"""The recommendation policy: which measured variant to recommend (:func:`recommend`), why the others were not,
+the sentences that say so, and the thresholds it decides by. Pure functions of measured rows (the dicts of a
+profile.json record, see SCHEMA.md): no torch, no process state, no import of cnnperf, so that the policy can be
+read, tested and changed on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+MIN_GAIN = 0.03  # a variant (or one more option) must be 3 % faster to be chosen: less is within run-to-run noise
+# A run is noisy when the machine has more runnable threads than cores: this process counts about one, hence the
+# half core of slack before the note.
+BUSY_SLACK = 0.5
+
+
+def sound(row: dict) -> bool:
+    """Measured, and numerically within its tolerance (the baseline has no check: it is the reference)."""
+    return row["status"] == "ok" and (row.get("check") is None or row["check"]["passed"])
+
+
+def gain(row: dict) -> float:
+    return (row.get("speedup") or 0.0) - 1.0
+
+
+def data_fraction(row: dict) -> float | None:
+    """The share of the step spent waiting for data."""
+    phases = row.get("phases_ms")
+    if not phases or not row.get("median_ms"):
+        return None
+    return phases["data"] / max(sum(phases.values()), 1e-12)
+
+
+def data_bound(row: dict) -> bool:
+    phases = row.get("phases_ms")
+    return bool(phases) and max(phases, key=phases.get) == "data"
+
+
+def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
+    """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
+    if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen.
+
+    ``confirmation``: the baseline and that fastest variant timed again in turns (see
+    ``cnnperf.profiler.core._Profiler._confirm``); if the gain does not hold there (below MIN_GAIN), the baseline is
+    recommended and the summary says so.
+    """
+    rows = [r for r in rows]
+    base = rows[0]
+    base_ms = base.get("median_ms")
+    measured = [r for r in rows if sound(r) and r.get("median_ms")]
+    fastest = min(measured, key=lambda r: r["median_ms"], default=base)
+    chosen = fastest if (base_ms and base_ms / fastest["median_ms"] >= 1 + MIN_GAIN) else base
+    unconfirmed = None
+    if confirmation is not None and chosen is not base and confirmation["speedup"] < 1 + MIN_GAIN:
+        unconfirmed, chosen = chosen, base
+    speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
+    not_chosen = []
+    for row in rows:
+        if row is chosen:
+            continue
+        why = _why_not(row, chosen, base)
+        if row is unconfirmed:
+            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {confirmation['speedup']:.2f}x when timed "
+                   f"again in turns with {base['name']}: not a gain that holds")
+        not_chosen.append({"variant": row["name"], "why": why})
+    fraction = data_fraction(base)
+    summary = _summary(chosen, base, speedup)
+    if unconfirmed is not None:
+        summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {base_ms / unconfirmed['median_ms']:.2f}x "
+                   "faster in the "
+                   f"search but only {confirmation['speedup']:.2f}x when timed again in turns with it; the "
+                   "machine's speed changed during profiling (other jobs?). Profile again on a quiet machine.")
+    elif confirmation is not None and chosen is not base:
+        summary += (f" Confirmed: {confirmation['speedup']:.2f}x when timed again in turns with {base['name']} "
+                    f"({confirmation['rounds']} rounds).")
+    if data_bound(base):
+        summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
+                    "waiting for the next batch.")
+    return {"variant": chosen["name"], "speedup": speedup, "summary": summary, "data_bound": data_bound(base),
+            "data_fraction": fraction, "not_chosen": not_chosen, "confirmation": confirmation}
+
+
+def _why_not(row: dict, chosen: dict, base: dict) -> str:
+    if row["status"] == "failed":
+        return f"failed: {row['error']}"
+    if row["status"] in ("skipped", "not_applicable"):
+        return f"{row['status'].replace('_', ' ')}: {row['reason']}"
+    check = row.get("check")
+    if check is not None and not check["passed"]:
+        if check["loss_err"] > check["loss_tol"]:
+            return (f"numerically off: loss error {check['loss_err']:.3g} > {check['loss_tol']:g} "
+                    f"({check['precision']} tolerance)")
+        return (f"numerically off: gradient error {check['grad_err']:.3g} > {check['grad_tol']:g} "
+                f"({check['precision']} tolerance; worst: {check['worst_param']})")
+    ratio = row["median_ms"] / chosen["median_ms"]
+    if chosen is base and row["median_ms"] < base["median_ms"]:
+        return (f"{base['median_ms'] / row['median_ms']:.3f}x over {base['name']}: less than the "
+                f"{MIN_GAIN:.0%} that counts as a real gain")
+    if row is base:
+        return f"the baseline: {ratio:.2f}x the step time of {chosen['name']}"
+    return f"slower here: {ratio:.2f}x the step time of {chosen['name']}"
+
+
+def _summary(chosen: dict, base: dict, speedup: float | None) -> str:
+    if chosen is base:
+        return (f"Keep {base['name']}: no variant measured was {MIN_GAIN:.0%} or more faster and numerically "
+                f"sound ({base['median_ms']:.4g} ms per step).")
+    check = chosen.get("check") or {}
+    return (f"Use {chosen['name']}: {speedup:.2f}x faster than {base['name']} ({base['median_ms']:.4g} -> "
+            f"{chosen['median_ms']:.4g} ms per step), within the {check.get('precision', 'float32')} tolerance "
+            f"of the numerical check.")
+
+
+def busy(load: float | None, cpus: int | None) -> str | None:
+    """A warning when other processes compete for the CPU: more runnable threads than cores (this process
+    counts about one) make every timing noisy, and CPU threads of two PyTorch processes slow each other
+    down many times over."""
+    if load is None or not cpus or load <= cpus + BUSY_SLACK:
+        return None
+    return (f"Note: the machine was busy when profiling started (load average {load:.1f} on {cpus} CPUs): "
+            "other processes compete for the cores, so these timings are noisy.")
+
+
+def describe(row: dict) -> str:
+    """A row as one line of the progress log."""
+    if row["status"] != "ok":
+        return f"  {row['name']}: {row['status']}: {row['error'] or row['reason']}"
+    check = row.get("check")
+    verdict = "" if check is None else ("  check ok" if check["passed"] else "  check FAILED")
+    return f"  {row['name']}: {row['median_ms']:.4g} ms/step{verdict}"
