@@ -157,7 +157,7 @@ KERNELS: tuple[KernelAudit, ...] = (
                 constexprs={"NORM_INF": False},
                 arg_types={**_types("*fp32", "partial_ptr", "acc_ptr"), "chunk_begin_ptr": "*i64"}),
     KernelAudit(_GRAD_NORM, "_grad_norm_finalize_kernel", {ANY_DTYPE: lambda k: {"BLOCK_T": k.FINALIZE_BLOCK_T}},
-                constexprs={"NORM_INF": False, "HAS_SCALE": True},
+                constexprs={"NORM_INF": False, "HAS_SCALE": True, "ROUND_TOTAL": 1},
                 arg_types={**_types("*fp32", "acc_ptr", "norms_ptr", "total_ptr", "coef_ptr", "scale_ptr"),
                            "finite_ptr": "*u1", "max_norm": "fp32"}),
     KernelAudit(_GRAD_NORM, "_grad_scale_kernel", {ANY_DTYPE: _grad_norm_chunk_config},

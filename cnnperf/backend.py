@@ -131,6 +131,17 @@ def choose(op: str, device_type: str, unsupported: str | None) -> str:
     return "triton"
 
 
+def quiet_interpreter():
+    """A context for launching kernels: under ``TRITON_INTERPRET=1`` they compute with NumPy, which warns about
+    the inf/NaN arithmetic (overflow, invalid value) that a GPU does silently; those warnings are silenced. Off
+    the interpreter it does nothing."""
+    if not interpret():
+        return contextlib.nullcontext()
+    import numpy
+
+    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def warn_once(message: str) -> None:
     """Emit ``message`` as a warning the first time it is seen in this process."""
     with _warned_lock:

@@ -12,8 +12,9 @@ Passes, all on the device, without a host synchronisation:
 1. ``_grad_norm_partial_kernel``: per chunk, the sum of squares (``NORM_INF``: the max of |x|) in fp32.
 2. ``_grad_norm_reduce_kernel``: per tensor, the sum (max) of its chunks' partials, in chunk order.
    (Distributed: the host all-reduces this per-tensor vector here.)
-3. ``_grad_norm_finalize_kernel``: per-tensor norms, the total norm, the finite flag and the clip coefficient
-   ``min(1, max_norm / (total + 1e-6))``, in one program, in tensor order.
+3. ``_grad_norm_finalize_kernel``: per-tensor norms, the total norm (rounded to the 16-bit dtype it is returned
+   in, if so), the finite flag and the clip coefficient ``min(1, max_norm / (total + 1e-6))``, in one program,
+   in tensor order.
 4. ``_grad_scale_kernel``: every gradient times the coefficient read from device memory; nothing is written
    where the coefficient is 1.
 
@@ -149,6 +150,7 @@ def _grad_norm_finalize_kernel(
     max_norm,  # fp32
     NORM_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # gradients are multiplied by *scale_ptr: report the unscaled norms
+    ROUND_TOTAL: tl.constexpr,  # 0, or 1 / 2: the total is returned in fp16 / bf16; round it before using it
     BLOCK_T: tl.constexpr,
 ):
     inv_scale = 1.0
@@ -170,6 +172,10 @@ def _grad_norm_finalize_kernel(
     else:
         norm = tl.sqrt(tl.sum(total, axis=0))
     norm = norm * inv_scale
+    if ROUND_TOTAL == 1:  # what the caller will see: a total that overflows fp16 is inf, as in torch
+        norm = norm.to(tl.float16).to(tl.float32)
+    elif ROUND_TOTAL == 2:
+        norm = norm.to(tl.bfloat16).to(tl.float32)
     tl.store(total_ptr, norm)
     tl.store(finite_ptr, (norm == norm) & (norm < float("inf")))
     coef = max_norm / (norm + 1e-6)

@@ -177,6 +177,59 @@ def test_cases_that_once_differed_from_torch(backend_name, case):
     check_conv_like_torch(backend_name, case)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_double_backward_and_forward_mode_ad(backend_name):
+    """Gradient penalties differentiate the gradients (create_graph=True); jvp needs forward-mode AD. Both
+    worked on torch's conv and failed (an error, a lost tangent) on the fused op."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64).to(DEVICE)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64).to(DEVICE) / 3
+    b = torch.randn(4, generator=gen, dtype=torch.float64).to(DEVICE)
+    dtype = torch.float32
+    x32, w32, b32 = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    x64, w64, b64 = (t.clone().requires_grad_() for t in (x, w, b))
+
+    def second_order(fn, x, w, b):
+        (gx,) = torch.autograd.grad(fn(x, w, b, 1, 1).pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [x, w, b])
+
+    with backend.override(backend_name):
+        got = second_order(conv2d_bias_relu, x32, w32, b32)
+    expected = second_order(lambda *a: F.relu(F.conv2d(*a)), x64, w64, b64)
+    for g, e, name in zip(got, expected, ("input", "weight", "bias")):
+        assert_close(g, e, dtype, name=f"second-order gradient of {name}")
+
+    tangent = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    with fwAD.dual_level():
+        with backend.override(backend_name):
+            out = conv2d_bias_relu(fwAD.make_dual(x.to(dtype), tangent.to(dtype)), w.to(dtype), b.to(dtype), 1, 1)
+        ref = F.relu(F.conv2d(fwAD.make_dual(x, tangent), w, b, 1, 1))
+        got_t, ref_t = fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(ref).tangent
+    assert got_t is not None, "the tangent was lost"
+    assert_close(got_t, ref_t, dtype, name="tangent")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA the fused op's layouts are channels_last by design (README)")
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("layout", ["input", "weight", "neither"])
+def test_raw_gradients_have_torchs_memory_format(backend_name, layout):
+    x = torch.randn(2, 3, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    if layout == "input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "weight":
+        w = w.contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for name, fn in (("torch", lambda x, w: F.relu(F.conv2d(x, w))), ("cnnperf", conv2d_bias_relu)):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with backend.override(backend_name):
+            grads[name] = torch.autograd.grad(fn(xs, ws).sum(), [xs, ws])
+    for got, expected in zip(grads["cnnperf"], grads["torch"]):
+        assert _format(got) == _format(expected), (got.stride(), expected.stride())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # clip_grad_norm_
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +253,7 @@ def clip_cases(draw, backend_name):
         norm_type=draw(st.sampled_from(_ORDERS if backend_name == "reference" else [2.0, 2, math.inf, "inf"])),
         error_if_nonfinite=draw(st.booleans()),
         nonfinite=draw(st.sampled_from([None, None, None, math.inf, -math.inf, math.nan])),
-        create_graph=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 1e-3, 1e3])),
+        create_graph=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 1e-3, 1e3, 1e4, 1e20])),
         seed=draw(st.integers(0, 2**16)))
 
 
@@ -287,7 +340,13 @@ _CLIP = dict(shapes=[(3, 4), (5,)], dtypes=[torch.float32, torch.float32], has_g
     dict(_CLIP, form="generator", shapes=[], dtypes=[], has_grad=[]),  # torch warns: an empty generator
     dict(_CLIP, create_graph=True),  # torch records neither the norm nor the scaling in the graph
     dict(_CLIP, norm_type=0.0), dict(_CLIP, norm_type=-1.0), dict(_CLIP, norm_type=-math.inf),  # torch takes them
-], ids=["empty-generator", "create-graph", "order-0", "order-minus-1", "order-minus-inf"])
+    # A float16 total over 65504 is inf in torch: the gradients are zeroed and error_if_nonfinite raises.
+    dict(_CLIP, shapes=[(30,), (30,)], dtypes=[torch.float16] * 2, scale=1e4),
+    dict(_CLIP, shapes=[(30,), (30,)], dtypes=[torch.float16] * 2, scale=1e4, error_if_nonfinite=True),
+    # |g|^p of fp32 gradients of 1e20 underflows float32 at p = -2: torch's norm is 3.2e19, not inf.
+    dict(_CLIP, norm_type=-2.0, scale=1e20),
+], ids=["empty-generator", "create-graph", "order-0", "order-minus-1", "order-minus-inf", "fp16-total-overflows",
+        "fp16-total-overflows-raises", "order-minus-2-huge"])
 def test_clip_cases_that_once_differed_from_torch(backend_name, case):
     if backend_name == "triton" and case["norm_type"] not in (2.0, math.inf):
         backend_name = "auto"  # the kernels' backend refuses these orders by name; auto takes the reference

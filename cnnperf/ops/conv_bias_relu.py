@@ -24,6 +24,7 @@ import threading
 from typing import Iterator, Mapping, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_memory_format, in Python
 
@@ -69,13 +70,21 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    if input.numel() == 0 or weight.numel() == 0:
+    if input.numel() == 0 or weight.numel() == 0 or _has_tangent(input, weight, bias):
         # Nothing to compute, and torch has its own rules for such shapes (zero input channels give zero output
-        # channels; zero output channels are an error): its ops, with its autograd, decide.
+        # channels; zero output channels are an error); or forward-mode AD, which the custom op has no formula
+        # for: torch's ops, with their autograd, decide.
         out = reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
     else:
         out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD is active and any of ``tensors`` carries a tangent (a dual tensor)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level is open: the common case, checked cheaply
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_tensors(input, weight, bias):
@@ -181,6 +190,14 @@ def _memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_fo
     return torch.contiguous_format
 
 
+def _weight_grad_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The weight gradient's memory format: torch's rule on every device (channels_last when the input's or the
+    weight's strides suggest it). The parameter's ``.grad`` takes the parameter's own layout in any case."""
+    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The custom ops (registered with torch.library so that torch.compile traces them without graph breaks).
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +268,7 @@ def _backward_results(grads, input, weight, output_mask):
     custom op may not alias each other) for a gradient not asked for."""
     gi, gw, gb = grads
     gi = gi.contiguous(memory_format=_memory_format(input, weight)) if output_mask[0] else input.new_empty((0,))
-    gw = gw.contiguous() if output_mask[1] else input.new_empty((0,))
+    gw = gw.contiguous(memory_format=_weight_grad_format(input, weight)) if output_mask[1] else input.new_empty((0,))
     gb = gb.contiguous() if output_mask[2] else input.new_empty((0,))
     return gi, gw, gb
 
@@ -275,8 +292,14 @@ def _backward(ctx, grad_output):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if not any(mask):
         return None, None, None, None, None, None, None
-    gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
-        grad_output, input, weight, output, stride, padding, dilation, groups, mask)
+    if torch.is_grad_enabled():
+        # create_graph=True: these gradients will be differentiated again (double backward, gradient
+        # penalties). The backward op has no formula of its own; torch's ops computing the same do.
+        gi, gw, gb = reference.conv2d_bias_relu_backward(
+            grad_output, input, weight, output, stride, padding, dilation, groups, mask)
+    else:
+        gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
+            grad_output, input, weight, output, stride, padding, dilation, groups, mask)
     return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
             None, None, None, None)
 

@@ -95,14 +95,16 @@ def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach
     scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
     if scale is not None and scale.device != grads[0].device:
         raise ValueError(f"{OP}: scaler's scale is on {scale.device}, the gradients on {grads[0].device}")
-    _, total, finite, coef, apply = _norms(grads, norm_type, max_norm, scale, process_group, foreach)
+    result_dtype = _result_dtype(grads)
+    _, total, finite, coef, apply = _norms(grads, norm_type, max_norm, scale, process_group, foreach,
+                                           round_to=result_dtype if result_dtype.itemsize == 2 else None)
     if error_if_nonfinite and not bool(finite):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
     apply(coef)
-    return _as_grads_total(total.to(_result_dtype(grads)), grads)
+    return _as_grads_total(total.to(result_dtype), grads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,8 +193,14 @@ def _reduce_groups(grads, process_group) -> list:
     return groups
 
 
-def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None):
-    """(per-tensor norms, total, finite, coefficient, apply) where ``apply(coef)`` clips the gradients."""
+def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round_to=None):
+    """(per-tensor norms, total, finite, coefficient, apply) where ``apply(coef)`` clips the gradients.
+
+    ``round_to``: the 16-bit dtype the total norm is returned in; it is rounded to it before the finite flag and
+    the coefficient are taken from it, as torch's clip does (whose total *is* in that dtype): a total that
+    overflows float16 is inf, zeroes the gradients and fails ``error_if_nonfinite``, as in torch.
+    Per-tensor norms and the total are float32 (float64 if any gradient is).
+    """
     local = [_local(g) for g in grads]
     _check_empty(local, norm_type)
     groups = _reduce_groups(grads, process_group)
@@ -209,9 +217,11 @@ def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None):
     for group in groups:
         dist.all_reduce(acc, op=reference.grad_norm_reduce_op(norm_type), group=group)
     if path == "triton":
-        norms, total, finite, coef = _triton_finalize(acc, norm_type, max_norm, scale)
+        norms, total, finite, coef = _triton_finalize(acc, norm_type, max_norm, scale, round_to)
         return norms, total, finite, coef, lambda c: _triton_scale(table, c)
-    norms, total, finite, coef = reference.grad_norm_finalize(acc, norm_type, max_norm, scale)
+    norms, total, finite, coef = reference.grad_norm_finalize(acc, norm_type, max_norm, scale, round_to)
+    public = torch.float64 if any(g.dtype == torch.float64 for g in local) else torch.float32
+    norms, total = norms.to(public), total.to(public)
 
     def apply(c):
         for same_dtype in _by_dtype(local).values():
@@ -324,29 +334,37 @@ def _triton_accumulate(table: _Table, norm_type: float) -> torch.Tensor:
     norm_inf = norm_type == math.inf
     device = table.addr.device
     partial = torch.empty(table.chunks, device=device, dtype=torch.float32)
-    K._grad_norm_partial_kernel[(table.chunks,)](
-        table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, partial,
-        NORM_INF=norm_inf, CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    with backend.quiet_interpreter():
+        K._grad_norm_partial_kernel[(table.chunks,)](
+            table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, partial,
+            NORM_INF=norm_inf, CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     acc = torch.empty(table.tensors, device=device, dtype=torch.float32)
     block_t = K.REDUCE_BLOCK_T
-    K._grad_norm_reduce_kernel[(-(-table.tensors // block_t),)](
-        partial, table.chunk_begin, acc, table.tensors, table.max_chunks, NORM_INF=norm_inf, BLOCK_T=block_t)
+    with backend.quiet_interpreter():
+        K._grad_norm_reduce_kernel[(-(-table.tensors // block_t),)](
+            partial, table.chunk_begin, acc, table.tensors, table.max_chunks, NORM_INF=norm_inf, BLOCK_T=block_t)
     return acc
 
 
-def _triton_finalize(acc: torch.Tensor, norm_type: float, max_norm: float, scale):
+_ROUND_CODES = {None: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _triton_finalize(acc: torch.Tensor, norm_type: float, max_norm: float, scale, round_to=None):
     K = _kernels()
     out = torch.empty(acc.numel() + 2, device=acc.device, dtype=torch.float32)
     norms, total, coef = out[:-2], out[-2], out[-1:]
     finite = torch.empty((), device=acc.device, dtype=torch.bool)
-    K._grad_norm_finalize_kernel[(1,)](
-        acc, norms, total, finite, coef, scale if scale is not None else acc, acc.numel(), max_norm,
-        NORM_INF=norm_type == math.inf, HAS_SCALE=scale is not None, BLOCK_T=K.FINALIZE_BLOCK_T)
+    with backend.quiet_interpreter():
+        K._grad_norm_finalize_kernel[(1,)](
+            acc, norms, total, finite, coef, scale if scale is not None else acc, acc.numel(), max_norm,
+            NORM_INF=norm_type == math.inf, HAS_SCALE=scale is not None, ROUND_TOTAL=_ROUND_CODES[round_to],
+            BLOCK_T=K.FINALIZE_BLOCK_T)
     return norms, total, finite, coef.view(())
 
 
 def _triton_scale(table: _Table, coef: torch.Tensor) -> None:
     K, cfg = _kernels(), _config()
-    K._grad_scale_kernel[(table.chunks,)](
-        table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, coef,
-        CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    with backend.quiet_interpreter():
+        K._grad_scale_kernel[(table.chunks,)](
+            table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, coef,
+            CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
