@@ -31,9 +31,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], Args],
-        body: Callable[[Args], int | None]) -> int:
+        body: Callable[[Args], int | None], interrupted: str = "interrupted") -> int:
     """``body(parse(argv))``, with the exit protocol: UsageError (from parsing or from the body's own set-up)
-    -> "``prog``: error: ..." on stderr and 2; ``--help`` -> 0; KeyboardInterrupt -> 130."""
+    -> "``prog``: error: ..." on stderr and 2; ``--help`` -> 0; a KeyboardInterrupt that reaches here ->
+    "``prog``: ``interrupted``" on stderr and 130 (the tools write what they have done before it does)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse(argv)
@@ -48,7 +49,7 @@ def run(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], Args
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
 
 
@@ -131,20 +132,29 @@ def existing_dir(text: str) -> Path:
 
 
 def device(text: str):
-    """A torch.device this machine has: cpu, cuda or cuda:N."""
+    """A torch.device of a kind cnnperf runs on: cpu, cuda or cuda:N. Whether this machine has it is
+    :func:`check_device`'s question, asked after parsing: a later ``--device`` on the command line overrides an
+    earlier one (the GPU check's rehearsal relies on it), so an earlier one must not fail the parse."""
     import torch
 
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+    return dev
+
+
+def check_device(dev, option: str = "--device"):
+    """``dev`` if this machine has it; UsageError naming ``option`` otherwise."""
+    import torch
+
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+            raise UsageError(f"{option} {dev}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+            raise UsageError(f"{option} {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -83,8 +83,9 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Hooks keep firing, with the same tensors: ``torch.fx`` never enters a module that has forward, forward-pre
     or backward hooks (it stays one call, fused inside on its own), and a module with hooks that is rewritten
-    takes them along (the same hook dicts: a handle's ``remove()`` still works). Such a hook then receives the
-    GraphModule as its ``module`` argument. No hook is called while fusing.
+    takes them along (the same hook dicts, so with ``inplace=True`` a handle's ``remove()`` still works; the
+    default deep copy has copies of the hooks, which the user's handles do not reach). Such a hook then receives
+    the GraphModule as its ``module`` argument. No hook is called while fusing.
 
     Args:
         model: the model; it is left unchanged unless ``inplace``.

@@ -60,12 +60,16 @@ def grad_norm_accumulate(grads: Sequence[torch.Tensor], norm_type: float) -> tor
     """
     exact = grads[0].device.type == "cpu" or norm_type not in (2.0, math.inf)
     dtype = torch.float64 if exact or any(g.dtype == torch.float64 for g in grads) else torch.float32
+    full = [g for g in grads if g.numel()]
     if norm_type > 0:
-        norms = torch._foreach_norm(list(grads), norm_type, dtype=dtype)
+        norms = torch._foreach_norm(full, norm_type, dtype=dtype) if full else []
     else:  # orders the foreach kernels do not take
-        norms = [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
-    norms = torch.stack(norms)
-    return norms if math.isinf(norm_type) or norm_type == 0 else norms.pow(norm_type)
+        norms = [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in full]
+    partials = iter(norms if math.isinf(norm_type) or norm_type == 0 else [n.pow(norm_type) for n in norms])
+    # An empty tensor (a local shard of a gradient spread over more ranks than it has rows) contributes the
+    # all-reduce's identity: 0 to a sum or a max of |g|, +inf to the min of -inf.
+    identity = torch.full((), math.inf if norm_type == -math.inf else 0.0, dtype=dtype, device=grads[0].device)
+    return torch.stack([next(partials) if g.numel() else identity for g in grads])
 
 
 def grad_norm_reduce_op(norm_type: float):

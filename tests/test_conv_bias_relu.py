@@ -314,6 +314,36 @@ def test_pinned_configs_are_the_ones_launched_and_are_restored(monkeypatch):
             pass
 
 
+def test_backward_keeps_the_forward_backend_and_configs_on_another_thread(monkeypatch):
+    """For CUDA tensors autograd runs the backward on its own device thread, where the caller's
+    backend.override and pinned_configs (thread-local) are not seen; here the backward runs on a new thread,
+    after the with-block is left."""
+    import threading
+
+    if not backend.device_runs_triton("cpu"):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    kernels = op._kernels()
+    config = kernels.DGRAD_CONFIGS_32[0]
+    seen = []
+    real = op.conv_bias_relu_backward
+
+    def spy(*args):
+        seen.append((backend.requested(), getattr(op._pinned, "dgrad", None)))
+        return real(*args)
+
+    monkeypatch.setattr(op, "conv_bias_relu_backward", spy)
+    x, w, b = _tensors(1, 2, 5, 5, 3, 3)
+    for t in (x, w, b):
+        t.requires_grad_()
+    with backend.override("triton"), op.pinned_configs(dgrad=config):
+        out = conv2d_bias_relu(x, w, b, padding=1)
+    worker = threading.Thread(target=lambda: out.sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == [("triton", config)]
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
 def test_auto_pick_keeps_the_faster_and_caches(monkeypatch):
     monkeypatch.setattr(op, "_auto_choice", {})
     times = {"t": 2.0, "r": 1.0}

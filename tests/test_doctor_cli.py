@@ -112,6 +112,12 @@ def test_bad_arguments_in_a_subprocess(args, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_later_device_overrides_an_earlier_one():
+    """The GPU check's rehearsal appends --device cpu to the GPU run's --device cuda: the first must not fail
+    the parse on a machine without CUDA."""
+    assert str(cli.parse(["--device", "cuda", "--epochs", "1", "--device", "cpu"]).device) == "cpu"
+
+
 def test_help_exits_0(capsys):
     assert cli.main(["--help"]) == 0
     assert "--find-lr" in capsys.readouterr().out

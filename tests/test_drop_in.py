@@ -211,6 +211,30 @@ def test_double_backward_and_forward_mode_ad(backend_name):
     assert_close(got_t, ref_t, dtype, name="tangent")
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "hessian", "jvp", "vmap"])
+def test_torch_func_transforms(backend_name, transform):
+    """torch.func's transforms failed on the fused op ("must override the setup_context staticmethod")."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float32).to(DEVICE)
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float32).to(DEVICE) / 3
+
+    def apply(conv):
+        def loss(w):
+            return conv(x, w, None, 1, 1).pow(2).sum()
+
+        if transform == "jvp":
+            return torch.func.jvp(loss, (w,), (torch.ones_like(w),))[1]
+        if transform == "vmap":  # over a leading dimension of single images
+            return torch.func.vmap(lambda image: conv(image, w, None, 1, 1))(x.unsqueeze(1))
+        return getattr(torch.func, transform)(loss)(w)
+
+    with backend.override(backend_name):
+        got = apply(conv2d_bias_relu)
+    expected = apply(lambda *args: F.relu(F.conv2d(*args)))
+    assert_close(got, expected.double(), torch.float32, name=transform)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA the fused op's layouts are channels_last by design (README)")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("layout", ["input", "weight", "neither"])

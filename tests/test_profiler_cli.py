@@ -173,6 +173,10 @@ def test_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("cnnperf profile: error: ") and str(target) in lines[0], lines
 
 
+def test_a_later_device_overrides_an_earlier_one():
+    assert str(cli.parse(["--device", "cuda", "--batch-size", "2", "--device", "cpu"]).device) == "cpu"
+
+
 def test_help_exits_0(capsys):
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out

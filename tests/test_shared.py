@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 
 import pytest
@@ -119,16 +120,26 @@ def test_converters_accept(convert, text, value):
     assert convert(text) == value
 
 
-@pytest.mark.parametrize("convert, text", [
-    (_cli.positive_int, "0"), (_cli.positive_int, "two"), (_cli.nonnegative_int, "-1"), (_cli.at_least(2), "1"),
-    (_cli.positive_float, "0"), (_cli.positive_float, "nan"), (_cli.positive_float, "inf"),
-    (_cli.nonnegative_float, "-1e-9"), (_cli.choice_list(["a"]), "a,c"), (_cli.choice_list(["a"]), ","),
-    (_cli.dtype_name(["float32"]), "int8"), (_cli.device, "tpu"), (_cli.existing_dir, "/no/such/dir"),
+@pytest.mark.parametrize("convert, text, words", [
+    (_cli.positive_int, "0", "at least 1, got 0"), (_cli.positive_int, "two", "'two'"),
+    (_cli.nonnegative_int, "-1", "at least 0, got -1"), (_cli.at_least(2, " (why)"), "1", "at least 2 (why), got 1"),
+    (_cli.positive_float, "0", "positive number, got '0'"), (_cli.positive_float, "nan", "'nan'"),
+    (_cli.positive_float, "inf", "'inf'"), (_cli.nonnegative_float, "-1e-9", "'-1e-9'"),
+    (_cli.choice_list(["a"]), "a,c", "'a,c'"), (_cli.choice_list(["a"]), ",", "','"),
+    (_cli.dtype_name(["float32"]), "int8", "'int8'"), (_cli.device, "tpu", "'tpu'"),
+    (_cli.device, "meta", "only cpu and cuda"), (_cli.existing_dir, "/no/such/dir", "/no/such/dir is not a directory"),
 ])
-def test_converters_refuse_with_the_value(convert, text):
-    with pytest.raises(argparse.ArgumentTypeError) as err:
+def test_converters_refuse_naming_what_was_given(convert, text, words):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(words)):
         convert(text)
-    assert text.strip("-") in str(err.value)  # the message shows what was given
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_device_this_machine_lacks_is_a_usage_error_after_parsing():
+    assert _cli.device("cuda") == torch.device("cuda")  # a device cnnperf runs on: the parse accepts it
+    with pytest.raises(_cli.UsageError, match="--device cuda: CUDA is not available"):
+        _cli.check_device(torch.device("cuda"))
+    assert _cli.check_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_run_exit_protocol(capsys):
@@ -137,7 +148,7 @@ def test_run_exit_protocol(capsys):
         p.add_argument("--n", type=_cli.positive_int, default=1)
         return p.parse_args(argv)
 
-    assert _cli.run("tool", ["--n", "2"], parse, lambda args: args.n) == 2
+    assert _cli.run("tool", ["--n", "7"], parse, lambda args: args.n) == 7
     assert _cli.run("tool", ["--n", "0"], parse, lambda args: 0) == 2
     assert capsys.readouterr().err == "tool: error: argument --n: must be at least 1, got 0\n"
     assert _cli.run("tool", ["--help"], parse, lambda args: 0) == 0
@@ -151,4 +162,5 @@ def test_run_exit_protocol(capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    assert _cli.run("tool", [], parse, interrupted) == 130
+    assert _cli.run("tool", [], parse, interrupted, interrupted="stopped early") == 130
+    assert capsys.readouterr().err == "tool: stopped early\n"

@@ -18,7 +18,7 @@ the first call leaves the norm at ``max_norm * t / (t + 1e-6)`` (``t`` the old n
 ``max_norm = 1`` the coefficient rounds to exactly 1.0 from the third call on, and from then on cnnperf's scale
 kernel skips its writes while torch still multiplies by 1 (in bf16 the coefficient already rounds to 1 in the
 gradients' dtype on the second call: nothing changes any more). Either way a timed loop would time a clip that
-clips nothing. tests/test_bench_clip.py checks the fp32 case, and that every timed call starts from the saved
+clips nothing. tests/test_benchmark_clip.py checks the fp32 case, and that every timed call starts from the saved
 gradients.
 
 Each row carries the device, dtype, case, tensor and element counts, gradient bytes, timing quantiles, the
@@ -46,13 +46,13 @@ from typing import Callable, Sequence
 
 import torch
 
-import cnnperf
 from cnnperf import _cli, backend, testing
 from cnnperf._env import device_name, versions
 from cnnperf._format import fmt, sig
 from cnnperf._timing import Timing, geomean, time_cuda, time_cuda_with_reset, time_host
 from cnnperf.benchmarks import harness
 from cnnperf.benchmarks.conv import meta_model
+from cnnperf.ops.grad_norm import clip_grad_norm_
 
 CASES = ("resnet50", "vgg16", "tiny")
 QUICK_CASES = ("resnet50", "tiny")  # --quick leaves VGG-16 out: 138M fp32 gradients are 553 MB per copy
@@ -189,7 +189,7 @@ def make_variant(variant: str, backend_name: str | None = None) -> Callable[[lis
     if variant == "loop":
         return clip_loop
     if variant == "cnnperf":
-        return harness.cnnperf_backend_fn(cnnperf.clip_grad_norm_, backend_name)
+        return harness.cnnperf_backend_fn(clip_grad_norm_, backend_name)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 

@@ -489,7 +489,7 @@ def run(cfg: Config, out: Path | None, argv: Sequence[str],
             tool="cnnperf bench", schema=SCHEMA, prefix="bench_conv", device=cfg.device, out=out, argv=argv,
             config=cfg.describe(), header={"peak": peak}, cases=cfg.shapes(),
             measure=lambda shape: bench_shape(cfg, shape, peak["tflops"], budget_s, common),
-            summarize=summarize, time_budget_s=cfg.time_budget_s, log=log,
+            summarize=summarize, time_budget_s=cfg.time_budget_s, log=log, case_noun="shapes",
             describe=lambda s: f"{s.name} {tuple(s.input_shape)} -> {s.c_out}, {s.kh}x{s.kw}/{s.stride[0]}")
     finally:
         torch.backends.cudnn.benchmark = previous_cudnn_benchmark

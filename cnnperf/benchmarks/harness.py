@@ -136,7 +136,8 @@ def out_path(out: Path | None, prefix: str, device: str, now) -> Path:
 def run(*, tool: str, schema: str, prefix: str, device: torch.device, out: Path | None, argv: Sequence[str],
         config: dict, header: dict, cases: Iterable, measure: Callable[[object], list[dict]],
         summarize: Callable[[list[dict]], dict], time_budget_s: float | None = None,
-        describe: Callable[[object], str] = str, log: Callable[[str], None] | None = None) -> tuple[dict, Path]:
+        describe: Callable[[object], str] = str, log: Callable[[str], None] | None = None,
+        case_noun: str = "cases") -> tuple[dict, Path]:
     """Measure every case, rewriting the JSON record after each one; returns the record and its path.
 
     The record: ``schema``, :func:`cnnperf._env.record_header`, ``header`` (what the benchmark measured once,
@@ -152,7 +153,7 @@ def run(*, tool: str, schema: str, prefix: str, device: torch.device, out: Path 
     cases = list(cases)
     for i, case in enumerate(cases, 1):
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            record["stopped_early"] = f"time budget of {time_budget_s:g} s reached after {i - 1} cases"
+            record["stopped_early"] = f"time budget of {time_budget_s:g} s reached after {i - 1} {case_noun}"
             break
         if log:
             log(f"[{i}/{len(cases)}] {describe(case)}")

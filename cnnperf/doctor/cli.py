@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> argparse.Namespace:
     """The command line, checked: UsageError naming the option for anything that cannot run."""
     args = build_parser().parse_args(argv)
+    _cli.check_device(args.device)
     # The one check that needs two options: a data root to download into need not exist yet.
     if args.data_root is not None and not args.download and not Path(args.data_root).expanduser().is_dir():
         raise UsageError(f"--data-root {args.data_root} is not a directory"

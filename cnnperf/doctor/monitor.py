@@ -54,10 +54,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import torch
 from torch import nn
 
-import cnnperf
 from cnnperf._env import versions
 from cnnperf.doctor import findings as _findings
 from cnnperf.nn import FusedConv2dBiasReLU
+from cnnperf.ops.grad_norm import grad_norms
 
 SCHEMA = "cnnperf.doctor/1"
 
@@ -208,7 +208,7 @@ class Doctor:
         with torch.no_grad():
             has_grad = [p.grad is not None for p in self._params]
             with_grad = [p for p, h in zip(self._params, has_grad) if h]
-            total, per_param, _ = cnnperf.grad_norms(with_grad)
+            total, per_param, _ = grad_norms(with_grad)
             if scaler is not None and scaler.is_enabled():
                 self._grad_scaler = True
                 scale = getattr(scaler, "_scale", None)  # a device tensor; get_scale() would synchronise

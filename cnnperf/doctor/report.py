@@ -33,7 +33,7 @@ from cnnperf._format import (
     text as _text,
 )
 from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
-from cnnperf.doctor.findings import SEVERITIES
+from cnnperf.doctor import findings as _detectors
 from cnnperf.reporting import (
     CSS as _CSS,
     Skip as _Skip,
@@ -44,7 +44,7 @@ from cnnperf.reporting import (
 )
 
 SCHEMA = "cnnperf.doctor/1"
-MOST_SEVERE_FIRST = tuple(reversed(SEVERITIES))  # the order of every findings listing
+MOST_SEVERE_FIRST = tuple(reversed(_detectors.SEVERITIES))  # the order of every findings listing
 CONFUSION_MAX_CLASSES = 20  # above this the terminal leaves the confusion matrix to the HTML report
 UPDATE_RULE_OF_THUMB = 1e-3  # an update of about 1e-3 of the weight per step is the usual healthy range
 

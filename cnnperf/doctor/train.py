@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cnnperf
 from cnnperf.doctor.monitor import Doctor
+from cnnperf.ops.grad_norm import clip_grad_norm_
 
 # LR range test (Smith 2015, "Cyclical learning rates"; the fast.ai lr_find recipe).
 LR_FINDER_START, LR_FINDER_END, LR_FINDER_STEPS = 1e-7, 10.0, 100
@@ -136,7 +136,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, o
             loss.backward()
             doctor.after_backward(loss)
             if clip is not None:
-                cnnperf.clip_grad_norm_(model.parameters(), clip)
+                clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             doctor.after_step(optimizer)
             if scheduler is not None:

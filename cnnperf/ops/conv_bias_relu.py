@@ -7,12 +7,16 @@ One path through the layers::
       -> torch.ops.cnnperf.conv2d_bias_relu (custom op: fake impl for torch.compile, autograd below)
            -> Triton kernels (kernels/conv_bias_relu.py) or cnnperf.reference, per cnnperf.backend
 
+Torch's own ops (cnnperf.reference, with their autograd) instead of the custom op for what it has no formulas
+for: empty problems, forward-mode AD and torch.func transforms; and in the backward, for gradients that will be
+differentiated again (create_graph=True).
+
 Layouts: the Triton path works in NHWC (channels_last). The forward saves input, weight and the output only
 (no pre-activation), so the fused layer keeps no more activation memory than eager conv + ReLU; the ReLU mask
 of the backward is ``output > 0``.
 
 Memory format of the results, the same in the real and the fake implementation (torch.compile relies on it):
-CUDA -> channels_last always; CPU -> channels_last when the input is channels_last, else contiguous.
+CUDA -> channels_last always; CPU -> torch's rule, channels_last when the input or the weight is.
 """
 
 from __future__ import annotations
@@ -70,10 +74,10 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    if input.numel() == 0 or weight.numel() == 0 or _has_tangent(input, weight, bias):
+    if input.numel() == 0 or weight.numel() == 0 or _has_tangent(input, weight, bias) or _functorch_active():
         # Nothing to compute, and torch has its own rules for such shapes (zero input channels give zero output
-        # channels; zero output channels are an error); or forward-mode AD, which the custom op has no formula
-        # for: torch's ops, with their autograd, decide.
+        # channels; zero output channels are an error); or forward-mode AD or a torch.func transform (grad,
+        # jacrev, vmap, ...), which the custom op has no formulas for: torch's ops, with their autograd, decide.
         out = reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
     else:
         out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
@@ -85,6 +89,12 @@ def _has_tangent(*tensors) -> bool:
     if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level is open: the common case, checked cheaply
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, hessian, vmap, jvp) is tracing this call."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _check_tensors(input, weight, bias):
@@ -284,6 +294,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, output)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
+    # The backward runs on autograd's own thread for CUDA tensors, where this thread's backend.override and
+    # pinned_configs are not seen: they travel with the node.
+    ctx.backend = backend.requested()
+    ctx.pinned = {kind: getattr(_pinned, kind, None) for kind in KINDS}
 
 
 def _backward(ctx, grad_output):
@@ -298,8 +312,9 @@ def _backward(ctx, grad_output):
         gi, gw, gb = reference.conv2d_bias_relu_backward(
             grad_output, input, weight, output, stride, padding, dilation, groups, mask)
     else:
-        gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
-            grad_output, input, weight, output, stride, padding, dilation, groups, mask)
+        with backend.override(ctx.backend), pinned_configs(**ctx.pinned):
+            gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
+                grad_output, input, weight, output, stride, padding, dilation, groups, mask)
     return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
             None, None, None, None)
 

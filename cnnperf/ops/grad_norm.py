@@ -133,7 +133,9 @@ def _check_norm_type(norm_type) -> float:
 
 def _check_empty(grads, norm_type: float) -> None:
     """torch.linalg.vector_norm refuses the orders without an identity (inf, negative) on an empty tensor; so
-    does torch's clip, and so does this one (the sizes are on the host: no synchronisation)."""
+    does torch's clip, and so does this one (the sizes are on the host: no synchronisation). ``grads`` are the
+    whole gradients (a DTensor's size is the global one): an empty local shard of a non-empty gradient is no
+    error, its partial is the reduce's identity (the other ranks must not wait for a rank that raised)."""
     if norm_type == math.inf or norm_type < 0:
         for i, g in enumerate(grads):
             if g.numel() == 0:
@@ -201,8 +203,9 @@ def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round
     overflows float16 is inf, zeroes the gradients and fails ``error_if_nonfinite``, as in torch.
     Per-tensor norms and the total are float32 (float64 if any gradient is).
     """
+    if process_group is None:  # with plain shards the whole gradient's size is not known here
+        _check_empty(grads, norm_type)
     local = [_local(g) for g in grads]
-    _check_empty(local, norm_type)
     groups = _reduce_groups(grads, process_group)
     device = local[0].device
     if any(g.device != device for g in local):

@@ -104,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run("cnnperf profile", argv, lambda a: build_parser().parse_args(a), _run)
+    return _cli.run("cnnperf profile", argv, parse, _run, interrupted="interrupted before any measurement")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked: UsageError naming the option for anything that cannot run here."""
+    args = build_parser().parse_args(argv)
+    if args.device is not None:
+        _cli.check_device(args.device)
+    return args
 
 
 def _distributed(device):
