@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh --rehearse         # on a CPU: every step at tiny sizes (the interpreter for the
 #                                              # kernels); fails for every reason that is not the GPU itself
 #   bash bench/gpu_check.sh --steps bench-conv,bench-clip   # a rerun: env, install, import, then only these
+#   bash bench/gpu_check.sh --rehearse --no-install ...     # cnnperf is already installed in $PYTHON (tests)
 #
 # Steps (set-up first, then by value):
 #   env, install, import   versions and the device; `pip install -e . --no-deps --no-index --no-build-isolation`
@@ -41,10 +42,15 @@ cd "$(dirname "$0")/.." || exit 2
 STEPS_KNOWN=(kernel-tests bench-conv bench-clip profile-resnet50 other-tests doctor profile-resnet18 bench-compile)
 MODE=gpu
 ONLY=""
+INSTALL=1
 while (($#)); do
     case $1 in
         --rehearse) MODE=rehearsal ;;
-        --steps) ONLY=${2:-}; shift ;;
+        --no-install) INSTALL=0 ;;
+        --steps)
+            [[ -n ${2:-} && ${2:0:1} != - ]] || { echo "gpu_check.sh: --steps needs a comma list of steps" >&2; exit 2; }
+            ONLY=$2
+            shift ;;
         --steps=*) ONLY=${1#*=} ;;
         -h | --help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -60,6 +66,7 @@ done
 rehearsing() { [[ $MODE == rehearsal ]]; }
 
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a step killed at its cap still has everything it printed in the log
 command -v "$PY" >/dev/null || { echo "gpu_check.sh: no Python at '$PY' (set PYTHON)" >&2; exit 2; }
 BUDGET_S=${GPU_CHECK_BUDGET_S:-$(rehearsing && echo 900 || echo 470)}
 DEADLINE=$((SECONDS + BUDGET_S))
@@ -68,7 +75,7 @@ if rehearsing; then
     SLUG=rehearsal-cpu
     RESULTS=${OUT:-$(mktemp -d)}
 else
-    # The GPU's name, file-name safe ("NVIDIA H200" -> nvidia-h200), as cnnperf.bench names it.
+    # The GPU's name, file-name safe ("NVIDIA H200" -> nvidia-h200), as cnnperf._env.device_slug names it.
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
     SLUG=$(printf '%s' "${GPU:-unknown-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' |
         sed 's/^-*//; s/-*$//')
@@ -103,8 +110,10 @@ publish() {
 }
 
 # step NAME GPU_CAP REHEARSAL_CAP COMMAND...: run COMMAND under `timeout` (the cap of this mode, or the time
-# left if less), record its exit status, publish, and go on whatever it returned. A step not named in --steps
-# is left out (set-up steps always run).
+# left if less), record its exit status, publish, and go on whatever it returned. At its cap a step gets SIGINT
+# (Ctrl-C: pytest writes its JUnit record, the tools write what they measured), then KILL_GRACE_S more before
+# SIGKILL; the grace counts against the budget. A step not named in --steps is left out (set-up steps always run).
+KILL_GRACE_S=15
 step() {
     local name=$1 limit=$2 rc t0
     rehearsing && limit=$3
@@ -112,17 +121,17 @@ step() {
     if [[ -n $ONLY && " ${STEPS_KNOWN[*]} " == *" $name "* && ",$ONLY," != *",$name,"* ]]; then
         return 0
     fi
-    if (($(left) < 20)); then
+    if (($(left) - KILL_GRACE_S < 20)); then
         echo "=== $name: skipped, $(left) s of the budget left"
         printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >>"$STEPS"
         STATUS=1
         publish
         return 0
     fi
-    ((limit > $(left))) && limit=$(left)
-    echo "=== $name (cap ${limit} s): ${*@Q}"
+    ((limit > $(left) - KILL_GRACE_S)) && limit=$(($(left) - KILL_GRACE_S))
+    echo "=== $name (cap ${limit} s, then ${KILL_GRACE_S} s to stop): ${*@Q}"
     t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --signal=INT --kill-after="$KILL_GRACE_S" "$limit" "$@"
     rc=$?
     ((rc == 124 || rc == 137)) && echo "=== $name: TIMED OUT after ${limit} s"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -177,7 +186,7 @@ sys.exit(1 if mode == "gpu" and env["device"] is None else 0)
 EOF
 # cnnperf.kernels is mapped from the top-level kernels/ folder by the package metadata, so PYTHONPATH alone
 # cannot import it: an editable install can, with no dependencies, no index and no build environment.
-step install 60 120 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+((INSTALL)) && step install 60 120 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 step import 60 90 "$PY" -c 'import cnnperf, cnnperf.benchmarks.conv, cnnperf.kernels.conv_bias_relu as k
 print("cnnperf", cnnperf.__version__, "kernels from", k.__file__)'
 if [[ $(tail -n 1 "$STEPS" | cut -f2) != 0 ]]; then
@@ -201,17 +210,23 @@ if [[ -z ${LEFT_OUT:-} ]]; then
     step profile-resnet18 60 150 "$PY" -m cnnperf profile --model resnet18 --data fake --batch-size 128 \
         --variants bf16,channels_last,fuse --budget 40 --batch-sizes auto \
         --out "$RUN/profile_resnet18_b128" "${PROFILE_R[@]}"
-    # torch.compile with max-autotune tunes every shape for tens of seconds: as many as the time left allows.
-    COMPILE_S=$(($(left) - 15))
-    step bench-compile "$COMPILE_S" 180 "$PY" -m cnnperf bench --model resnet50 --pass all \
-        --variants eager,compile,cnnperf --backend triton --dtype bfloat16 --limit 4 \
-        --time-budget $((COMPILE_S > 80 ? COMPILE_S - 60 : 20)) --out "$RUN/bench_conv_compile.json" "${BENCH_R[@]}"
+    # torch.compile with max-autotune tunes every shape for tens of seconds: as many as the time left allows,
+    # and only when that is enough for one shape (a step that cannot finish would only fail the check).
+    COMPILE_S=$(($(left) - KILL_GRACE_S - 5))
+    if rehearsing || ((COMPILE_S >= 120)); then
+        step bench-compile "$COMPILE_S" 180 "$PY" -m cnnperf bench --model resnet50 --pass all \
+            --variants eager,compile,cnnperf --backend triton --dtype bfloat16 --limit 4 \
+            --time-budget $((COMPILE_S - 60)) --out "$RUN/bench_conv_compile.json" "${BENCH_R[@]}"
+    else
+        echo "=== bench-compile: not run, ${COMPILE_S} s left (a max-autotune compile needs more)"
+    fi
 fi
 
 echo "=== gpu_check ($MODE): status $STATUS after $SECONDS s"
 column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
 exec 1>&3 2>&4 3>&- 4>&-  # end of the log: tee sees end-of-file and exits
-wait "$TEE_PID" 2>/dev/null
+for _ in $(seq 50); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.1; done  # at most 5 s, then on
+kill "$TEE_PID" 2>/dev/null
 publish
 # What the device tool would bring back ($OUT), or what a rehearsal wrote: within its limits, or the run fails.
 if [[ -n ${OUT:-} ]] || rehearsing; then
