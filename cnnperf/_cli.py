@@ -152,7 +152,7 @@ def check_device(dev, option: str = "--device"):
 
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"{option} {dev}: CUDA is not available on this machine")
+            raise UsageError(f"{option} {dev}: no CUDA device is available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"{option} {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -137,7 +137,7 @@ def test_converters_refuse_naming_what_was_given(convert, text, words):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_a_device_this_machine_lacks_is_a_usage_error_after_parsing():
     assert _cli.device("cuda") == torch.device("cuda")  # a device cnnperf runs on: the parse accepts it
-    with pytest.raises(_cli.UsageError, match="--device cuda: CUDA is not available"):
+    with pytest.raises(_cli.UsageError, match="--device cuda: no CUDA device is available here"):
         _cli.check_device(torch.device("cuda"))
     assert _cli.check_device(torch.device("cpu")) == torch.device("cpu")
 

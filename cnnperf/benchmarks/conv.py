@@ -616,7 +616,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     # buffers on each replay: a copy that neither eager nor cnnperf pays. The autotuning is the same without.
     compile_mode = args.compile_mode or ("max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = Config(variants=variants, device=device, quick=quick, backend=requested, skipped=skipped,
+    cfg = Config(variants=variants, device=device, quick=quick, backend=requested, skipped=skipped, out=args.out,
                  models=args.model, passes=args.passes, dtype=dtype,
                  batch=args.batch or (QUICK_BATCH if quick else FULL_BATCH),
                  image_size=args.image_size or (QUICK_IMAGE if quick else FULL_IMAGE), limit=args.limit,
@@ -630,16 +630,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def parse(argv: list[str]) -> Config:
-    args = build_parser().parse_args(argv)
-    return dataclasses.replace(resolve_config(args), out=args.out)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of ``cnnperf bench``. 0: all ran and every check passed; 1: a variant failed or a check failed;
     2: bad command line."""
-    return harness.main("cnnperf bench", argv, parse, lambda cfg, args, log: run(cfg, cfg.out, args, log),
-                        print_report)
+    return harness.main("cnnperf bench", argv, lambda a: resolve_config(build_parser().parse_args(a)),
+                        lambda cfg, args, log: run(cfg, cfg.out, args, log), print_report)
 
 
 if __name__ == "__main__":

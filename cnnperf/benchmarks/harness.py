@@ -63,10 +63,7 @@ def add_common_arguments(p: argparse.ArgumentParser, variants: Sequence[str], va
 
 def resolve_common(args: argparse.Namespace) -> tuple[torch.device, bool, str]:
     """(device, quick, backend) from the common options; UsageError for what cannot run here."""
-    has_cuda = torch.cuda.is_available()
-    device = torch.device(args.device or ("cuda" if has_cuda else "cpu"))
-    if device.type == "cuda" and not has_cuda:
-        raise _cli.UsageError("--device cuda: no CUDA device is available here")
+    device = _cli.check_device(torch.device(args.device)) if args.device else _cli.default_device()
     quick = (device.type != "cuda") if args.quick is None else args.quick
     try:
         requested = args.backend or backend.requested()

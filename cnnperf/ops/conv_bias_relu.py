@@ -186,26 +186,20 @@ def output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
                  for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
 
 
+def _torch_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """torch's rule for a convolution's results (ATen's mkldnn/thnn/cudnn ``*_use_channels_last``):
+    channels_last when the input's or the weight's strides suggest it."""
+    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The memory format of the output and of the input's gradient.
-
-    CUDA: channels_last, always (the kernels write NHWC; a contiguous result would cost a copy). CPU: torch's own
-    rule for convolutions there (ATen's mkldnn/thnn ``*_use_channels_last``): channels_last when the input's or
-    the weight's strides suggest it, so that the fused op returns what ``relu(conv2d(...))`` returns.
-    """
-    if input.device.type == "cuda":
-        return torch.channels_last
-    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _weight_grad_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The weight gradient's memory format: torch's rule on every device (channels_last when the input's or the
-    weight's strides suggest it). The parameter's ``.grad`` takes the parameter's own layout in any case."""
-    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The memory format of the output and of the input's gradient: channels_last on CUDA, always (the kernels
+    write NHWC; a contiguous result would cost a copy); on the CPU :func:`_torch_format`, so that the fused op
+    returns what ``relu(conv2d(...))`` returns. (The weight's gradient follows :func:`_torch_format` on every
+    device: a parameter's ``.grad`` takes the parameter's own layout in any case.)"""
+    return torch.channels_last if input.device.type == "cuda" else _torch_format(input, weight)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,7 +272,7 @@ def _backward_results(grads, input, weight, output_mask):
     custom op may not alias each other) for a gradient not asked for."""
     gi, gw, gb = grads
     gi = gi.contiguous(memory_format=_memory_format(input, weight)) if output_mask[0] else input.new_empty((0,))
-    gw = gw.contiguous(memory_format=_weight_grad_format(input, weight)) if output_mask[1] else input.new_empty((0,))
+    gw = gw.contiguous(memory_format=_torch_format(input, weight)) if output_mask[1] else input.new_empty((0,))
     gb = gb.contiguous() if output_mask[2] else input.new_empty((0,))
     return gi, gw, gb
 
