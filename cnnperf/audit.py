@@ -182,6 +182,7 @@ class Job:
     divisible_by_16: tuple[str, ...]
     tensor_cores: bool
     sass_dir: str | None = None
+    ones: tuple[str, ...] = ()  # int arguments equal to 1 at launch: Triton compiles them as constexpr 1
 
 
 @dataclasses.dataclass
@@ -199,6 +200,8 @@ class Row:
     shared_bytes: int | None = None
     shared_limit: int = 0
     mma: dict[str, int] = dataclasses.field(default_factory=dict)  # tensor-core opcode -> count in the SASS
+    mainloop_instructions: int | None = None  # SASS instructions in the loop that holds the MMAs (per warp)
+    mainloop_mma: int | None = None  # tensor-core instructions in that loop
     compile_s: float = 0.0
     error: str | None = None
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -289,9 +292,9 @@ def _load_kernel(job: Job):
 
 def _specialization(kernel, job: Job) -> tuple[dict[str, str], dict[str, Any], dict]:
     """(signature, constexprs, attrs) of the ASTSource for ``job``."""
-    signature, attrs = {}, {}
+    signature, attrs, constexprs = {}, {}, dict(job.constexprs)
     params = [p.name for p in kernel.params]
-    unknown = (set(job.constexprs) | set(job.arg_types) | set(job.divisible_by_16)) - set(params)
+    unknown = (set(job.constexprs) | set(job.arg_types) | set(job.divisible_by_16) | set(job.ones)) - set(params)
     if unknown:
         raise ValueError(f"{job.kernel} has no argument(s) {sorted(unknown)} (named in its audit entry or config)")
     for i, p in enumerate(kernel.params):
@@ -299,6 +302,10 @@ def _specialization(kernel, job: Job) -> tuple[dict[str, str], dict[str, Any], d
             if p.name not in job.constexprs:
                 raise ValueError(f"{job.kernel}: constexpr {p.name} has no value in its audit entry or config")
             signature[p.name] = "constexpr"
+            continue
+        if p.name in job.ones:  # what the launcher's specialization does with an int equal to 1
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = 1
             continue
         if p.name in job.arg_types:
             signature[p.name] = job.arg_types[p.name]
@@ -311,7 +318,7 @@ def _specialization(kernel, job: Job) -> tuple[dict[str, str], dict[str, Any], d
             signature[p.name] = "i32"
         if signature[p.name].startswith("*") or p.name in job.divisible_by_16:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, dict(job.constexprs), attrs
+    return signature, constexprs, attrs
 
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -334,6 +341,32 @@ def count_mma(sass: str) -> dict[str, int]:
         if opcode in MMA_OPCODES:
             counts[opcode] = counts.get(opcode, 0) + 1
     return counts
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9.]*)([^;]*);")
+
+
+def mainloop(sass: str) -> tuple[int, int] | None:
+    """(instructions, tensor-core instructions) of the innermost loop that holds tensor-core instructions.
+
+    A loop is a backward branch (``BRA`` to a lower address); its body is every instruction from the target to
+    the branch, both included (16 bytes each). Of the loops that hold MMAs the shortest is the K loop. None
+    when no loop holds one (the kernel has no ``tl.dot``, or its loop was unrolled away).
+    """
+    lines = [(int(addr, 16), op.split(".")[0], rest) for addr, op, rest in _SASS_LINE.findall(sass)]
+    best = None
+    for addr, op, rest in lines:
+        if op != "BRA":
+            continue
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        mma = sum(1 for a, o, _ in lines if start <= a <= addr and o in MMA_OPCODES)
+        size = (addr - start) // 16 + 1
+        if mma and (best is None or size < best[0]):
+            best = (size, mma)
+    return best
 
 
 def _cuobjdump(flag: str, path: str) -> str:
@@ -363,13 +396,15 @@ def compile_job(job: Job) -> Row:
                                                            usage["local_bytes"])
         row.shared_bytes = compiled.metadata.shared + usage["static_shared"]
         row.mma = usage["mma"]
+        if usage["mainloop"] is not None:
+            row.mainloop_instructions, row.mainloop_mma = usage["mainloop"]
     except Exception as exc:  # reported as a failed row, with the message
         row.compile_s = time.perf_counter() - start
         row.error = f"{type(exc).__name__}: {_first_lines(str(exc))}"
     return row
 
 
-_INSPECTION = "cnnperf_audit_inspection_v1.json"  # bump the version when what is stored changes
+_INSPECTION = "cnnperf_audit_inspection_v2.json"  # bump the version when what is stored changes
 
 
 def _inspect(compiled, job: Job) -> dict[str, Any]:
@@ -396,6 +431,7 @@ def _inspect(compiled, job: Job) -> dict[str, Any]:
             with open(stem + ".sass", "w") as f:
                 f.write(sass)
     usage["mma"] = count_mma(sass)
+    usage["mainloop"] = mainloop(sass)
     cache.put(json.dumps(usage), _INSPECTION, binary=False)
     return usage
 
@@ -631,6 +667,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="compile in N worker processes (default: the CPUs available, %(default)s here)")
     parser.add_argument("--json", metavar="PATH", help="also write the table and summary as JSON (atomically)")
     parser.add_argument("--sass-dir", metavar="DIR", help="keep each cubin and its SASS listing in DIR")
+    parser.add_argument("--model", choices=("resnet50", "vgg16"),
+                        help="instead of the config lists: the static performance model of the conv kernels on "
+                             "this model's layers (what would launch, per layer and pass; see cnnperf/perf_model.py)")
+    parser.add_argument("--batch", type=_cli.positive_int, default=32, help="batch size for --model (default 32)")
     parser.add_argument("--generic-ints", action="store_true",
                         help="audit the specialization for channel counts and strides that are not multiples of "
                              "16 (e.g. a first layer with 3 input channels) instead of the usual one")
@@ -664,6 +704,8 @@ def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
     from cnnperf._cli import make_console
 
     console = make_console(width=180)  # CI logs: no 80-column wrapping of the table
+    if args.model:
+        return _audit_model(args, console)
     archs = tuple(ARCHS) if args.arch == "both" else (int(args.arch),)
     if args.sass_dir:
         os.makedirs(args.sass_dir, exist_ok=True)
@@ -692,6 +734,40 @@ def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
     if args.json:
         write_json(args.json, rows, stats)
     console.print(summary_line(stats), markup=False)
+    return 1 if bad else 0
+
+
+def _audit_model(args: argparse.Namespace, console) -> int:
+    """``--model``: compile what the launcher would run on each layer, apply the performance model."""
+    from cnnperf import audit_model as am
+    from cnnperf._io import write_json_atomic
+
+    archs = (90, 80) if args.arch == "both" else (int(args.arch),)
+    dtype = args.dtype or "bfloat16"
+    start = time.perf_counter()
+    records, bad = [], []
+    for arch in archs:
+        passes = am.plan_model(args.model, args.batch, dtype, arch)
+        jobs = am.unique_jobs(passes)
+        with _progress(len(jobs)) as advance:
+            rows = run_jobs(jobs, args.jobs, progress=advance)
+        bad += [r for r in rows if not r.ok]
+        compiled = {am._job_key(j): r for j, r in zip(jobs, rows)}
+        model_rows = am.model_rows(passes, compiled, arch)
+        stats = am.summarize(model_rows)
+        am.render(model_rows, stats, console, f"Performance model: {args.model} batch {args.batch} {dtype} sm_{arch} "
+                                              f"({len(jobs)} kernels compiled)")
+        records.append({"arch": arch, "gpu": dataclasses.asdict(am.pm.GPUS[arch]),
+                        "summary": stats, "targets": am.targets(stats), "rows": model_rows})
+    for r in bad:
+        for problem in r.problems:
+            console.print(f"  {r.kernel} [{r.config}] {r.dtype} sm_{r.arch}: {problem}", markup=False)
+    if args.json:
+        from cnnperf._env import versions
+
+        write_json_atomic(args.json, {"versions": versions(), "model": args.model, "batch": args.batch,
+                                      "dtype": dtype, "seconds": round(time.perf_counter() - start, 1),
+                                      "archs": records})
     return 1 if bad else 0
 
 

@@ -7,8 +7,9 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
   one loop over (kh, kw, channel block); bias + ReLU in the epilogue. Groups are the grid's second axis.
 - ``_relu_mask_bias_grad_kernel``: g = grad_out * (out > 0), and the bias gradient's partial sums per row block
   in the same pass (summed afterwards on the host side: deterministic, no atomics).
-- ``_conv_dgrad_kernel``: grad_input as an implicit GEMM over input pixels: for each (kh, kw) the output pixel
-  that read this input pixel, if any (stride and dilation handled with masks).
+- ``_conv_dgrad_kernel``: grad_input as one implicit GEMM per stride phase (the input pixels with
+  ``ih % stride_h == ph``, ``iw % stride_w == pw``), over only the taps that reach that phase: every tap is then
+  valid for all the phase's pixels but the borders (no MMA on the zero rows a stride would leave).
 - ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
   to an fp32 workspace and summed afterwards (deterministic).
 
@@ -34,15 +35,16 @@ FWD_CONFIGS_16 = _configs([
 FWD_CONFIGS_32 = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
 ])
-# dgrad: M = input pixels, N = C_in/groups, K = (kh, kw, C_out/groups). The forward's tiles, except where the
-# dgrad's extra index math spills on sm_80 under triton 3.6 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8
-# 16-bit, 64x128x32 w4 fp32; none spill under 3.8): those get 8 warps, and the 256x128 tile half the BLOCK_K.
+# dgrad: M = input pixels of a stride phase, N = C_in/groups, K = (taps, C_out/groups). The forward's tiles, except
+# where the dgrad's extra index math spills on sm_80 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8 16-bit,
+# 64x128x32 w4 and 128x128x16 w4 fp32, under triton 3.6 or 3.8): those get 8 warps, and the 256x128 tile half
+# the BLOCK_K.
 DGRAD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
     (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (64, 64, 32, 4, 5), (128, 256, 32, 8, 4),
 ])
 DGRAD_CONFIGS_32 = _configs([
-    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 16, 8, 4),
 ])
 # wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels.
 WGRAD_CONFIGS_16 = _configs([
@@ -158,6 +160,17 @@ def _relu_mask_bias_grad_kernel(
 
 
 @triton.jit
+def _phase_taps(phase, pad, dil, stride, step, K: tl.constexpr):
+    """(first tap, number of taps) along one axis that reach input rows ``i % stride == phase``: tap t does iff
+    (phase + pad - t*dil) % stride == 0, and those taps are first + j*step (cnnperf.perf_model.phase_taps)."""
+    first = K
+    for t in range(0, step):
+        first = tl.minimum(first, tl.where((phase + pad - t * dil) % stride == 0, t, K))
+    count = tl.where(first < K, (K - first + step - 1) // step, 0)
+    return first, count
+
+
+@triton.jit
 def _conv_dgrad_kernel(
     g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
@@ -166,45 +179,59 @@ def _conv_dgrad_kernel(
     OH, OW, C_out,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     C_in_g, C_out_g,
+    step_h, step_w,  # distance between the taps of one phase: stride / gcd(stride, dilation)
     KH: tl.constexpr, KW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    group = tl.program_id(1)
-    M = N * H * W
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_in_g, BLOCK_N), GROUP_M)
+    # One GEMM per stride phase (ph, pw): the input pixels with ih % stride_h == ph and iw % stride_w == pw,
+    # and only the taps that reach them (as CUTLASS's strided dgrad): no MMA on rows a stride skips.
+    phases = stride_h * stride_w
+    phase = tl.program_id(1) % phases
+    group = tl.program_id(1) // phases
+    ph = phase // stride_w
+    pw = phase % stride_w
+    HP = (H - ph + stride_h - 1) // stride_h  # rows and columns of this phase
+    WP = (W - pw + stride_w - 1) // stride_w
+    M = N * HP * WP
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w),
+                                                            BLOCK_M), tl.cdiv(C_in_g, BLOCK_N), GROUP_M)
+    first_h, taps_h = _phase_taps(ph, pad_h, dil_h, stride_h, step_h, KH)
+    first_w, taps_w = _phase_taps(pw, pad_w, dil_w, stride_w, step_w, KW)
+    # The grid is sized for phase (0, 0), the largest: a tile past this phase's pixels runs no iteration.
+    iters = tl.where(pid_m * BLOCK_M < M, taps_h * taps_w * tl.cdiv(C_out_g, BLOCK_K), 0)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels of this phase
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
     mask_m = offs_m < M
     mask_n = offs_n < C_in_g
-    n_idx = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    th0 = hw // W + pad_h  # = oh * stride_h + kh * dil_h for the output pixel that read it
-    tw0 = hw % W + pad_w
-    g_img = g_ptr + n_idx * (OH * OW * C_out) + group * C_out_g
+    r = offs_m % (HP * WP)
+    rh = r // WP  # input row ih = ph + rh * stride_h, column iw = pw + rw * stride_w
+    rw = r % WP
+    g_row = (offs_m // (HP * WP)) * (OH * OW * C_out) + group * C_out_g  # this image's grad, int32
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_blocks = tl.cdiv(C_out_g, BLOCK_K)
-    for it in range(0, KH * KW * k_blocks):
-        khw = it // k_blocks
+    for it in range(0, iters):
+        tap = it // k_blocks
         k0 = (it % k_blocks) * BLOCK_K
-        th = th0 - (khw // KW) * dil_h
-        tw = tw0 - (khw % KW) * dil_w
-        oh = th // stride_h
-        ow = tw // stride_w
-        # th, tw >= 0 first: the division of a negative value is never used.
-        row_ok = (mask_m & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
-                  & (oh < OH) & (ow < OW))
+        kh = first_h + (tap // taps_w) * step_h
+        kw = first_w + (tap % taps_w) * step_w
+        # The output pixel that tap (kh, kw) of input pixel (ih, iw) came from: oh = (ih + pad - kh*dil) / stride,
+        # an exact division in this phase, = rh + a per-tap scalar (no per-pixel division).
+        oh = rh + (ph + pad_h - kh * dil_h) // stride_h
+        ow = rw + (pw + pad_w - kw * dil_w) // stride_w
+        row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         offs_k = k0 + tl.arange(0, BLOCK_K)  # output channels within the group
         mask_k = offs_k < C_out_g
-        a = tl.load((g_img + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :],
+        a = tl.load(g_ptr + (g_row + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :],
                     mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + khw * C_in_g)[:, None]
+        b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + (kh * KW + kw) * C_in_g)[:, None]
                     + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    dx_offs = offs_m[:, None] * C_in + (group * C_in_g + offs_n)[None, :]
+    pix = ((offs_m // (HP * WP)) * H + ph + rh * stride_h) * W + pw + rw * stride_w
+    dx_offs = pix[:, None] * C_in + (group * C_in_g + offs_n)[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -106,7 +106,8 @@ def test_json_has_the_table_fields_and_is_written_atomically(audited):
     assert {"compiled", "failures", "spills", "smem_over_limit", "no_tensor_cores", "max_registers",
             "seconds", "jobs"} <= set(report["summary"])
     fields = {"kernel", "config", "dtype", "arch", "num_warps", "num_stages", "registers", "stack_bytes",
-              "local_bytes", "shared_bytes", "shared_limit", "mma", "compile_s", "error", "problems", "ok"}
+              "local_bytes", "shared_bytes", "shared_limit", "mma", "mainloop_instructions", "mainloop_mma",
+              "compile_s", "error", "problems", "ok"}
     for row in report["rows"]:
         assert set(row) == fields
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".audit-")] == []  # no temporary file left

@@ -300,12 +300,18 @@ def test_pinned_configs_are_the_ones_launched_and_are_restored(monkeypatch):
     monkeypatch.setattr(kernels, "_conv_bias_relu_fwd_kernel", Recorder())
     monkeypatch.setattr(backend, "interpret", lambda: True)
     config = kernels.FWD_CONFIGS_16[1]
+    problem = op._problem((1, 4, 5, 5), (4, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float16, True)
+
+    def launch():
+        chosen = op._config("fwd", problem, torch.float16, torch.device("cpu"))
+        op._launch("fwd", torch.float16, chosen, None, (), {"KH": 3})
+
     with op.pinned_configs(fwd=config):
-        op._launch("fwd", torch.float16, None, (), {"KH": 3})
+        launch()
         with op.pinned_configs(fwd={"BLOCK_M": 16, "num_warps": 2}):
-            op._launch("fwd", torch.float16, None, (), {"KH": 3})
-        op._launch("fwd", torch.float16, None, (), {"KH": 3})
-    op._launch("fwd", torch.float16, None, (), {"KH": 3})
+            launch()
+        launch()
+    launch()
     pinned = {"KH": 3, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     assert launched == [pinned, {"KH": 3, "BLOCK_M": 16, "num_warps": 2}, pinned,
                         {"KH": 3, **kernels.INTERPRET_FWD_CONFIG}]

@@ -80,6 +80,11 @@ CASES = {
     "stride2": dict(n=2, c_in=4, h=9, w=8, c_out=5, kh=3, kw=3, stride=2, padding=1),
     "stride2_1x1": dict(n=2, c_in=8, h=7, w=7, c_out=4, kh=1, kw=1, stride=2),
     "dilation2": dict(n=1, c_in=3, h=9, w=9, c_out=4, kh=3, kw=3, padding=2, dilation=2),
+    # dgrad's stride phases: a phase reached by every tap or by none (gcd 2), taps 3 apart (gcd 1), a phase
+    # with fewer rows than phase (0, 0), and a 1x1 stride-2 layer whose odd phases get no tap at all.
+    "stride2_dilation2": dict(n=1, c_in=3, h=9, w=10, c_out=4, kh=3, kw=3, stride=2, padding=1, dilation=2),
+    "stride3_dilation2_5x5": dict(n=1, c_in=2, h=11, w=13, c_out=3, kh=5, kw=4, stride=3, padding=(2, 1),
+                                  dilation=2),
     "1x1": dict(n=2, c_in=16, h=4, w=5, c_out=24, kh=1, kw=1),
     "7x7_stem": dict(n=1, c_in=3, h=12, w=12, c_out=8, kh=7, kw=7, stride=2, padding=3),
     "batch1_cin3": dict(n=1, c_in=3, h=6, w=6, c_out=4, kh=3, kw=3),
@@ -116,10 +121,20 @@ def test_every_config(kind, config, dtype):
     _case(2, 20, 13, 13, 36, 3, 3, padding=1, dtype=dtype, configs={**first, kind: config})
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the model's pick is for GPUs (the interpreter runs one fixed config)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_model_pick(dtype):
+    """With the performance model's configs, as users run the kernels by default: a ResNet-like 3x3 layer and
+    a strided one."""
+    _case(4, 64, 14, 14, 64, 3, 3, padding=1, dtype=dtype, configs={})
+    _case(4, 32, 15, 15, 48, 3, 3, stride=2, padding=1, dtype=dtype, configs={})
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter cannot autotune (it has no GPU to time configs)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_autotuned(dtype):
-    """Through the autotuner, as users run the kernels: on a ResNet-like 3x3 layer."""
+def test_autotuned(dtype, monkeypatch):
+    """Through the autotuner (CNNPERF_AUTOTUNE=1): on a ResNet-like 3x3 layer."""
+    monkeypatch.setenv("CNNPERF_AUTOTUNE", "1")
     _case(4, 64, 14, 14, 64, 3, 3, padding=1, dtype=dtype, configs={})
 
 

@@ -51,7 +51,7 @@ from cnnperf._env import device_name, versions
 from cnnperf._format import fmt, sig
 from cnnperf._timing import Timing, geomean, time_cuda, time_cuda_with_reset, time_host
 from cnnperf.benchmarks import harness
-from cnnperf.benchmarks.conv import meta_model
+from cnnperf.conv_shapes import meta_model
 from cnnperf.ops.grad_norm import clip_grad_norm_
 
 CASES = ("resnet50", "vgg16", "tiny")

@@ -22,17 +22,20 @@ CUDA -> channels_last always; CPU -> torch's rule, channels_last when the input 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+import os
 import threading
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_memory_format, in Python
 
-from cnnperf import backend, reference
+from cnnperf import backend, perf_model, reference
+from cnnperf.conv_shapes import output_hw
 
 OP = "conv2d_bias_relu"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -178,12 +181,6 @@ def _check_output_size(input, weight, stride, padding, dilation):
         raise ValueError(f"{OP}: output would be empty ({oh}x{ow}): input {tuple(input.shape)}, weight "
                          f"{tuple(weight.shape)}, stride={tuple(stride)}, padding={tuple(padding)}, "
                          f"dilation={tuple(dilation)}")
-
-
-def output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
-    """(OH, OW) of a convolution of an (H, W) image ``hw`` with a (KH, KW) filter ``khw``."""
-    return tuple((x + 2 * p - d * (k - 1) - 1) // s + 1
-                 for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
 
 
 def _torch_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
@@ -385,28 +382,74 @@ def pinned_configs(**configs) -> Iterator[None]:
             setattr(_pinned, kind, config)
 
 
-def _launch_kwargs(config) -> dict:
-    if isinstance(config, Mapping):
-        return dict(config)
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+def autotuning() -> bool:
+    """Whether the conv kernels autotune (``CNNPERF_AUTOTUNE=1``): time every config of the list on the first
+    call of each shape and keep the fastest. Off by default: the performance model's pick
+    (:func:`cnnperf.perf_model.choose_config`) is deterministic, costs no GPU time, and works inside CUDA-graph
+    capture, where nothing can be timed."""
+    value = os.environ.get("CNNPERF_AUTOTUNE", "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true", "off", "on"):
+        raise ValueError(f"CNNPERF_AUTOTUNE must be 0 or 1; got {value!r}")
+    return value in ("1", "true", "on")
 
 
-def _launch(kind: str, dtype: torch.dtype, grid, args: tuple, const: dict) -> None:
-    """Launch kernel ``kind``: with its pinned config (:func:`pinned_configs`), else the interpreter's fixed
-    config under ``TRITON_INTERPRET=1`` (the interpreter cannot autotune), else autotuned for ``dtype``."""
+def _config_lists(K, kind: str, dtype: torch.dtype):
+    bits = 32 if dtype.itemsize == 4 else 16
+    return getattr(K, {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}[kind] + f"_{bits}")
+
+
+@functools.lru_cache(maxsize=4096)
+def model_config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> dict:
+    """The config the performance model picks for ``kind`` on ``conv`` on this GPU (cached per shape)."""
+    return perf_model.choose_config(kind, conv, _config_lists(_kernels(), kind, dtype), _gpu(device_index))
+
+
+@functools.cache
+def _gpu(index: int) -> perf_model.GPU:
+    """The model's GPU for CUDA device ``index``: the Hopper figures from sm_90 up, else the Ampere ones, with
+    the device's own SM count."""
+    props = torch.cuda.get_device_properties(index)
+    base = perf_model.GPUS[90 if props.major >= 9 else 80]
+    return dataclasses.replace(base, name=props.name, sms=props.multi_processor_count)
+
+
+def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device):
+    """The config kernel ``kind`` launches with, or None to autotune: the pinned one (:func:`pinned_configs`),
+    the interpreter's fixed one under ``TRITON_INTERPRET=1``, the autotuner's with ``CNNPERF_AUTOTUNE=1``,
+    else the performance model's pick."""
     K = _kernels()
-    kernel, autotuned, interpret_config = {
-        "fwd": (K._conv_bias_relu_fwd_kernel, K.conv_bias_relu_fwd_autotuned, K.INTERPRET_FWD_CONFIG),
-        "dgrad": (K._conv_dgrad_kernel, K.conv_dgrad_autotuned, K.INTERPRET_DGRAD_CONFIG),
-        "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned, K.INTERPRET_WGRAD_CONFIG),
-    }[kind]
     config = getattr(_pinned, kind, None)
     if config is None and backend.interpret():
-        config = interpret_config
+        config = {"fwd": K.INTERPRET_FWD_CONFIG, "dgrad": K.INTERPRET_DGRAD_CONFIG,
+                  "wgrad": K.INTERPRET_WGRAD_CONFIG}[kind]
+    if config is None and device.type == "cuda" and not autotuning():
+        config = model_config(kind, conv, dtype, _device_index(device))
+    return config
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict) -> None:
+    """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` when None."""
+    K = _kernels()
+    kernel, autotuned = {
+        "fwd": (K._conv_bias_relu_fwd_kernel, K.conv_bias_relu_fwd_autotuned),
+        "dgrad": (K._conv_dgrad_kernel, K.conv_dgrad_autotuned),
+        "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned),
+    }[kind]
     if config is None:
         autotuned(dtype)[grid](*args, **const)
     else:
-        kernel[grid](*args, **const, **_launch_kwargs(config))
+        kernel[grid](*args, **const, **perf_model.config_dict(config))
+
+
+def _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias) -> perf_model.Conv:
+    n, c_in, h, w = input_shape
+    c_out, _, kh, kw = weight_shape
+    return perf_model.Conv(n, c_in, h, w, c_out, kh, kw, tuple(stride), tuple(padding), tuple(dilation), groups,
+                           dtype.itemsize, has_bias)
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -443,7 +486,8 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups)
 
-    _launch("fwd", x.dtype, grid, args, const)
+    conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
+    _launch("fwd", x.dtype, _config("fwd", conv, x.dtype, x.device), grid, args, const)
     return y.permute(0, 3, 1, 2)
 
 
@@ -473,22 +517,25 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
 
     w = _weight_khwc(weight) if output_mask[0] else None
     grad_input = grad_weight = None
+    conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
     if output_mask[0]:
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
+        steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
         args = (g, w, dx, n, h, wd, c_in, oh, ow, c_out,
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
         const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
-        pixels = n * h * wd
+        phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
         def grid(meta):
-            return (_cdiv(pixels, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]), groups)
+            return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]), groups * stride[0] * stride[1])
 
-        _launch("dgrad", input.dtype, grid, args, const)
+        _launch("dgrad", input.dtype, _config("dgrad", conv, input.dtype, g.device), grid, args, const)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
         x = _nhwc(input)
-        split = _wgrad_split(m, c_out_g, c_in_g * kh * kw * groups, g.device)
+        config = _config("wgrad", conv, input.dtype, g.device)
+        split = _wgrad_split(conv, config, input.dtype, g.device)
         partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
         args = (g, x, partial_w, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, split)
@@ -498,7 +545,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
             tiles = _cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
             return (tiles, split, groups)
 
-        _launch("wgrad", input.dtype, grid, args, const)
+        _launch("wgrad", input.dtype, config, grid, args, const)
         grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
         grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
     return grad_input, grad_weight, grad_bias
@@ -509,32 +556,17 @@ def _flat_spatial(t: torch.Tensor) -> bool:
     return t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1
 
 
-def _wgrad_split(m: int, c_out_g: int, k_total: int, device: torch.device) -> int:
-    """How many slices the wgrad reduction over M = N*OH*OW is cut into (deterministic: summed afterwards).
-
-    Enough programs to fill the GPU about twice at a nominal 64x64 tile, each slice at least 512 rows, and
-    the fp32 workspace at most 256 MB.
-    """
+def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torch.device) -> int:
+    """How many slices the wgrad reduction over M = N*OH*OW is cut into (deterministic: summed afterwards):
+    :func:`cnnperf.perf_model.wgrad_split` for the config that launches (the model's pick when autotuning,
+    since the split is fixed before the autotuner chooses)."""
     if device.type != "cuda":
-        return min(2, max(1, m // 64))  # the interpreter: still exercise the split
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = _cdiv(c_out_g, 64) * _cdiv(k_total, 64)
-    split = max(1, min(_cdiv(2 * sms, tiles), m // 512))
-    workspace_cap = (256 << 20) // max(1, 4 * c_out_g * k_total)
-    return int(max(1, min(split, workspace_cap, 128)))
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+        return min(2, max(1, conv.n * conv.oh * conv.ow // 64))  # the interpreter: still exercise the split
+    cfg = perf_model.config_dict(config if config is not None
+                                 else model_config("wgrad", conv, dtype, _device_index(device)))
+    gpu = _gpu(_device_index(device))
+    return perf_model.wgrad_split(conv, cfg, gpu)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def flops(input_shape: Sequence[int], weight_shape: Sequence[int], output_hw: Sequence[int]) -> int:
-    """Multiply-add FLOPs (2 per MAC) of the forward convolution, for throughput figures."""
-    n = input_shape[0]
-    c_out, c_in_g, kh, kw = weight_shape
-    return 2 * n * c_out * math.prod(output_hw) * c_in_g * kh * kw

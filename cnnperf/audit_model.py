@@ -1,0 +1,232 @@
+"""``cnnperf audit --model resnet50|vgg16``: the static performance model of the conv kernels, per layer and pass.
+
+For every distinct convolution of the model (:mod:`cnnperf.conv_shapes`) and every pass the fused layer runs
+(``fwd``; backward: ``mask``, ``dgrad``, ``wgrad``), it takes the config the launcher would pick
+(:func:`cnnperf.perf_model.choose_config`), compiles the kernel with the specialization Triton would launch
+(int arguments equal to 1 become constexprs, those divisible by 16 carry the divisibility hint), reads the
+registers, shared memory and K-loop instructions from the SASS, and applies :mod:`cnnperf.perf_model` (the
+model and its assumptions are documented there). Rows, FLOP-weighted geomeans and the issue's targets are
+printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+from cnnperf import perf_model as pm
+
+KERNEL_OF = {"fwd": "_conv_bias_relu_fwd_kernel", "dgrad": "_conv_dgrad_kernel", "wgrad": "_conv_wgrad_kernel"}
+CONFIG_LISTS = {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}
+GEMM_PASSES = ("fwd", "dgrad", "wgrad")
+BACKWARD = ("mask", "dgrad", "wgrad")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def config_list(kind: str, dtype: str):
+    """The config list the launcher picks from for ``kind`` and ``dtype`` (a torch dtype name)."""
+    from cnnperf.kernels import conv_bias_relu as K
+
+    return getattr(K, f"{CONFIG_LISTS[kind]}_{16 if ITEMSIZE[dtype] == 2 else 32}")
+
+
+def launch_ints(kind: str, conv: pm.Conv, split: int = 1) -> dict[str, int]:
+    """The int arguments of kernel ``kind`` by name, as ``cnnperf/ops/conv_bias_relu.py`` launches it on an
+    NHWC input (tests check this against a real launch)."""
+    shapes = dict(N=conv.n, H=conv.h, W=conv.w, C_in=conv.c_in, OH=conv.oh, OW=conv.ow, C_out=conv.c_out)
+    geometry = dict(stride_h=conv.stride[0], stride_w=conv.stride[1], pad_h=conv.padding[0], pad_w=conv.padding[1],
+                    dil_h=conv.dilation[0], dil_w=conv.dilation[1], C_in_g=conv.c_in_g, C_out_g=conv.c_out_g)
+    strides = dict(sxn=conv.h * conv.w * conv.c_in, sxh=conv.w * conv.c_in, sxw=conv.c_in)
+    if kind == "fwd":
+        return {**shapes, **strides, **geometry}
+    if kind == "dgrad":
+        steps = dict(step_h=conv.stride[0] // math.gcd(conv.stride[0], conv.dilation[0]),
+                     step_w=conv.stride[1] // math.gcd(conv.stride[1], conv.dilation[1]))
+        return {**shapes, **geometry, **steps}
+    return {**shapes, **strides, **geometry, "SPLIT": split}
+
+
+def specialization(ints: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ints compiled as the constexpr 1, ints with the divisibility-16 hint): Triton's launch-time rule
+    (``native_specialize_impl``: 1 -> constexpr, a multiple of 16, 0 included -> divisibility 16)."""
+    ones = tuple(k for k, v in ints.items() if v == 1)
+    div16 = tuple(k for k, v in ints.items() if v != 1 and v % 16 == 0)
+    return ones, div16
+
+
+@dataclasses.dataclass
+class LayerPass:
+    layer: str
+    layers: int  # layers of the model with this shape
+    kind: str
+    conv: pm.Conv
+    config: dict | None
+    job: Any = None  # the audit Job compiling it (GEMM passes)
+
+
+def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 224) -> list[LayerPass]:
+    """Every (layer, pass) of ``model`` with its config and its compile job (deduplicated by the caller)."""
+    from cnnperf import audit
+    from cnnperf.conv_shapes import model_conv_layers, unique_shapes
+
+    gpu = pm.GPUS[arch]
+    entries = {k.kernel: k for k in audit.KERNELS}
+    out = []
+    layers = model_conv_layers(model, batch, image_size)
+    for shape in unique_shapes(layers):
+        conv = pm.Conv.of(shape, ITEMSIZE[dtype], has_bias=True)
+        out.append(LayerPass(shape.name, shape.layers, "mask", conv, None))
+        for kind in GEMM_PASSES:
+            if kind == "dgrad" and shape.name == layers[0].name:
+                continue  # the first layer reads the images: no input gradient is asked for, none is computed
+            cfg = pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
+            split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+            ones, div16 = specialization(launch_ints(kind, conv, split))
+            entry = entries[KERNEL_OF[kind]]
+            params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+            options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+            constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params,
+                          "KH": conv.kh, "KW": conv.kw}
+            if "HAS_BIAS" in constexprs:
+                constexprs["HAS_BIAS"] = conv.has_bias
+            job = audit.Job(entry.module, entry.kernel, dtype, arch, audit.config_label(params, options), constexprs,
+                            options, dict(entry.arg_types), div16, entry.tensor_cores, None, ones)
+            out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg, job))
+    return out
+
+
+def _job_key(job) -> tuple:
+    return (job.kernel, job.dtype, job.arch, job.config, tuple(sorted(job.constexprs.items())),
+            tuple(sorted(job.options.items())), job.divisible_by_16, job.ones)
+
+
+def unique_jobs(passes: Sequence[LayerPass]) -> list:
+    seen: dict[tuple, Any] = {}
+    for p in passes:
+        if p.job is not None:
+            seen.setdefault(_job_key(p.job), p.job)
+    return list(seen.values())
+
+
+def model_rows(passes: Sequence[LayerPass], compiled: Mapping[tuple, Any], arch: int) -> list[dict]:
+    """The model's rows: one per (layer, pass), with the compiled kernel's figures where there is one."""
+    gpu = pm.GPUS[arch]
+    rows = []
+    for p in passes:
+        base = {"layer": p.layer, "layers": p.layers, "arch": arch, "shape": _shape_fields(p.conv)}
+        if p.kind == "mask":
+            rows.append({**base, **pm.pass_row("mask", p.conv, gpu, pm.mask_pass(p.conv, gpu))})
+            continue
+        row = compiled[_job_key(p.job)]
+        mma = next(iter(row.mma), None)
+        figures = {}
+        if row.error is None:
+            figures = dict(registers=row.registers, shared_bytes=row.shared_bytes,
+                           mainloop_instructions=row.mainloop_instructions, mma=mma)
+        kernels = pm.gemm_pass(p.kind, p.conv, p.config, gpu, **figures)
+        out = {**base, **pm.pass_row(p.kind, p.conv, gpu, kernels), "compiled": row.ok,
+               "problems": list(row.problems), "registers": row.registers, "shared_bytes": row.shared_bytes,
+               "mma": row.mma, "mainloop_instructions": row.mainloop_instructions,
+               "mainloop_mma": row.mainloop_mma,
+               "mainloop_instructions_per_mma": (round(row.mainloop_instructions / row.mainloop_mma, 2)
+                                                 if row.mainloop_mma else None),
+               "specialization": {"ones": list(p.job.ones), "divisible_by_16": list(p.job.divisible_by_16)}}
+        rows.append(out)
+    return rows
+
+
+def _shape_fields(conv: pm.Conv) -> dict:
+    return {"n": conv.n, "c_in": conv.c_in, "h": conv.h, "w": conv.w, "c_out": conv.c_out, "kh": conv.kh,
+            "kw": conv.kw, "stride": list(conv.stride), "padding": list(conv.padding), "groups": conv.groups,
+            "out_h": conv.oh, "out_w": conv.ow, "itemsize": conv.itemsize}
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, Any]:
+    """FLOP-weighted geomeans of the predicted fraction of peak per pass, for the forward, the backward and
+    both (a layer's backward or forward+backward fraction is its FLOPs over its passes' summed time), and the
+    figures of the issue's targets."""
+    by_layer: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_layer.setdefault(r["layer"], {})[r["pass"]] = r
+    out: dict[str, Any] = {}
+    for kind in GEMM_PASSES:
+        out[f"geomean_{kind}"] = pm.weighted_geomean(
+            (r["predicted_fraction_of_peak"], r["flops"] * r["layers"]) for r in rows if r["pass"] == kind)
+
+    def combined(kinds):
+        pairs = []
+        for passes in by_layer.values():
+            fwd = passes["fwd"]
+            peak = pm.GPUS[fwd["arch"]].peak_flops(pm.operands(fwd["shape"]["itemsize"], None, fwd["arch"]))
+            run = [passes[k] for k in kinds if k in passes]  # the first layer has no dgrad
+            flops = sum(r["flops"] for r in run)
+            pairs.append((flops / (peak * sum(r["seconds"] for r in run)), flops * fwd["layers"]))
+        return pm.weighted_geomean(pairs)
+
+    out["geomean_backward"] = combined(BACKWARD)
+    out["geomean_fwd_bwd"] = combined(("fwd",) + BACKWARD)
+    wgrad = [r for r in rows if r["pass"] == "wgrad"]
+    strided = [r for r in rows if r["pass"] == "dgrad" and max(r["shape"]["stride"]) > 1]
+    stems = [r for r in rows if r["pass"] == "fwd" and r["shape"]["c_in"] <= 4]
+    main_fwd = [r for r in rows if r["pass"] == "fwd" and r.get("config", "").startswith("128x128x64")
+                and r.get("mainloop_mma")]
+    out["min_wgrad_waves"] = min((r["waves"] for r in wgrad), default=None)
+    out["min_strided_dgrad_useful_mma"] = min((r["useful_mma_fraction"] for r in strided), default=None)
+    out["min_stem_fwd_useful_mma"] = min((r["useful_mma_fraction"] for r in stems), default=None)
+    out["fwd_128x128x64_instructions_per_4_mma"] = max(
+        (4 * r["mainloop_instructions_per_mma"] for r in main_fwd), default=None)
+    ratios = []
+    for passes in by_layer.values():
+        run = [passes[k] for k in BACKWARD if k in passes]
+        ratios.append(sum(r["hbm_bytes"] for r in run) / sum(r["min_hbm_bytes"] for r in run))
+    out["max_backward_hbm_over_min"] = max(ratios, default=None)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+# The targets of issue 12, checked on the model's figures: (summary key, comparison, goal, what it says).
+TARGETS = (
+    ("min_wgrad_waves", ">=", 2.0, "wgrad: >= 2 waves on every layer"),
+    ("min_strided_dgrad_useful_mma", ">=", 0.9, "dgrad: useful MMA fraction >= 0.9 on every stride-2 layer"),
+    ("min_stem_fwd_useful_mma", ">=", 0.5, "stem forward: useful MMA fraction >= 0.5"),
+    ("fwd_128x128x64_instructions_per_4_mma", "<=", 110, "forward K loop: <= 110 instructions per 4 MMA"),
+    ("max_backward_hbm_over_min", "<=", 1.15, "backward HBM bytes <= 1.15x the minimum on every layer"),
+    ("geomean_fwd", ">=", 0.55, "forward: predicted geomean fraction of peak >= 0.55 (at batch 128)"),
+    ("geomean_fwd_bwd", ">=", 0.45, "forward+backward: predicted geomean fraction of peak >= 0.45"),
+)
+
+
+def targets(summary: Mapping[str, Any]) -> list[dict]:
+    out = []
+    for key, op, goal, what in TARGETS:
+        value = summary.get(key)
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        out.append({"target": what, "key": key, "goal": f"{op} {goal}", "value": value, "met": met})
+    return out
+
+
+def render(rows: Sequence[dict], summary: Mapping[str, Any], console, title: str) -> None:
+    from rich.table import Table
+
+    from cnnperf._format import fmt
+
+    table = Table(title=title)
+    for name in ("layer", "x", "pass", "config", "ctas", "cta/SM", "waves", "useful MMA", "instr/MMA",
+                 "HBM / min", "bound", "pred. % peak"):
+        table.add_column(name, justify="left" if name in ("layer", "pass", "config", "bound") else "right",
+                         no_wrap=True)
+    for r in rows:
+        ratio = r["hbm_bytes"] / r["min_hbm_bytes"] if r["min_hbm_bytes"] else None
+        table.add_row(r["layer"], str(r["layers"]), r["pass"], r.get("config", "-"), fmt(r.get("ctas"), "d"),
+                      fmt(r.get("ctas_per_sm"), "d"), fmt(r.get("waves"), ".2f"),
+                      fmt(r.get("useful_mma_fraction"), ".2f"), fmt(r.get("mainloop_instructions_per_mma"), ".1f"),
+                      fmt(ratio, ".2f") if ratio is not None else "extra pass", r.get("bound", "memory"),
+                      fmt(100 * r["predicted_fraction_of_peak"], ".1f") if r["predicted_fraction_of_peak"] else "-",
+                      style=None if r.get("compiled", True) else "bold red")
+    console.print(table)
+    line = ", ".join(f"{k[len('geomean_'):]} {100 * v:.1f} %" for k, v in summary.items()
+                     if k.startswith("geomean_") and v is not None)
+    console.print(f"predicted fraction of peak, FLOP-weighted geomean: {line}", markup=False)
+    for t in targets(summary):
+        mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        console.print(f"  target {t['target']}: {t['value']} ({mark})", markup=False)

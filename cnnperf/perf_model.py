@@ -1,0 +1,421 @@
+"""A static performance model of the conv kernels: what each pass of a layer costs on a GPU, without one.
+
+Pure arithmetic on the layer's shape, a kernel config and the target GPU's published (or measured) rates;
+`cnnperf audit --model` adds what only the compiled SASS can tell (registers, shared memory, instructions in
+the K loop) and writes the result per layer and pass. The launchers use the same model to pick a config per
+shape (:func:`choose_config`), so the audit predicts exactly what would run.
+
+Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
+
+- ``fwd``: one implicit GEMM, M = N*OH*OW output pixels, N = C_out/g, K = KH*KW*C_in/g.
+- ``mask``: g = dY * (Y > 0) and the bias gradient's partial sums (memory-bound: reads dY and Y, writes g),
+  then the partials' sum.
+- ``dgrad``: one implicit GEMM per stride phase (ph, pw) of the input: M = the input pixels of that phase, K =
+  (the taps that reach that phase) * C_out/g. Each tap of a phase is valid for all its pixels (but the
+  borders), so no MMA is spent on rows that a stride skips.
+- ``wgrad``: one GEMM per tap, M = C_out/g, N = C_in/g, K = N*OH*OW output pixels, cut into ``split`` slices
+  written to an fp32 workspace and summed afterwards (deterministic), then cast to the weight's dtype.
+
+**The model** (a roofline with waves; every constant below is named with where it comes from):
+
+- ``ctas_per_sm`` = min over registers (64 K a SM), shared memory (228 KB a SM, 1 KB reserved per CTA),
+  threads (2048) and the 32-CTA limit; from the compiled kernel when known, else from the tile size.
+- One K iteration of one CTA costs max(mma, issue, feed) SM clocks: ``mma`` = BM*BN*BK / the SM's tensor-core
+  MACs per clock; ``issue`` = num_warps * (SASS instructions in the K loop) / 4 schedulers, known only from the
+  compiled kernel (the config pick leaves it out); ``feed`` = the tile's operand bytes / the L2 bandwidth a SM
+  gets (Triton's non-TMA loads fetch every operand tile from L2).
+- The busiest SM runs ceil(ctas / SMs) CTAs of the grid's average length, ``ctas_per_sm`` at a time sharing
+  its tensor cores (so waves come in whole numbers); each round of co-resident CTAs adds ``TILE_OVERHEAD_CLK``
+  (pipeline fill and epilogue). That is the compute time; the memory time is ``hbm_bytes`` / the HBM
+  bandwidth; a kernel takes the larger of the two, plus ``LAUNCH_S``.
+- ``hbm_bytes`` counts each tensor a kernel reads or writes once (operand re-reads hit L2);
+  ``min_hbm_bytes`` is what the pass would move if it read each operand once and wrote each result once in
+  its final dtype: dgrad dY, Y (the ReLU mask), W and dX; wgrad dY, Y, X, dW and db; fwd X, W, b and Y; mask 0
+  (a pass that need not exist).
+- ``useful_mma_fraction`` = the convolution's MACs / the MACs the grid issues (whole tiles, padded K).
+- ``predicted_fraction_of_peak`` = FLOPs / (time * dense tensor-core peak).
+
+What the model leaves out (to be calibrated against ``bench/results/`` when a GPU runs ``gpu_check.sh``):
+latency that too few warps cannot hide, L2 misses of operand re-reads, bank conflicts, clock throttling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+PASSES = ("fwd", "mask", "dgrad", "wgrad")
+
+# Per-CTA cost of a round of tiles on a SM, in SM clocks: the pipeline's first loads (one DRAM latency, about
+# 600-800 clocks on H100 per published microbenchmarks) plus the epilogue's stores.
+TILE_OVERHEAD_CLK = 1500
+# Gap between back-to-back kernels on one stream, eager launches (no CUDA graph).
+LAUNCH_S = 2e-6
+# wgrad: the split aims at this many waves of CTAs (fewer leave SMs idle at the end of the only wave).
+WGRAD_TARGET_WAVES = 2
+WGRAD_MIN_ROWS = 512  # rows of the reduction per slice, at least: shorter slices spend more on the epilogue
+WGRAD_WORKSPACE_CAP = 256 << 20  # bytes of fp32 workspace, at most
+WGRAD_MAX_SPLIT = 1024  # the workspace cap binds first on all but the smallest layers
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """What the model needs of a GPU. Rates are per SM and per SM clock."""
+    name: str
+    arch: int  # compute capability, 80 or 90
+    sms: int
+    clock_hz: float  # the clock at which the vendor's dense tensor peak is quoted
+    macs_per_clk: Mapping[str, int]  # operand kind ("16", "tf32") -> tensor-core MACs per clock per SM
+    l2_bytes_per_clk: float  # L2 -> SM bandwidth a SM gets when all load at once
+    hbm_bytes_per_s: float
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 228 * 1024
+    smem_reserved_per_cta: int = 1024
+    threads_per_sm: int = 2048
+    ctas_per_sm_max: int = 32
+
+    def peak_flops(self, operands: str) -> float:
+        return 2 * self.macs_per_clk[operands] * self.sms * self.clock_hz
+
+
+# H100/H200 SXM: 989 dense bf16 TFLOP/s = 2 * 2048 MACs * 132 SMs * 1.83 GHz (wgmma; the same SM's mma.sync
+# path is taken at half that rate, an assumption); L2: about 40 B/clk a SM (~9.7 TB/s in all, published
+# microbenchmarks measure 7-10 TB/s); HBM: 4.3 TB/s, measured on the H200 here (copy, read + write), the
+# H200's nominal 4.8 TB/s less the usual ~10 %.
+H200 = GPU("H200 (sm_90)", 90, 132, 1.83e9, {"16": 2048, "tf32": 1024, "16_mma_sync": 1024, "tf32_mma_sync": 512},
+           40.0, 4.3e12)
+# A100 SXM: 312 dense TFLOP/s = 2 * 1024 * 108 * 1.41 GHz; L2 5120 B/clk in all (NVIDIA's A100 whitepaper);
+# HBM2e 2.0 TB/s nominal, ~1.8 effective.
+A100 = GPU("A100 (sm_80)", 80, 108, 1.41e9, {"16": 1024, "tf32": 512, "16_mma_sync": 1024, "tf32_mma_sync": 512},
+           5120 / 108, 1.8e12, smem_per_sm=164 * 1024)
+GPUS = {90: H200, 80: A100}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A convolution problem: ints only (``stride``/``padding``/``dilation`` are pairs); ``itemsize`` of the
+    activations and weights (2 or 4); ``has_bias``."""
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    itemsize: int = 2
+    has_bias: bool = True
+
+    @classmethod
+    def of(cls, shape: Any, itemsize: int = 2, has_bias: bool = True) -> "Conv":
+        """From anything with the fields (a :class:`cnnperf.conv_shapes.ConvShape`)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("itemsize", "has_bias")]
+        return cls(**{k: (tuple(getattr(shape, k)) if k in ("stride", "padding", "dilation") else getattr(shape, k))
+                      for k in names}, itemsize=itemsize, has_bias=has_bias)
+
+    @property
+    def oh(self) -> int:
+        return (self.h + 2 * self.padding[0] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.w + 2 * self.padding[1] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def c_in_g(self) -> int:
+        return self.c_in // self.groups
+
+    @property
+    def c_out_g(self) -> int:
+        return self.c_out // self.groups
+
+    @property
+    def aligned(self) -> bool:
+        """Channel counts (hence NHWC strides) multiples of 16: Triton's vectorised, pipelined loads."""
+        return self.c_in_g % 16 == 0 and self.c_out_g % 16 == 0 and self.c_in % 16 == 0
+
+    @property
+    def macs(self) -> int:
+        return self.n * self.oh * self.ow * self.c_out * self.c_in_g * self.kh * self.kw
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of each tensor in its own dtype: x, w, b, y (= dy = g)."""
+        e = self.itemsize
+        return {"x": self.n * self.c_in * self.h * self.w * e,
+                "w": self.c_out * self.c_in_g * self.kh * self.kw * e,
+                "b": self.c_out * e if self.has_bias else 0,
+                "y": self.n * self.c_out * self.oh * self.ow * e}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stride phases of dgrad: which taps reach which input pixels.
+# ---------------------------------------------------------------------------------------------------------
+
+def phase_taps(k: int, stride: int, pad: int, dil: int, phase: int) -> tuple[int, int]:
+    """(first tap, number of taps) along one axis for input rows ``i`` with ``i % stride == phase``: tap ``t``
+    reaches such a row iff (phase + pad - t*dil) % stride == 0; those taps are first + j*step, j < count, with
+    step = stride / gcd(stride, dil)."""
+    step = stride // math.gcd(stride, dil)
+    first = next((t for t in range(min(k, step)) if (phase + pad - t * dil) % stride == 0), None)
+    if first is None:
+        return 0, 0
+    return first, (k - first + step - 1) // step
+
+
+def phase_rows(size: int, stride: int, phase: int) -> int:
+    """How many of ``size`` rows have ``row % stride == phase``."""
+    return max(0, (size - phase + stride - 1) // stride)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GEMM each pass runs, per config.
+# ---------------------------------------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The launch of one GEMM kernel: CTAs, and the K iterations of each (longest first, one entry per CTA
+    class with its count)."""
+    ctas: int
+    k_iters: tuple[tuple[int, int], ...]  # ((iterations, number of CTAs), ...)
+    issued_macs: int
+
+
+def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> Grid:
+    """The grid that ``kind`` ("fwd", "dgrad", "wgrad") launches for ``conv`` with tile config ``cfg``."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    g = conv.groups
+    if kind == "fwd":
+        tiles = _cdiv(conv.n * conv.oh * conv.ow, bm) * _cdiv(conv.c_out_g, bn) * g
+        iters = conv.kh * conv.kw * _cdiv(conv.c_in_g, bk)
+        classes = ((iters, tiles),)
+    elif kind == "dgrad":  # one GEMM per stride phase, over the taps that reach it (CTAs past a phase exit)
+        counts: dict[int, int] = {}
+        for ph in range(conv.stride[0]):
+            _, taps_h = phase_taps(conv.kh, conv.stride[0], conv.padding[0], conv.dilation[0], ph)
+            for pw in range(conv.stride[1]):
+                _, taps_w = phase_taps(conv.kw, conv.stride[1], conv.padding[1], conv.dilation[1], pw)
+                rows = conv.n * phase_rows(conv.h, conv.stride[0], ph) * phase_rows(conv.w, conv.stride[1], pw)
+                iters = taps_h * taps_w * _cdiv(conv.c_out_g, bk)
+                counts[iters] = counts.get(iters, 0) + _cdiv(rows, bm) * _cdiv(conv.c_in_g, bn) * g
+        classes = tuple(sorted(counts.items(), reverse=True))
+    elif kind == "wgrad":
+        tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.c_in_g, bn) * conv.kh * conv.kw * g
+        m = conv.n * conv.oh * conv.ow
+        rows = _cdiv(_cdiv(m, split), bk) * bk
+        counts = {}
+        for s in range(split):
+            length = max(0, min(rows, m - s * rows))
+            counts[_cdiv(length, bk)] = counts.get(_cdiv(length, bk), 0) + tiles
+        classes = tuple(sorted(counts.items(), reverse=True))
+    else:
+        raise ValueError(f"unknown GEMM kind {kind!r}; one of fwd, dgrad, wgrad")
+    ctas = sum(c for _, c in classes)
+    issued = sum(i * c for i, c in classes) * bm * bn * bk
+    return Grid(ctas, classes, issued)
+
+
+def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
+    """Slices of the wgrad reduction: enough CTAs for ``WGRAD_TARGET_WAVES`` waves of the chosen config (its
+    occupancy estimated from the tile, as the launcher has no compiled kernel at hand), each slice at least
+    ``WGRAD_MIN_ROWS`` rows, the fp32 workspace at most ``WGRAD_WORKSPACE_CAP`` bytes."""
+    occupancy = max(1, ctas_per_sm(gpu, cfg.get("num_warps", 4), registers_estimate(cfg, conv.aligned),
+                                   smem_estimate(cfg, conv.itemsize)))
+    tiles = gemm_grid("wgrad", conv, cfg, 1).ctas
+    m = conv.n * conv.oh * conv.ow
+    split = _cdiv(WGRAD_TARGET_WAVES * gpu.sms * occupancy, tiles)
+    split = min(split, max(1, m // WGRAD_MIN_ROWS), WGRAD_MAX_SPLIT)
+    workspace = 4 * conv.c_out * conv.c_in_g * conv.kh * conv.kw
+    return max(1, min(split, WGRAD_WORKSPACE_CAP // max(1, workspace)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Occupancy, time, and the config pick.
+# ---------------------------------------------------------------------------------------------------------
+
+def smem_estimate(cfg: Mapping[str, int], itemsize: int) -> int:
+    """Shared memory of a pipelined GEMM tile when the compiled kernel is not at hand: the A and B tiles of
+    every stage but the one in registers (what Triton allocates for num_stages, within a few KB)."""
+    stages = max(1, cfg.get("num_stages", 3) - 1)
+    return (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * itemsize * stages
+
+
+def registers_estimate(cfg: Mapping[str, int], aligned: bool = True) -> int:
+    """Registers a thread when the compiled kernel is not at hand: the fp32 accumulator spread over the threads,
+    plus ~64 for addresses and loads (measured with `cnnperf audit`: 128x128 w8 130, 64x64 w4 ~90 on sm_90), or
+    ~128 when channel counts are not multiples of 16 (unvectorised scalar loads: 128x128 w4 spills there).
+    Over 255 means a spill."""
+    threads = 32 * cfg.get("num_warps", 4)
+    return cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads + (64 if aligned else 128)
+
+
+def ctas_per_sm(gpu: GPU, num_warps: int, registers: int, shared_bytes: int) -> int:
+    threads = 32 * num_warps
+    regs = gpu.regs_per_sm // max(1, _round_up(min(registers, 255), 8) * threads)
+    smem = gpu.smem_per_sm // max(1, shared_bytes + gpu.smem_reserved_per_cta)
+    return max(0, min(regs, smem, gpu.threads_per_sm // threads, gpu.ctas_per_sm_max))
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def operands(itemsize: int, mma: str | None, arch: int) -> str:
+    """The tensor-core rate key: 16-bit or tf32 operands, wgmma (sm_90 HGMMA) or mma.sync (HMMA)."""
+    kind = "16" if itemsize == 2 else "tf32"
+    return kind + ("_mma_sync" if arch >= 90 and mma == "HMMA" else "")
+
+
+@dataclasses.dataclass
+class KernelCost:
+    """The model's account of one kernel launch (GEMM or memory-bound)."""
+    name: str
+    seconds: float
+    hbm_bytes: int
+    config: str | None = None
+    ctas: int | None = None
+    ctas_per_sm: int | None = None
+    waves: float | None = None
+    issued_macs: int = 0
+    bound: str = "memory"  # "mma", "issue", "feed", "memory"
+
+
+def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu: GPU, hbm_bytes: int,
+              *, aligned: bool = True, registers: int | None = None, shared_bytes: int | None = None,
+              mainloop_instructions: int | None = None, mma: str | None = None) -> KernelCost:
+    """Time of one implicit-GEMM launch (see the module docstring)."""
+    warps = cfg.get("num_warps", 4)
+    regs = registers if registers is not None else registers_estimate(cfg, aligned)
+    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize)
+    occupancy = max(1, ctas_per_sm(gpu, warps, regs, smem))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    per_iter = {"mma": bm * bn * bk / gpu.macs_per_clk[operands(itemsize, mma, gpu.arch)],
+                "feed": (bm + bn) * bk * itemsize / gpu.l2_bytes_per_clk}
+    if mainloop_instructions is not None:
+        per_iter["issue"] = warps * mainloop_instructions / 4
+    bound = max(per_iter, key=per_iter.get)
+    # The busiest SM runs ceil(ctas / SMs) CTAs of the average length (whole waves: the quantization).
+    load = _cdiv(grid.ctas, gpu.sms)
+    mean_iters = sum(i * c for i, c in grid.k_iters) / max(1, grid.ctas)
+    clocks = load * mean_iters * per_iter[bound]
+    clocks += _cdiv(load, occupancy) * TILE_OVERHEAD_CLK
+    compute = clocks / gpu.clock_hz
+    memory = hbm_bytes / gpu.hbm_bytes_per_s
+    return KernelCost(name, max(compute, memory) + LAUNCH_S, hbm_bytes, _label(cfg), grid.ctas, occupancy,
+                      grid.ctas / (gpu.sms * occupancy), grid.issued_macs, bound if compute >= memory else "memory")
+
+
+def memory_cost(name: str, hbm_bytes: int, gpu: GPU) -> KernelCost:
+    return KernelCost(name, hbm_bytes / gpu.hbm_bytes_per_s + LAUNCH_S, hbm_bytes)
+
+
+def _label(cfg: Mapping[str, int]) -> str:
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)}"
+            f" s{cfg.get('num_stages', 3)}")
+
+
+def config_dict(config) -> dict[str, int]:
+    """A ``triton.Config`` or a dict of constexprs (with optional num_warps / num_stages) as one flat dict."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def gemm_bytes(kind: str, conv: Conv, split: int = 1) -> int:
+    """HBM bytes of the GEMM kernel itself: its operands read once, its result written once."""
+    s = conv.sizes()
+    if kind == "fwd":
+        return s["x"] + s["w"] + s["b"] + s["y"]
+    if kind == "dgrad":
+        return s["y"] + s["w"] + s["x"]  # g, W -> dX
+    return s["y"] + s["x"] + split * (s["w"] // conv.itemsize) * 4  # g, X -> fp32 workspace
+
+
+def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[str, int]:
+    """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
+
+    The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
+    estimate spills are left out (unless all do), and the issue term is left out. Deterministic: the same
+    shape always gets the same config, with no GPU time spent.
+    """
+    configs = [config_dict(c) for c in configs]
+    fitting = [c for c in configs if registers_estimate(c, conv.aligned) <= 255]
+    best, best_t = None, math.inf
+    for cfg in fitting or configs:
+        t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu))
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise ValueError(f"choose_config: no configs for {kind}")
+    return best
+
+
+def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, **compiled) -> list[KernelCost]:
+    """The kernels of GEMM pass ``kind`` with config ``cfg``: the GEMM and, for wgrad, the workspace's sum
+    and cast. ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the compiled kernel."""
+    split = wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+    grid = gemm_grid(kind, conv, cfg, split)
+    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split), aligned=conv.aligned,
+                         **compiled)]
+    if kind == "wgrad":
+        w32 = conv.sizes()["w"] // conv.itemsize * 4
+        if split > 1:
+            kernels.append(memory_cost("wgrad_sum", split * w32 + w32, gpu))
+        kernels.append(memory_cost("wgrad_cast", w32 + conv.sizes()["w"], gpu))
+    kernels[0].split = split  # type: ignore[attr-defined]
+    return kernels
+
+
+def mask_pass(conv: Conv, gpu: GPU, block_m: int = 64) -> list[KernelCost]:
+    """The ReLU-mask + bias-partials pass and the partials' sum."""
+    s = conv.sizes()
+    m = conv.n * conv.oh * conv.ow
+    partials = _cdiv(m, block_m) * conv.c_out * 4 if conv.has_bias else 0
+    kernels = [memory_cost("mask", 3 * s["y"] + partials, gpu)]
+    if conv.has_bias:
+        kernels.append(memory_cost("bias_sum", partials + conv.c_out * 4, gpu))
+    return kernels
+
+
+def min_hbm_bytes(kind: str, conv: Conv) -> int:
+    s = conv.sizes()
+    return {"fwd": s["x"] + s["w"] + s["b"] + s["y"],
+            "mask": 0,
+            "dgrad": 2 * s["y"] + s["w"] + s["x"],
+            "wgrad": 2 * s["y"] + s["x"] + s["w"] + s["b"]}[kind]
+
+
+def pass_row(kind: str, conv: Conv, gpu: GPU, kernels: Sequence[KernelCost]) -> dict[str, Any]:
+    """One JSON row of the model: the pass's kernels summed, the GEMM's launch figures."""
+    seconds = sum(k.seconds for k in kernels)
+    hbm = sum(k.hbm_bytes for k in kernels)
+    gemm = next((k for k in kernels if k.config is not None), None)
+    flops = conv.flops if kind != "mask" else 0
+    row = {"pass": kind, "seconds": seconds, "hbm_bytes": hbm, "min_hbm_bytes": min_hbm_bytes(kind, conv),
+           "flops": flops, "kernels": [k.name for k in kernels]}
+    if gemm is not None:
+        row.update(config=gemm.config, ctas=gemm.ctas, ctas_per_sm=gemm.ctas_per_sm, waves=round(gemm.waves, 3),
+                   bound=gemm.bound, useful_mma_fraction=round(conv.macs / gemm.issued_macs, 4),
+                   split=getattr(gemm, "split", 1))
+    peak = gpu.peak_flops(operands(conv.itemsize, None, gpu.arch))
+    row["predicted_fraction_of_peak"] = round(flops / (seconds * peak), 4) if flops else None
+    return row
+
+
+def weighted_geomean(pairs: Iterable[tuple[float, float]]) -> float | None:
+    """exp(sum w ln x / sum w) over (x, w) with x > 0 and w > 0."""
+    pairs = [(x, w) for x, w in pairs if x and x > 0 and w > 0]
+    if not pairs:
+        return None
+    return math.exp(sum(w * math.log(x) for x, w in pairs) / sum(w for _, w in pairs))

@@ -1,0 +1,234 @@
+"""The static performance model (cnnperf/perf_model.py) and `cnnperf audit --model` (cnnperf/audit_model.py).
+
+The arithmetic is checked against brute force (phase taps, issued MACs, wave counts), the launch specialization
+against Triton's own rule, the audit's view of the kernels' int arguments against a real launch, and the
+SASS loop reader on a listing cut from a real sm_90 kernel. One end-to-end `cnnperf audit --model` compiles a
+small model for sm_90 (marked slow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from cnnperf import audit, audit_model, backend, perf_model as pm
+from cnnperf.conv_shapes import conv_shapes
+from cnnperf.ops import conv_bias_relu as op
+
+triton = pytest.importorskip("triton")
+
+
+def _conv(**kw):
+    base = dict(n=2, c_in=64, h=28, w=28, c_out=128, kh=3, kw=3, stride=(1, 1), padding=(1, 1))
+    return pm.Conv(**{**base, **kw})
+
+
+@pytest.mark.parametrize("k, stride, pad, dil",
+                         list(itertools.product((1, 2, 3, 5, 7), (1, 2, 3), (0, 1, 2, 3), (1, 2))))
+def test_phase_taps_are_exactly_the_taps_that_reach_the_phase(k, stride, pad, dil):
+    for phase in range(stride):
+        first, count = pm.phase_taps(k, stride, pad, dil, phase)
+        step = stride // math.gcd(stride, dil)
+        expected = [t for t in range(k) if (phase + pad - t * dil) % stride == 0]
+        assert [first + j * step for j in range(count)] == expected
+
+
+def test_phase_rows_partition_the_rows():
+    for size, stride in itertools.product(range(1, 12), (1, 2, 3)):
+        assert sum(pm.phase_rows(size, stride, p) for p in range(stride)) == size
+        for p in range(stride):
+            assert pm.phase_rows(size, stride, p) == len(range(p, size, stride))
+
+
+def test_issued_macs_count_whole_tiles_and_padded_k():
+    conv = _conv(c_in=3, c_out=64, kh=7, kw=7, stride=(2, 2), padding=(3, 3), h=32, w=32)  # a stem
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    grid = pm.gemm_grid("fwd", conv, cfg)
+    m = conv.n * conv.oh * conv.ow
+    assert grid.ctas == math.ceil(m / 64) * 1
+    assert grid.issued_macs == grid.ctas * 64 * 64 * 32 * 49  # one 32-channel block per tap for 3 channels
+    assert conv.macs / grid.issued_macs == pytest.approx(m / (grid.ctas * 64) * 3 / 32)
+
+
+def test_wgrad_split_slices_cover_the_reduction_once():
+    conv = _conv(n=3, h=17, w=19)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    for split in (1, 2, 3, 7, 16):
+        grid = pm.gemm_grid("wgrad", conv, cfg, split)
+        tiles = pm.gemm_grid("wgrad", conv, cfg, 1).ctas
+        assert grid.ctas == tiles * split
+        rows = sum(i * c for i, c in grid.k_iters) * 32 // tiles
+        m = conv.n * conv.oh * conv.ow
+        assert m <= rows < m + split * 32  # every row once, each slice padded to a BLOCK_K at most
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    h = pm.H200
+    assert pm.ctas_per_sm(h, 8, 130, 97 * 1024) == 1  # 136 regs x 256 threads = 34 K: one by registers
+    assert pm.ctas_per_sm(h, 4, 96, 48 * 1024) == 4  # 4 x 49 KB fits in 228 KB; 5 does not
+    assert pm.ctas_per_sm(h, 4, 32, 1024) == 16  # threads: 2048 / 128 (registers would allow 16 too)
+    assert pm.ctas_per_sm(h, 4, 40, 1024) == 12  # registers: 64 K / (40 x 128)
+    assert pm.ctas_per_sm(h, 8, 255, 240 * 1024) == 0  # does not fit at all
+
+
+@pytest.mark.parametrize("model, batch", [("resnet50", 32), ("resnet50", 128), ("vgg16", 64)])
+def test_wgrad_split_fills_the_gpu_twice_where_the_reduction_allows(model, batch):
+    for shape in conv_shapes(model, batch):
+        conv = pm.Conv.of(shape)
+        cfg = pm.choose_config("wgrad", conv, audit_model.config_list("wgrad", "bfloat16"), pm.H200)
+        occupancy = pm.ctas_per_sm(pm.H200, cfg["num_warps"], pm.registers_estimate(cfg, conv.aligned),
+                                   pm.smem_estimate(cfg, 2))
+        split = pm.wgrad_split(conv, cfg, pm.H200)
+        waves = pm.gemm_grid("wgrad", conv, cfg, split).ctas / (pm.H200.sms * occupancy)
+        m = conv.n * conv.oh * conv.ow
+        limited = split in (pm.WGRAD_MAX_SPLIT, max(1, m // pm.WGRAD_MIN_ROWS))
+        assert waves >= pm.WGRAD_TARGET_WAVES or limited, (shape.name, cfg, split, waves)
+
+
+def test_choose_config_is_deterministic_and_from_the_list():
+    configs = audit_model.config_list("fwd", "bfloat16")
+    labels = {pm.config_dict(c)["BLOCK_M"] * 1000 + pm.config_dict(c)["BLOCK_N"] for c in configs}
+    for shape in conv_shapes("resnet50", 32):
+        conv = pm.Conv.of(shape)
+        first = pm.choose_config("fwd", conv, configs, pm.H200)
+        assert first == pm.choose_config("fwd", conv, configs, pm.H200)
+        assert first["BLOCK_M"] * 1000 + first["BLOCK_N"] in labels
+    with pytest.raises(ValueError, match="no configs"):
+        pm.choose_config("fwd", _conv(), [], pm.H200)
+
+
+def test_a_compute_bound_layer_predicts_a_fraction_of_peak_below_one_and_the_bound():
+    conv = _conv(n=128, c_in=256, c_out=256, h=14, w=14)
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    row = pm.pass_row("fwd", conv, pm.H200, pm.gemm_pass("fwd", conv, cfg, pm.H200, mainloop_instructions=200))
+    assert 0 < row["predicted_fraction_of_peak"] < 1
+    assert row["bound"] in ("mma", "issue", "feed")
+    slower = pm.pass_row("fwd", conv, pm.H200, pm.gemm_pass("fwd", conv, cfg, pm.H200,
+                                                             mainloop_instructions=2000))
+    assert slower["bound"] == "issue" and slower["seconds"] > row["seconds"]
+
+
+def test_weighted_geomean():
+    assert pm.weighted_geomean([(0.25, 1), (1.0, 1)]) == pytest.approx(0.5)
+    assert pm.weighted_geomean([(0.25, 3), (1.0, 0)]) == pytest.approx(0.25)
+    assert pm.weighted_geomean([]) is None
+
+
+def test_specialization_is_tritons_launch_rule():
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    values = {f"v{i}": v for i, v in enumerate((0, 1, 2, 3, 15, 16, 17, 32, 48, 64, 100, 224, 3 * 224 * 224))}
+    ones, div16 = audit_model.specialization(values)
+    for name, v in values.items():
+        kind, attr = native_specialize_impl(BaseBackend, v, False, True, True)[:2]
+        assert (name in ones) == (kind == "constexpr"), (v, kind)
+        assert (name in div16) == (attr == "D"), (v, attr)
+
+
+@pytest.mark.parametrize("stride, groups, bias", [(1, 1, True), (2, 1, False), (1, 2, True)])
+def test_launch_ints_are_what_the_launcher_passes(monkeypatch, stride, groups, bias):
+    """The audit compiles the specialization of the ints the launcher really passes: recorded here."""
+    import inspect
+
+    kernels = op._kernels()
+    launched = {}
+
+    def record(kind, dtype, config, grid, args, const):
+        params = list(inspect.signature(getattr(kernels, audit_model.KERNEL_OF[kind]).fn).parameters)
+        launched[kind] = {p: v for p, v in zip(params, args) if isinstance(v, int)}
+
+    monkeypatch.setattr(op, "_launch", record)
+    monkeypatch.setattr(backend, "interpret", lambda: True)
+    x = torch.randn(2, 8, 9, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 8 // groups, 3, 3)
+    b = torch.randn(6) if bias else None
+    out = op.conv_bias_relu_forward(x, w, b, [stride, stride], [1, 1], [1, 1], groups)
+    op.conv_bias_relu_backward(torch.randn_like(out), x, w, out, [stride, stride], [1, 1], [1, 1], groups,
+                               [True, True, bias])
+    conv = pm.Conv(2, 8, 9, 7, 6, 3, 3, (stride, stride), (1, 1), (1, 1), groups, 4, bias)
+    for kind in audit_model.GEMM_PASSES:
+        split = launched[kind].get("SPLIT", 1)
+        assert launched[kind] == audit_model.launch_ints(kind, conv, split), kind
+
+
+# A K loop cut from the sm_90 SASS of the forward kernel (128x128x64 bf16), addresses kept, most lines elided.
+SASS = """
+        /*2510*/                   MOV R1, c[0x0][0x28] ;
+        /*2520*/                   DEPBAR.LE SB0, 0x2 ;
+        /*2530*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*2730*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*29c0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*2d30*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], R24 ;
+        /*2d80*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+        /*3240*/                   LDGDEPBAR ;
+        /*3250*/               @P4 BRA 0x2520 ;
+        /*3260*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*3270*/               @P0 BRA 0x2510 ;
+        /*4b30*/                   BRA 0x4b30;
+"""
+
+
+def test_mainloop_is_the_innermost_loop_with_mma():
+    assert audit.mainloop(SASS) == ((0x3250 - 0x2520) // 16 + 1, 4)
+    assert audit.mainloop(SASS.replace("HGMMA", "FFMA")) is None  # no tensor cores: no K loop reported
+    assert audit.mainloop("") is None
+
+
+def test_targets_say_which_are_met():
+    summary = {"min_wgrad_waves": 2.5, "max_backward_hbm_over_min": 3.0}
+    met = {t["key"]: t["met"] for t in audit_model.targets(summary)}
+    assert met["min_wgrad_waves"] is True and met["max_backward_hbm_over_min"] is False
+    assert met["geomean_fwd"] is None
+
+
+@pytest.mark.slow
+def test_audit_model_end_to_end(tmp_path):
+    """`cnnperf audit --model vgg16 --batch 2 --arch 90`: every (layer, pass) has a row, compiled clean, with
+    the K loop found in the SASS and the issue's figures."""
+    out = tmp_path / "model.json"
+    status = audit.main(["--model", "vgg16", "--batch", "2", "--arch", "90", "--jobs", "2", "--json", str(out)])
+    assert status == 0
+    record = json.loads(out.read_text())
+    (arch,) = record["archs"]
+    assert arch["arch"] == 90 and record["dtype"] == "bfloat16"
+    layers = {r["layer"] for r in arch["rows"]}
+    assert len(layers) == len(conv_shapes("vgg16", 2))
+    assert len(arch["rows"]) == 4 * len(layers) - 1  # no dgrad for the first layer: its input is the images
+    for r in arch["rows"]:
+        assert r["predicted_fraction_of_peak"] is None or 0 < r["predicted_fraction_of_peak"] < 1
+        if r["pass"] != "mask":
+            assert r["compiled"] and r["mainloop_mma"] > 0 and r["mainloop_instructions"] > r["mainloop_mma"]
+            assert 0 < r["useful_mma_fraction"] <= 1 and r["ctas_per_sm"] >= 1
+            assert r["config"] == pm._label(pm.choose_config(
+                r["pass"], pm.Conv.of(_shape(r)), audit_model.config_list(r["pass"], "bfloat16"), pm.H200))
+    assert {t["key"] for t in arch["targets"]} == {k for k, *_ in audit_model.TARGETS}
+    assert 0 < arch["summary"]["geomean_fwd"] < 1
+
+
+def _shape(row):
+    s = row["shape"]
+
+    class Shape:
+        n, c_in, h, w, c_out, kh, kw, groups = (s[k] for k in ("n", "c_in", "h", "w", "c_out", "kh", "kw", "groups"))
+        stride, padding, dilation = s["stride"], s["padding"], (1, 1)
+    return Shape
+
+
+@pytest.mark.parametrize("stride, dil, k, pad", [((2, 2), (1, 1), 3, 1), ((2, 2), (1, 1), 1, 0), ((3, 2), (2, 1), 5, 2),
+                                                 ((2, 2), (2, 2), 3, 1), ((1, 1), (1, 1), 3, 1)])
+def test_dgrad_phases_issue_only_the_taps_that_reach_each_pixel(stride, dil, k, pad):
+    """Per phase: rows x taps = the (input pixel, tap) pairs where the tap's output row is a whole stride away,
+    counted by brute force over every pixel; so the dgrad grid spends MMAs on borders only, not on the rows a
+    stride skips."""
+    conv = pm.Conv(1, 16, 11, 10, 16, k, k, stride, (pad, pad), dil)
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 16}  # one pixel a tile: iterations count taps exactly
+    issued_taps = pm.gemm_grid("dgrad", conv, cfg).issued_macs // (16 * 16)
+    brute = sum(1 for ih in range(conv.h) for iw in range(conv.w) for th in range(k) for tw in range(k)
+                if (ih + pad - th * dil[0]) % stride[0] == 0 and (iw + pad - tw * dil[1]) % stride[1] == 0)
+    assert issued_taps == brute
+    assert issued_taps < conv.h * conv.w * k * k or stride == (1, 1)  # not every pixel with every tap
