@@ -139,14 +139,14 @@ _GRAD_TABLE = _types("*i64", "addr_ptr", "numel_ptr", "meta_ptr", "chunk_tensor_
 
 KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True}, dtype_constexprs=_DOT_PRECISION,
+                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True}, dtype_constexprs=_DOT_PRECISION,
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
     KernelAudit(_CONV, "_relu_mask_bias_grad_kernel",
                 {"float16": "MASK_CONFIG", "bfloat16": "MASK_CONFIG", "float32": "MASK_CONFIG"},
                 constexprs={"COMPUTE_BIAS": True}, arg_types={"partial_ptr": "*fp32"},
                 divisible_by_16=("C", "sgn", "sgp", "syn", "syp")),
     KernelAudit(_CONV, "_conv_dgrad_kernel", _by_width("DGRAD_CONFIGS_16", "DGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3}, dtype_constexprs=_DOT_PRECISION,
+                constexprs={"KH": 3, "KW": 3, "EVEN_K": True}, dtype_constexprs=_DOT_PRECISION,
                 divisible_by_16=_CONV_CHANNELS, tensor_cores=True),
     KernelAudit(_CONV, "_conv_wgrad_kernel", _by_width("WGRAD_CONFIGS_16", "WGRAD_CONFIGS_32"),
                 constexprs={"KH": 3, "KW": 3}, dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32"},

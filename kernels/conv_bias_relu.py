@@ -30,7 +30,7 @@ def _configs(rows):
 # that the pipelined tiles stay within sm_80's 163 KB of shared memory (checked by `cnnperf audit`).
 FWD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-    (64, 64, 64, 4, 4), (256, 128, 64, 8, 3), (64, 64, 32, 4, 5), (128, 256, 32, 8, 4),
+    (64, 64, 64, 4, 4), (256, 128, 32, 8, 4), (64, 64, 32, 4, 5), (128, 256, 32, 8, 4),
 ])
 FWD_CONFIGS_32 = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
@@ -78,6 +78,33 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _channel_mask(offs_k, channels, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """offs_k < channels, or a constant all-true mask when the channel count is a multiple of BLOCK_K (the
+    compiler then drops the compare and the predicate selects from the loads)."""
+    if EVEN_K:
+        return tl.full((BLOCK_K,), 1, tl.int1)
+    return offs_k < channels
+
+
+@triton.jit
+def _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr):
+    """Per row: bit kh*KW + kw set iff tap (kh, kw) of the row's window lies inside the H x W image (and the row
+    is a real one). int32 up to 32 taps, int64 up to 64 (a 7x7 filter has 49)."""
+    if KH * KW <= 32:
+        bits = tl.zeros_like(ih0)
+    else:
+        bits = tl.zeros_like(ih0).to(tl.int64)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * dil_h
+        h_ok = mask_m & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * dil_w
+            ok = h_ok & (iw >= 0) & (iw < W)
+            bits = bits | (ok.to(bits.dtype) << (kh * KW + kw))
+    return bits
+
+
+@triton.jit
 def _conv_bias_relu_fwd_kernel(
     x_ptr,  # input, NHWC memory: x[n, h, w, c] at n*sxn + h*sxh + w*sxw + c
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
@@ -90,6 +117,7 @@ def _conv_bias_relu_fwd_kernel(
     C_in_g, C_out_g,  # channels per group
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
     HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -105,26 +133,38 @@ def _conv_bias_relu_fwd_kernel(
     hw = offs_m % (OH * OW)
     ih0 = (hw // OW) * stride_h - pad_h
     iw0 = (hw % OW) * stride_w - pad_w
-    x_pix = x_ptr + n_idx * sxn + group * C_in_g  # per-row base, channel 0 of this group
+    # Per row, once: the address of tap (0, 0), channel 0 of this group (a tap adds a scalar offset), and which
+    # taps fall inside the image, one bit each: the K loop then does no per-row index math and no division.
+    x_rows = x_ptr + n_idx * sxn + ih0 * sxh + iw0 * sxw + group * C_in_g
+    taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
     co = group * C_out_g + offs_n
-    w_rows = w_ptr + co * (KH * KW * C_in_g)
+    w_cols = w_ptr + co * (KH * KW * C_in_g)
+    offs_kb = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(C_in_g, BLOCK_K)
-    # One flat loop over (kh, kw, channel block) so that Triton pipelines its loads.
-    for it in range(0, KH * KW * c_blocks):
-        khw = it // c_blocks
-        c0 = (it % c_blocks) * BLOCK_K
-        ih = ih0 + (khw // KW) * dil_h
-        iw = iw0 + (khw % KW) * dil_w
-        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offs_k = c0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in_g
-        a = tl.load((x_pix + ih * sxh + iw * sxw)[:, None] + offs_k[None, :],
+    # One flat loop over (tap, channel block) so that Triton pipelines its loads; the tap and the channel block
+    # are carried from one iteration to the next.
+    c0 = 0
+    kh = 0
+    kw = 0
+    for _ in range(0, KH * KW * c_blocks):
+        tap = kh * KW + kw
+        row_ok = ((taps_ok >> tap) & 1) != 0
+        offs_k = c0 + offs_kb
+        mask_k = _channel_mask(offs_k, C_in_g, EVEN_K, BLOCK_K)
+        a = tl.load((x_rows + (kh * dil_h * sxh + kw * dil_w * sxw))[:, None] + offs_k[None, :],
                     mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_rows[None, :] + khw * C_in_g + offs_k[:, None],
+        b = tl.load(w_cols[None, :] + (tap * C_in_g + offs_k)[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= C_in_g
+        c0 = tl.where(next_tap, 0, c0)
+        kw = tl.where(next_tap, kw + 1, kw)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh = tl.where(next_row, kh + 1, kh)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -181,6 +221,7 @@ def _conv_dgrad_kernel(
     C_in_g, C_out_g,
     step_h, step_w,  # distance between the taps of one phase: stride / gcd(stride, dilation)
     KH: tl.constexpr, KW: tl.constexpr,
+    EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -223,7 +264,7 @@ def _conv_dgrad_kernel(
         ow = rw + (pw + pad_w - kw * dil_w) // stride_w
         row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         offs_k = k0 + tl.arange(0, BLOCK_K)  # output channels within the group
-        mask_k = offs_k < C_out_g
+        mask_k = _channel_mask(offs_k, C_out_g, EVEN_K, BLOCK_K)
         a = tl.load(g_ptr + (g_row + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :],
                     mask=row_ok[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + (kh * KW + kw) * C_in_g)[:, None]

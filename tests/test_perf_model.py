@@ -130,30 +130,35 @@ def test_specialization_is_tritons_launch_rule():
         assert (name in div16) == (attr == "D"), (v, attr)
 
 
-@pytest.mark.parametrize("stride, groups, bias", [(1, 1, True), (2, 1, False), (1, 2, True)])
+@pytest.mark.parametrize("stride, groups, bias", [(1, 1, True), (2, 1, False), (1, 2, True), (1, 4, True)])
 def test_launch_ints_are_what_the_launcher_passes(monkeypatch, stride, groups, bias):
     """The audit compiles the specialization of the ints the launcher really passes: recorded here."""
     import inspect
 
     kernels = op._kernels()
-    launched = {}
+    launched, consts = {}, {}
 
     def record(kind, dtype, config, grid, args, const):
         params = list(inspect.signature(getattr(kernels, audit_model.KERNEL_OF[kind]).fn).parameters)
         launched[kind] = {p: v for p, v in zip(params, args) if isinstance(v, int)}
+        consts[kind] = (const, config)
 
     monkeypatch.setattr(op, "_launch", record)
     monkeypatch.setattr(backend, "interpret", lambda: True)
-    x = torch.randn(2, 8, 9, 7).to(memory_format=torch.channels_last)
-    w = torch.randn(6, 8 // groups, 3, 3)
-    b = torch.randn(6) if bias else None
+    c_in, c_out = (8, 6) if groups < 4 else (64, 64)  # 16 channels a group: the interpreter's BLOCK_K divides them
+    x = torch.randn(2, c_in, 9, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in // groups, 3, 3)
+    b = torch.randn(c_out) if bias else None
     out = op.conv_bias_relu_forward(x, w, b, [stride, stride], [1, 1], [1, 1], groups)
     op.conv_bias_relu_backward(torch.randn_like(out), x, w, out, [stride, stride], [1, 1], [1, 1], groups,
                                [True, True, bias])
-    conv = pm.Conv(2, 8, 9, 7, 6, 3, 3, (stride, stride), (1, 1), (1, 1), groups, 4, bias)
+    conv = pm.Conv(2, c_in, 9, 7, c_out, 3, 3, (stride, stride), (1, 1), (1, 1), groups, 4, bias)
     for kind in audit_model.GEMM_PASSES:
         split = launched[kind].get("SPLIT", 1)
         assert launched[kind] == audit_model.launch_ints(kind, conv, split), kind
+    for kind, channels in (("fwd", conv.c_in_g), ("dgrad", conv.c_out_g)):
+        const, config = consts[kind]
+        assert const["EVEN_K"] == (channels % config["BLOCK_K"] == 0)
 
 
 # A K loop cut from the sm_90 SASS of the forward kernel (128x128x64 bf16), addresses kept, most lines elided.

@@ -445,6 +445,14 @@ def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dic
         kernel[grid](*args, **const, **perf_model.config_dict(config))
 
 
+def _even_k(kind: str, channels: int, config, dtype: torch.dtype) -> bool:
+    """Whether ``channels`` (the K loop's channel count) is a multiple of the BLOCK_K that will launch: the
+    config's, or every BLOCK_K of the list when the autotuner picks (so the constexpr holds for each)."""
+    if config is not None:
+        return channels % perf_model.config_dict(config)["BLOCK_K"] == 0
+    return all(channels % c.kwargs["BLOCK_K"] == 0 for c in _config_lists(_kernels(), kind, dtype))
+
+
 def _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias) -> perf_model.Conv:
     n, c_in, h, w = input_shape
     c_out, _, kh, kw = weight_shape
@@ -487,7 +495,9 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups)
 
     conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
-    _launch("fwd", x.dtype, _config("fwd", conv, x.dtype, x.device), grid, args, const)
+    config = _config("fwd", conv, x.dtype, x.device)
+    const["EVEN_K"] = _even_k("fwd", c_in_g, config, x.dtype)
+    _launch("fwd", x.dtype, config, grid, args, const)
     return y.permute(0, 3, 1, 2)
 
 
@@ -529,7 +539,9 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         def grid(meta):
             return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]), groups * stride[0] * stride[1])
 
-        _launch("dgrad", input.dtype, _config("dgrad", conv, input.dtype, g.device), grid, args, const)
+        config = _config("dgrad", conv, input.dtype, g.device)
+        const["EVEN_K"] = _even_k("dgrad", c_out_g, config, input.dtype)
+        _launch("dgrad", input.dtype, config, grid, args, const)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
