@@ -139,7 +139,8 @@ _GRAD_TABLE = _types("*i64", "addr_ptr", "numel_ptr", "meta_ptr", "chunk_tensor_
 
 KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True}, dtype_constexprs=_DOT_PRECISION,
+                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "FOLD_C": 0},
+                dtype_constexprs=_DOT_PRECISION,
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
     KernelAudit(_CONV, "_relu_mask_bias_grad_kernel",
                 {"float16": "MASK_CONFIG", "bfloat16": "MASK_CONFIG", "float32": "MASK_CONFIG"},
@@ -149,7 +150,8 @@ KERNELS: tuple[KernelAudit, ...] = (
                 constexprs={"KH": 3, "KW": 3, "EVEN_K": True}, dtype_constexprs=_DOT_PRECISION,
                 divisible_by_16=_CONV_CHANNELS, tensor_cores=True),
     KernelAudit(_CONV, "_conv_wgrad_kernel", _by_width("WGRAD_CONFIGS_16", "WGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3}, dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32"},
+                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0}, dtype_constexprs=_DOT_PRECISION,
+                arg_types={"dw_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
     KernelAudit(_GRAD_NORM, "_grad_norm_partial_kernel", {ANY_DTYPE: _grad_norm_chunk_config},
                 constexprs={"NORM_INF": False}, arg_types={**_GRAD_TABLE, "partial_ptr": "*fp32"}),

@@ -90,6 +90,8 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
                           "KH": conv.kh, "KW": conv.kw}
             if "HAS_BIAS" in constexprs:
                 constexprs["HAS_BIAS"] = conv.has_bias
+            if "FOLD_C" in constexprs:
+                constexprs["FOLD_C"] = pm.fold_channels(conv.c_in_g)
             if "EVEN_K" in constexprs:  # the K loop's channels: C_in/g (fwd), C_out/g (dgrad)
                 constexprs["EVEN_K"] = (conv.c_in_g if kind == "fwd" else conv.c_out_g) % cfg["BLOCK_K"] == 0
             job = audit.Job(entry.module, entry.kernel, dtype, arch, audit.config_label(params, options), constexprs,

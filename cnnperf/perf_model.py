@@ -15,6 +15,8 @@ Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
   borders), so no MMA is spent on rows that a stride skips.
 - ``wgrad``: one GEMM per tap, M = C_out/g, N = C_in/g, K = N*OH*OW output pixels, cut into ``split`` slices
   written to an fp32 workspace and summed afterwards (deterministic), then cast to the weight's dtype.
+- With at most ``FOLD_MAX_CHANNELS`` input channels per group (a stem), fwd's K and wgrad's N run over the
+  (kw, c) pairs of a filter row instead of one tap's channels.
 
 **The model** (a roofline with waves; every constant below is named with where it comes from):
 
@@ -155,6 +157,15 @@ class Conv:
                 "y": self.n * self.c_out * self.oh * self.ow * e}
 
 
+FOLD_MAX_CHANNELS = 15  # up to this many input channels per group, fwd and wgrad fold (kw, c) into one block
+
+
+def fold_channels(c_in_g: int) -> int:
+    """The kernels' ``FOLD_C``: ``c_in_g`` when it is small enough that a tap's channels would leave most of a
+    K (fwd) or N (wgrad) block empty (an RGB stem: 3 of 32), else 0."""
+    return c_in_g if c_in_g <= FOLD_MAX_CHANNELS else 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stride phases of dgrad: which taps reach which input pixels.
 # ---------------------------------------------------------------------------------------------------------
@@ -196,9 +207,13 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
     """The grid that ``kind`` ("fwd", "dgrad", "wgrad") launches for ``conv`` with tile config ``cfg``."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     g = conv.groups
+    fold = fold_channels(conv.c_in_g)
     if kind == "fwd":
         tiles = _cdiv(conv.n * conv.oh * conv.ow, bm) * _cdiv(conv.c_out_g, bn) * g
-        iters = conv.kh * conv.kw * _cdiv(conv.c_in_g, bk)
+        if fold:
+            iters = conv.kh * _cdiv(conv.kw * fold, bk)
+        else:
+            iters = conv.kh * conv.kw * _cdiv(conv.c_in_g, bk)
         classes = ((iters, tiles),)
     elif kind == "dgrad":  # one GEMM per stride phase, over the taps that reach it (CTAs past a phase exit)
         counts: dict[int, int] = {}
@@ -211,7 +226,10 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
                 counts[iters] = counts.get(iters, 0) + _cdiv(rows, bm) * _cdiv(conv.c_in_g, bn) * g
         classes = tuple(sorted(counts.items(), reverse=True))
     elif kind == "wgrad":
-        tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.c_in_g, bn) * conv.kh * conv.kw * g
+        if fold:
+            tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.kw * fold, bn) * conv.kh * g
+        else:
+            tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.c_in_g, bn) * conv.kh * conv.kw * g
         m = conv.n * conv.oh * conv.ow
         rows = _cdiv(_cdiv(m, split), bk) * bk
         counts = {}

@@ -13,6 +13,10 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
 - ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
   to an fp32 workspace and summed afterwards (deterministic).
 
+``FOLD_C`` (forward and wgrad): with a few input channels per group (an RGB stem: 3), one tap's channels would
+fill 3 of a 16-64 wide K (or N) block; instead the (kw, c) pairs of a filter row, contiguous in the weight, form
+that block (7 x 3 = 21 of 32).
+
 Accumulation is fp32 throughout; ``INPUT_PRECISION`` is "tf32" or "ieee" for fp32 operands of ``tl.dot``.
 Indices are 32-bit: the host sends tensors over 2**31 elements to the reference path.
 """
@@ -118,6 +122,7 @@ def _conv_bias_relu_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
+    FOLD_C: tl.constexpr,  # 0, or C_in_g when it is small: K runs over (kh, (kw, c)) (see _fold_loop)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -136,35 +141,54 @@ def _conv_bias_relu_fwd_kernel(
     # Per row, once: the address of tap (0, 0), channel 0 of this group (a tap adds a scalar offset), and which
     # taps fall inside the image, one bit each: the K loop then does no per-row index math and no division.
     x_rows = x_ptr + n_idx * sxn + ih0 * sxh + iw0 * sxw + group * C_in_g
-    taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
     co = group * C_out_g + offs_n
     w_cols = w_ptr + co * (KH * KW * C_in_g)
     offs_kb = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c_blocks = tl.cdiv(C_in_g, BLOCK_K)
-    # One flat loop over (tap, channel block) so that Triton pipelines its loads; the tap and the channel block
-    # are carried from one iteration to the next.
-    c0 = 0
-    kh = 0
-    kw = 0
-    for _ in range(0, KH * KW * c_blocks):
-        tap = kh * KW + kw
-        row_ok = ((taps_ok >> tap) & 1) != 0
-        offs_k = c0 + offs_kb
-        mask_k = _channel_mask(offs_k, C_in_g, EVEN_K, BLOCK_K)
-        a = tl.load((x_rows + (kh * dil_h * sxh + kw * dil_w * sxw))[:, None] + offs_k[None, :],
-                    mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (tap * C_in_g + offs_k)[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        c0 += BLOCK_K
-        next_tap = c0 >= C_in_g
-        c0 = tl.where(next_tap, 0, c0)
-        kw = tl.where(next_tap, kw + 1, kw)
-        next_row = kw == KW
-        kw = tl.where(next_row, 0, kw)
-        kh = tl.where(next_row, kh + 1, kh)
+    if FOLD_C > 0:
+        # A few input channels (an RGB stem): the KW taps of a filter row and their channels are one K block
+        # (7 x 3 = 21 of 32 useful instead of 3 of 32 per tap).
+        KF: tl.constexpr = KW * FOLD_C
+        for it in range(0, KH * tl.cdiv(KF, BLOCK_K)):
+            kh = it // tl.cdiv(KF, BLOCK_K)
+            j = (it % tl.cdiv(KF, BLOCK_K)) * BLOCK_K + offs_kb  # (kw, c) of the filter row, flattened
+            kw_j = j // FOLD_C
+            ih = ih0 + kh * dil_h
+            iw = iw0[:, None] + (kw_j * dil_w)[None, :]
+            ok = ((mask_m & (ih >= 0) & (ih < H))[:, None] & (iw >= 0) & (iw < W)) & (j < KF)[None, :]
+            a = tl.load((x_rows + kh * dil_h * sxh)[:, None] + (kw_j * dil_w * sxw + j % FOLD_C)[None, :],
+                        mask=ok, other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * KF + j)[:, None], mask=(j < KF)[:, None] & mask_n[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # Per row, once: the address of tap (0, 0), channel 0 of this group (a tap adds a scalar offset), and
+        # which taps fall inside the image, one bit each: the K loop does no per-row index math, no division.
+        taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
+        c_blocks = tl.cdiv(C_in_g, BLOCK_K)
+        # One flat loop over (tap, channel block) so that Triton pipelines its loads; the tap and the channel
+        # block are carried from one iteration to the next.
+        c0 = 0
+        kh = 0
+        kw = 0
+        for _ in range(0, KH * KW * c_blocks):
+            tap = kh * KW + kw
+            row_ok = ((taps_ok >> tap) & 1) != 0
+            offs_k = c0 + offs_kb
+            mask_k = _channel_mask(offs_k, C_in_g, EVEN_K, BLOCK_K)
+            a = tl.load((x_rows + (kh * dil_h * sxh + kw * dil_w * sxw))[:, None] + offs_k[None, :],
+                        mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (tap * C_in_g + offs_k)[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            c0 += BLOCK_K
+            next_tap = c0 >= C_in_g
+            c0 = tl.where(next_tap, 0, c0)
+            kw = tl.where(next_tap, kw + 1, kw)
+            next_row = kw == KW
+            kw = tl.where(next_row, 0, kw)
+            kh = tl.where(next_row, kh + 1, kh)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -288,23 +312,31 @@ def _conv_wgrad_kernel(
     C_in_g, C_out_g,
     SPLIT,  # number of slices of the reduction over M = N*OH*OW (the grid's second axis)
     KH: tl.constexpr, KW: tl.constexpr,
+    FOLD_C: tl.constexpr,  # 0: a tile is one tap's (C_out, C_in) block; C_in_g: one filter row's (C_out, (kw, c))
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     group = tl.program_id(2)
     split = tl.program_id(1)
+    # N: the input channels of one tap, or the (kw, c) pairs of one filter row when folded.
+    cols = KW * FOLD_C if FOLD_C > 0 else C_in_g
     tiles_m = tl.cdiv(C_out_g, BLOCK_M)
-    tiles_n = tl.cdiv(C_in_g, BLOCK_N)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
     pid = tl.program_id(0)
-    khw = pid // (tiles_m * tiles_n)
+    tap = pid // (tiles_m * tiles_n)  # (kh, kw), or kh when folded
     pid_m, pid_n = _grouped_tile(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
-    kh = khw // KW
-    kw = khw % KW
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within the group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels (or (kw, c) pairs) within the group
     mask_m = offs_m < C_out_g
-    mask_n = offs_n < C_in_g
+    mask_n = offs_n < cols
+    if FOLD_C > 0:
+        kh = tap
+        col_dw = (offs_n // FOLD_C) * dil_w  # per column: its tap's column offset, and its address offset
+        col_off = col_dw * sxw + offs_n % FOLD_C
+    else:
+        kh = tap // KW
+        kw_dw = (tap % KW) * dil_w
     M = N * OH * OW
     rows = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_K) * BLOCK_K
     start = split * rows
@@ -317,16 +349,24 @@ def _conv_wgrad_kernel(
         n_idx = offs_k // (OH * OW)
         hw = offs_k % (OH * OW)
         ih = (hw // OW) * stride_h - pad_h + kh * dil_h
-        iw = (hw % OW) * stride_w - pad_w + kw * dil_w
-        pix_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        iw0 = (hw % OW) * stride_w - pad_w
+        h_ok = mask_k & (ih >= 0) & (ih < H)
+        if FOLD_C > 0:
+            iw = iw0[:, None] + col_dw[None, :]
+            b_ok = h_ok[:, None] & (iw >= 0) & (iw < W) & mask_n[None, :]
+            b_ptrs = x_ptr + (n_idx * sxn + ih * sxh + iw0 * sxw + group * C_in_g)[:, None] + col_off[None, :]
+        else:
+            iw = iw0 + kw_dw
+            b_ok = (h_ok & (iw >= 0) & (iw < W))[:, None] & mask_n[None, :]
+            b_ptrs = x_ptr + (n_idx * sxn + ih * sxh + iw * sxw + group * C_in_g)[:, None] + offs_n[None, :]
         a = tl.load(g_ptr + offs_k[None, :] * C_out + (group * C_out_g + offs_m)[:, None],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(x_ptr + (n_idx * sxn + ih * sxh + iw * sxw + group * C_in_g)[:, None] + offs_n[None, :],
-                    mask=pix_ok[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     k_total = KH * KW * C_in_g
-    dw_offs = (split * C_out + group * C_out_g + offs_m)[:, None] * k_total + khw * C_in_g + offs_n[None, :]
+    # Tap (kh, kw) starts at (kh * KW + kw) * C_in_g, a folded filter row kh at kh * KW * C_in_g: tap * cols.
+    dw_offs = (split * C_out + group * C_out_g + offs_m)[:, None] * k_total + tap * cols + offs_n[None, :]
     tl.store(dw_ptr + dw_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -175,3 +175,18 @@ def test_fuzz_shapes_and_arguments(n, groups, c_in_g, c_out_g, h, w, kh, kw, str
     assume(oh > 0 and ow > 0)  # an empty output is an error, tested in test_conv_bias_relu.py
     _case(n, c_in_g * groups, h, w, c_out_g * groups, kh, kw, stride=stride, padding=padding, dilation=dilation,
           groups=groups, bias=bias, dtype=dtype)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=st.sampled_from([1, 2]), c_in_g=st.sampled_from([16, 19, 32]), c_out_g=st.sampled_from([3, 16, 21]),
+       h=st.integers(1, 7), w=st.integers(1, 7), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_fuzz_wide_channels(groups, c_in_g, c_out_g, h, w, kh, kw, stride, padding, dilation, dtype):
+    """As above with 16 or more input channels a group: the per-tap K loop (no (kw, c) fold), with and without
+    channel masks (EVEN_K), rather than the folded one the small fuzzed channel counts take."""
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    assume(oh > 0 and ow > 0)
+    _case(1, c_in_g * groups, h, w, c_out_g * groups, kh, kw, stride=stride, padding=padding, dilation=dilation,
+          groups=groups, dtype=dtype)

@@ -45,13 +45,21 @@ def test_phase_rows_partition_the_rows():
 
 
 def test_issued_macs_count_whole_tiles_and_padded_k():
-    conv = _conv(c_in=3, c_out=64, kh=7, kw=7, stride=(2, 2), padding=(3, 3), h=32, w=32)  # a stem
     cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    conv = _conv(c_in=16, c_out=64, h=32, w=32)  # 16 channels a tap: one 32-wide K block each, half of it padding
     grid = pm.gemm_grid("fwd", conv, cfg)
     m = conv.n * conv.oh * conv.ow
-    assert grid.ctas == math.ceil(m / 64) * 1
-    assert grid.issued_macs == grid.ctas * 64 * 64 * 32 * 49  # one 32-channel block per tap for 3 channels
-    assert conv.macs / grid.issued_macs == pytest.approx(m / (grid.ctas * 64) * 3 / 32)
+    assert grid.ctas == math.ceil(m / 64)
+    assert grid.issued_macs == grid.ctas * 64 * 64 * 32 * 9
+    assert conv.macs / grid.issued_macs == pytest.approx(m / (grid.ctas * 64) * 16 / 32)
+    # An RGB stem folds (kw, c) into K: 7 x 3 = 21 of a 32-wide block per filter row, not 3 per tap.
+    stem = _conv(c_in=3, c_out=64, kh=7, kw=7, stride=(2, 2), padding=(3, 3), h=32, w=32)
+    grid = pm.gemm_grid("fwd", stem, cfg)
+    m = stem.n * stem.oh * stem.ow
+    assert grid.issued_macs == grid.ctas * 64 * 64 * 32 * 7
+    assert stem.macs / grid.issued_macs == pytest.approx(m / (grid.ctas * 64) * 21 / 32)
+    wgrad = pm.gemm_grid("wgrad", stem, cfg)
+    assert wgrad.ctas == 7  # one 64-wide (kw, c) block per filter row
 
 
 def test_wgrad_split_slices_cover_the_reduction_once():

@@ -489,7 +489,8 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     b = bias.contiguous() if bias is not None else w  # the kernel reads bias[c] at c; never read without HAS_BIAS
     args = (x, w, b, y, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
-    const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
+    const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, FOLD_C=perf_model.fold_channels(c_in_g),
+                 INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups)
@@ -553,9 +554,12 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, split)
         const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
 
-        def grid(meta):
-            tiles = _cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]) * kh * kw
-            return (tiles, split, groups)
+        fold = perf_model.fold_channels(c_in_g)
+        const["FOLD_C"] = fold
+
+        def grid(meta):  # one tile per (kh, kw) and channel block, or per kh and (kw, c) block when folded
+            cols, taps = (kw * fold, kh) if fold else (c_in_g, kh * kw)
+            return (_cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]) * taps, split, groups)
 
         _launch("wgrad", input.dtype, config, grid, args, const)
         grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
