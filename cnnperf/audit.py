@@ -673,6 +673,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="instead of the config lists: the static performance model of the conv kernels on "
                              "this model's layers (what would launch, per layer and pass; see cnnperf/perf_model.py)")
     parser.add_argument("--batch", type=_cli.positive_int, default=32, help="batch size for --model (default 32)")
+    parser.add_argument("--compare", metavar="BENCH_JSON",
+                        help="the performance model against a `cnnperf bench` record (a GPU run, --backend triton): "
+                             "measured and predicted time per layer and pass, and the model's error")
     parser.add_argument("--generic-ints", action="store_true",
                         help="audit the specialization for channel counts and strides that are not multiples of "
                              "16 (e.g. a first layer with 3 input channels) instead of the usual one")
@@ -703,11 +706,15 @@ def main(argv: Sequence[str] | None = None, *, kernels: Sequence[KernelAudit] = 
 
 
 def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
-    from cnnperf._cli import make_console
+    from cnnperf._cli import UsageError, make_console
 
     console = make_console(width=180)  # CI logs: no 80-column wrapping of the table
+    if args.model and args.compare:
+        raise UsageError("--model and --compare exclude each other (--compare reads the models from the record)")
     if args.model:
         return _audit_model(args, console)
+    if args.compare:
+        return _audit_compare(args, console)
     archs = tuple(ARCHS) if args.arch == "both" else (int(args.arch),)
     if args.sass_dir:
         os.makedirs(args.sass_dir, exist_ok=True)
@@ -737,6 +744,42 @@ def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
         write_json(args.json, rows, stats)
     console.print(summary_line(stats), markup=False)
     return 1 if bad else 0
+
+
+def _audit_compare(args: argparse.Namespace, console) -> int:
+    """``--compare BENCH_JSON``: compile what the record's layers ran, predict, set against the measurements."""
+    from cnnperf import audit_model as am
+    from cnnperf._cli import UsageError
+    from cnnperf._io import write_json_atomic
+
+    try:
+        with open(args.compare) as f:
+            record = json.load(f)
+        device = record["rows"][0]["device"] if record.get("rows") else record.get("device", "")
+        record["config"]["models"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--compare {args.compare}: not a readable `cnnperf bench` record ({e})") from e
+    arch = int(args.arch) if args.arch != "both" else am.arch_of(device)
+    if arch is None:
+        raise UsageError(f"--compare: the record's device {device!r} is not one the model knows; pass --arch 80 or 90")
+    passes = am.compare_plan(record, arch)
+    jobs = am.unique_jobs(passes)
+    with _progress(len(jobs)) as advance:
+        rows = run_jobs(jobs, args.jobs, progress=advance)
+    compiled = {am._job_key(j): r for j, r in zip(jobs, rows)}
+    rows_ = am.compare_rows(record, am.model_rows(passes, compiled, arch))
+    summary_ = am.compare_summary(rows_)
+    am.render_compare(rows_, summary_, console, f"Performance model (sm_{arch}) against {args.compare} "
+                                                f"({device}, batch {record['config']['batch']})")
+    if not rows_:
+        console.print("no timed Triton rows in the record (run `cnnperf bench --backend triton` on a GPU)",
+                      style="yellow", markup=False)
+    if args.json:
+        from cnnperf._env import versions
+
+        write_json_atomic(args.json, {"versions": versions(), "bench_record": args.compare, "device": device,
+                                      "arch": arch, "summary": summary_, "rows": rows_})
+    return 0 if rows_ else 1
 
 
 def _audit_model(args: argparse.Namespace, console) -> int:

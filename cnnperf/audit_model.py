@@ -65,8 +65,11 @@ class LayerPass:
     job: Any = None  # the audit Job compiling it (GEMM passes)
 
 
-def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 224) -> list[LayerPass]:
-    """Every (layer, pass) of ``model`` with its config and its compile job (deduplicated by the caller)."""
+def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 224,
+               first_layer_dgrad: bool = False) -> list[LayerPass]:
+    """Every (layer, pass) of ``model`` with its config and its compile job (deduplicated by the caller).
+    The first layer's dgrad is left out (its input is the images) unless ``first_layer_dgrad``: the
+    benchmark times every layer's backward into its input."""
     from cnnperf import audit
     from cnnperf.conv_shapes import model_conv_layers, unique_shapes
 
@@ -78,7 +81,7 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
         conv = pm.Conv.of(shape, ITEMSIZE[dtype], has_bias=True)
         out.append(LayerPass(shape.name, shape.layers, "mask", conv, None))
         for kind in GEMM_PASSES:
-            if kind == "dgrad" and shape.name == layers[0].name:
+            if kind == "dgrad" and shape.name == layers[0].name and not first_layer_dgrad:
                 continue  # the first layer reads the images: no input gradient is asked for, none is computed
             cfg = pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
             split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
@@ -234,3 +237,82 @@ def render(rows: Sequence[dict], summary: Mapping[str, Any], console, title: str
     for t in targets(summary):
         mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
         console.print(f"  target {t['target']}: {t['value']} ({mark})", markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model against a benchmark record (`cnnperf audit --compare bench_conv.json`): its error per layer.
+# ---------------------------------------------------------------------------------------------------------
+
+BENCH_PASSES = {"fwd": ("fwd",), "fwdbwd": ("fwd",) + BACKWARD}  # a benchmark pass -> the model's passes
+
+
+def arch_of(device: str) -> int | None:
+    """The model's GPU for a benchmark record's device name: 90 for H100/H200/GH200, 80 for A100."""
+    name = device.upper()
+    if any(k in name for k in ("H100", "H200", "GH200", "H800")):
+        return 90
+    if "A100" in name or "A800" in name:
+        return 80
+    return None
+
+
+def compare_plan(record: Mapping[str, Any], arch: int) -> list[LayerPass]:
+    """The (layer, pass) plan of every model in a ``cnnperf bench`` record, at its batch, image size and dtype."""
+    cfg = record["config"]
+    out = []
+    for model in cfg["models"]:
+        out += plan_model(model, cfg["batch"], cfg["dtype"], arch, cfg["image_size"], first_layer_dgrad=True)
+    return out
+
+
+def compare_rows(record: Mapping[str, Any], model_rows_: Sequence[dict]) -> list[dict]:
+    """One row per timed Triton row of the record: measured and predicted milliseconds, and the error
+    (predicted / measured - 1). Rows the Triton kernels did not run (another path, an error) are left out."""
+    by_layer: dict[str, dict[str, dict]] = {}
+    for r in model_rows_:
+        by_layer.setdefault(r["layer"], {})[r["pass"]] = r
+    out = []
+    for row in record["rows"]:
+        if row.get("variant") != "cnnperf" or row.get("path") != "triton" or "median_ms" not in row:
+            continue
+        passes = by_layer.get(row["name"])
+        if passes is None or row["pass"] not in BENCH_PASSES:
+            continue
+        predicted = 1e3 * sum(passes[k]["seconds"] for k in BENCH_PASSES[row["pass"]])
+        configs = {k: passes[k]["config"] for k in GEMM_PASSES if k in passes}
+        ran = row.get("configs")  # what the kernels launched with, when the record says (newer records)
+        out.append({"layer": row["name"], "pass": row["pass"], "measured_ms": row["median_ms"],
+                    "predicted_ms": round(predicted, 5), "error": round(predicted / row["median_ms"] - 1, 4),
+                    "bound": passes["fwd"].get("bound"), "configs": configs,
+                    "configs_ran": ran, "same_configs": None if ran is None else ran == configs})
+    return out
+
+
+def compare_summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """Per benchmark pass: rows, the median absolute error, and the geomean of predicted / measured."""
+    out: dict[str, Any] = {}
+    for p in BENCH_PASSES:
+        errors = [r["error"] for r in rows if r["pass"] == p]
+        if errors:
+            out[p] = {"rows": len(errors), "median_abs_error": round(sorted(map(abs, errors))[len(errors) // 2], 4),
+                      "geomean_predicted_over_measured": round(pm.weighted_geomean((1 + e, 1) for e in errors), 4)}
+    return out
+
+
+def render_compare(rows: Sequence[dict], summary: Mapping[str, Any], console, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("layer", "pass", "measured ms", "predicted ms", "error", "fwd bound"):
+        table.add_column(name, justify="left" if name in ("layer", "pass", "fwd bound") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["layer"], r["pass"], f"{r['measured_ms']:.4g}", f"{r['predicted_ms']:.4g}",
+                      f"{100 * r['error']:+.0f} %", r["bound"] or "-",
+                      style="yellow" if r["same_configs"] is False else None)
+    console.print(table)
+    if any(r["same_configs"] is False for r in rows):
+        console.print("yellow rows: the record's kernels ran other configs than the model predicts for (an older "
+                      "commit, or CNNPERF_AUTOTUNE=1)", markup=False)
+    for p, s in summary.items():
+        console.print(f"{p}: {s['rows']} layers, median |error| {100 * s['median_abs_error']:.0f} %, predicted / "
+                      f"measured geomean {s['geomean_predicted_over_measured']:.3f}", markup=False)

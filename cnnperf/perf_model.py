@@ -330,7 +330,7 @@ def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu:
     clocks += _cdiv(load, occupancy) * TILE_OVERHEAD_CLK
     compute = clocks / gpu.clock_hz
     memory = hbm_bytes / gpu.hbm_bytes_per_s
-    return KernelCost(name, max(compute, memory) + LAUNCH_S, hbm_bytes, _label(cfg), grid.ctas, occupancy,
+    return KernelCost(name, max(compute, memory) + LAUNCH_S, hbm_bytes, config_label(cfg), grid.ctas, occupancy,
                       grid.ctas / (gpu.sms * occupancy), grid.issued_macs, bound if compute >= memory else "memory")
 
 
@@ -338,7 +338,7 @@ def memory_cost(name: str, hbm_bytes: int, gpu: GPU) -> KernelCost:
     return KernelCost(name, hbm_bytes / gpu.hbm_bytes_per_s + LAUNCH_S, hbm_bytes)
 
 
-def _label(cfg: Mapping[str, int]) -> str:
+def config_label(cfg: Mapping[str, int]) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)}"
             f" s{cfg.get('num_stages', 3)}")
 

@@ -217,7 +217,7 @@ def test_audit_model_end_to_end(tmp_path):
         if r["pass"] != "mask":
             assert r["compiled"] and r["mainloop_mma"] > 0 and r["mainloop_instructions"] > r["mainloop_mma"]
             assert 0 < r["useful_mma_fraction"] <= 1 and r["ctas_per_sm"] >= 1
-            assert r["config"] == pm._label(pm.choose_config(
+            assert r["config"] == pm.config_label(pm.choose_config(
                 r["pass"], pm.Conv.of(_shape(r)), audit_model.config_list(r["pass"], "bfloat16"), pm.H200))
     assert {t["key"] for t in arch["targets"]} == {k for k, *_ in audit_model.TARGETS}
     assert 0 < arch["summary"]["geomean_fwd"] < 1
@@ -245,3 +245,67 @@ def test_dgrad_phases_issue_only_the_taps_that_reach_each_pixel(stride, dil, k, 
                 if (ih + pad - th * dil[0]) % stride[0] == 0 and (iw + pad - tw * dil[1]) % stride[1] == 0)
     assert issued_taps == brute
     assert issued_taps < conv.h * conv.w * k * k or stride == (1, 1)  # not every pixel with every tap
+
+
+def _bench_record(path, device="NVIDIA H200", rows=2):
+    shapes = conv_shapes("vgg16", 2)[:rows]
+    record = {"config": {"models": ["vgg16"], "batch": 2, "image_size": 224, "dtype": "bfloat16"}, "rows": []}
+    for i, s in enumerate(shapes):
+        for pass_, ms in (("fwd", 0.05), ("fwdbwd", 0.2)):
+            record["rows"].append({"device": device, "name": s.name, "pass": pass_, "variant": "cnnperf",
+                                   "path": "triton", "median_ms": ms})
+            if i == 1:  # a record that says what ran, and it is not what the model predicts for
+                record["rows"][-1]["configs"] = {"fwd": "16x16x16 w1 s1", "dgrad": "-", "wgrad": "-"}
+        record["rows"].append({"device": device, "name": s.name, "pass": "fwd", "variant": "eager", "median_ms": 1})
+        record["rows"].append({"device": device, "name": s.name, "pass": "fwd", "variant": "cnnperf",
+                               "path": "fwd=reference", "median_ms": 1})  # cuDNN ran: not the model's business
+    path.write_text(json.dumps(record))
+    return shapes
+
+
+@pytest.mark.slow
+def test_compare_the_model_with_a_benchmark_record(tmp_path):
+    bench = tmp_path / "bench.json"
+    shapes = _bench_record(bench)
+    out = tmp_path / "compare.json"
+    assert audit.main(["--compare", str(bench), "--jobs", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["arch"] == 90 and [r["layer"] for r in result["rows"]] == [s.name for s in shapes for _ in "ab"]
+    model = audit_model.model_rows(*_compiled(audit_model.compare_plan(json.loads(bench.read_text()), 90)), 90)
+    for r in result["rows"]:
+        passes = {m["pass"]: m for m in model if m["layer"] == r["layer"]}
+        predicted = 1e3 * sum(passes[k]["seconds"] for k in audit_model.BENCH_PASSES[r["pass"]])
+        assert r["predicted_ms"] == pytest.approx(predicted, rel=1e-4)
+        assert r["error"] == pytest.approx(predicted / r["measured_ms"] - 1, abs=1e-4)
+        assert "dgrad" in passes  # the benchmark's backward reaches the first layer's input too
+    assert result["summary"]["fwd"]["rows"] == len(shapes)
+    assert [r["same_configs"] for r in result["rows"]] == [None, None, False, False]
+
+
+def test_launch_configs_are_the_labels_of_what_launches():
+    args = ((2, 32, 8, 8), (16, 32, 3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float16, True, torch.device("cpu"))
+    pinned = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 2, "num_stages": 2}
+    with op.pinned_configs(dgrad=pinned):
+        labels = op.launch_configs(*args)
+    assert labels["dgrad"] == "64x32x16 w2 s2"
+    if backend.interpret():
+        assert labels["fwd"] == pm.config_label(op._kernels().INTERPRET_FWD_CONFIG)
+    else:
+        assert labels["fwd"] == "autotuned"  # the CPU without the interpreter: no config of ours would run
+
+
+def _compiled(passes):
+    jobs = audit_model.unique_jobs(passes)
+    rows = audit.run_jobs(jobs, 2)
+    return passes, {audit_model._job_key(j): r for j, r in zip(jobs, rows)}
+
+
+def test_compare_usage_errors(tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    _bench_record(bench, device="Some GPU")
+    assert audit.main(["--compare", str(bench)]) == 2
+    assert "pass --arch 80 or 90" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert audit.main(["--compare", str(tmp_path / "bad.json")]) == 2
+    assert audit.main(["--compare", str(bench), "--model", "vgg16"]) == 2
+    assert audit_model.arch_of("NVIDIA H100 80GB HBM3") == 90 and audit_model.arch_of("NVIDIA A100-SXM4-40GB") == 80

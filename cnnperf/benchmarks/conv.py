@@ -324,6 +324,10 @@ def bench_variant(cfg: Config, shape: ConvShape, pass_: str, variant: str, sets:
         clear_grads(sets)
     if variant == "cnnperf":
         row["path"] = cnnperf_path(cfg, sets[0].x, sets[0].w)
+        if sets[0].x.device.type == "cuda":  # what the kernels launched with, for `cnnperf audit --compare`
+            row["configs"] = conv_op.launch_configs(shape.input_shape, shape.weight_shape, shape.stride,
+                                                    shape.padding, shape.dilation, shape.groups, cfg.dtype, True,
+                                                    sets[0].x.device)
     tflops = shape.flops(pass_) / (t.median_ms * 1e-3) / 1e12
     row.update(harness.timing_fields(t), gflop=sig(shape.flops(pass_) / 1e9), tflops=sig(tflops),
                pct_peak=sig(100 * tflops / peak_tflops))

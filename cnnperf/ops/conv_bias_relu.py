@@ -427,6 +427,19 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
     return config
 
 
+def launch_configs(input_shape, weight_shape, stride, padding, dilation, groups, dtype: torch.dtype,
+                   has_bias: bool, device: torch.device) -> dict[str, str]:
+    """What each conv kernel launches with for this problem, as labels (``128x128x64 w8 s3``, the format of
+    :func:`cnnperf.perf_model.choose_config`'s configs), or ``"autotuned"``: benchmark records carry it, so the
+    performance model can be compared with the configs that really ran."""
+    conv = _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias)
+    out = {}
+    for kind in KINDS:
+        config = _config(kind, conv, dtype, device)
+        out[kind] = "autotuned" if config is None else perf_model.config_label(perf_model.config_dict(config))
+    return out
+
+
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
