@@ -53,6 +53,7 @@ DGRAD_CONFIGS_32 = _configs([
 # wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels.
 WGRAD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4),
+    (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 32, 64, 4, 4),
 ])
 WGRAD_CONFIGS_32 = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
