@@ -146,7 +146,7 @@ def test_launch_ints_are_what_the_launcher_passes(monkeypatch, stride, groups, b
     kernels = op._kernels()
     launched, consts = {}, {}
 
-    def record(kind, dtype, config, grid, args, const):
+    def record(kind, dtype, config, grid, args, const, *where):
         params = list(inspect.signature(getattr(kernels, audit_model.KERNEL_OF[kind]).fn).parameters)
         launched[kind] = {p: v for p, v in zip(params, args) if isinstance(v, int)}
         consts[kind] = (const, config)

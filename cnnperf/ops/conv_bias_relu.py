@@ -36,6 +36,7 @@ from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_m
 
 from cnnperf import backend, perf_model, reference
 from cnnperf.conv_shapes import output_hw
+from cnnperf.ops import conv_config_cache
 
 OP = "conv2d_bias_relu"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -331,10 +332,13 @@ def _auto_pick(key: tuple, run_triton, run_reference, timer=None) -> str:
     """The faster of "triton" and "reference" for ``key``, measured on first use and cached.
 
     ``timer(fn) -> milliseconds`` defaults to ``triton.testing.do_bench`` (median). While a CUDA graph is
-    being captured nothing can be timed, and the Triton path is taken.
+    being captured nothing can be timed, and the Triton path is taken; so it is under
+    ``torch.use_deterministic_algorithms(True)``, where the choice must be the same every run.
     """
     if key in _auto_choice:
         return _auto_choice[key]
+    if torch.are_deterministic_algorithms_enabled():
+        return "triton"  # a timed choice can differ run to run; the kernels' results do not
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "triton"
     if timer is None:
@@ -414,17 +418,29 @@ def _gpu(index: int) -> perf_model.GPU:
 
 
 def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device):
-    """The config kernel ``kind`` launches with, or None to autotune: the pinned one (:func:`pinned_configs`),
-    the interpreter's fixed one under ``TRITON_INTERPRET=1``, the autotuner's with ``CNNPERF_AUTOTUNE=1``,
-    else the performance model's pick."""
+    """The config kernel ``kind`` launches with, or None to autotune, in this order: the pinned one
+    (:func:`pinned_configs`); the interpreter's fixed one under ``TRITON_INTERPRET=1``; the one stored for this
+    shape in ``CNNPERF_CONFIG_CACHE`` (:mod:`cnnperf.ops.conv_config_cache`); None (the autotuner) with
+    ``CNNPERF_AUTOTUNE=1``, unless ``torch.use_deterministic_algorithms(True)`` asks for the same choice every
+    run; else the performance model's pick."""
     K = _kernels()
     config = getattr(_pinned, kind, None)
     if config is None and backend.interpret():
         config = {"fwd": K.INTERPRET_FWD_CONFIG, "dgrad": K.INTERPRET_DGRAD_CONFIG,
                   "wgrad": K.INTERPRET_WGRAD_CONFIG}[kind]
-    if config is None and device.type == "cuda" and not autotuning():
-        config = model_config(kind, conv, dtype, _device_index(device))
+    if config is None and device.type == "cuda":
+        file = conv_config_cache.path()
+        if file is not None:
+            config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device))
+        if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()):
+            config = model_config(kind, conv, dtype, _device_index(device))
     return config
+
+
+def _cache_entry(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device) -> str:
+    import triton
+
+    return conv_config_cache.key(torch.cuda.get_device_name(device), triton.__version__, kind, str(dtype), conv)
 
 
 def launch_configs(input_shape, weight_shape, stride, padding, dilation, groups, dtype: torch.dtype,
@@ -444,18 +460,24 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict) -> None:
-    """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` when None."""
+def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict, conv=None, device=None) -> None:
+    """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` when None; then
+    the autotuner's winner goes to ``CNNPERF_CONFIG_CACHE`` if set (``conv`` and ``device`` name the entry)."""
     K = _kernels()
     kernel, autotuned = {
         "fwd": (K._conv_bias_relu_fwd_kernel, K.conv_bias_relu_fwd_autotuned),
         "dgrad": (K._conv_dgrad_kernel, K.conv_dgrad_autotuned),
         "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned),
     }[kind]
-    if config is None:
-        autotuned(dtype)[grid](*args, **const)
-    else:
+    if config is not None:
         kernel[grid](*args, **const, **perf_model.config_dict(config))
+        return
+    tuner = autotuned(dtype)
+    tuner[grid](*args, **const)
+    file = conv_config_cache.path()
+    if file is not None and conv is not None and getattr(tuner, "best_config", None) is not None:
+        conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device),
+                                 perf_model.config_dict(tuner.best_config))
 
 
 def _even_k(kind: str, channels: int, config, dtype: torch.dtype) -> bool:
@@ -511,7 +533,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
     config = _config("fwd", conv, x.dtype, x.device)
     const["EVEN_K"] = _even_k("fwd", c_in_g, config, x.dtype)
-    _launch("fwd", x.dtype, config, grid, args, const)
+    _launch("fwd", x.dtype, config, grid, args, const, conv, x.device)
     return y.permute(0, 3, 1, 2)
 
 
@@ -555,7 +577,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
 
         config = _config("dgrad", conv, input.dtype, g.device)
         const["EVEN_K"] = _even_k("dgrad", c_out_g, config, input.dtype)
-        _launch("dgrad", input.dtype, config, grid, args, const)
+        _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
@@ -574,7 +596,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
             cols, taps = (kw * fold, kh) if fold else (c_in_g, kh * kw)
             return (_cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]) * taps, split, groups)
 
-        _launch("wgrad", input.dtype, config, grid, args, const)
+        _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device)
         grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
         grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
     return grad_input, grad_weight, grad_bias
