@@ -33,7 +33,8 @@ def config_list(kind: str, dtype: str):
 
 def launch_ints(kind: str, conv: pm.Conv, split: int = 1) -> dict[str, int]:
     """The int arguments of kernel ``kind`` by name, as ``cnnperf/ops/conv_bias_relu.py`` launches it on an
-    NHWC input (tests check this against a real launch)."""
+    NHWC input (tests check this against a real launch); ``split``: wgrad's SPLIT (fwd's and dgrad's SPLIT_K
+    is a constexpr)."""
     shapes = dict(N=conv.n, H=conv.h, W=conv.w, C_in=conv.c_in, OH=conv.oh, OW=conv.ow, C_out=conv.c_out)
     geometry = dict(stride_h=conv.stride[0], stride_w=conv.stride[1], pad_h=conv.padding[0], pad_w=conv.padding[1],
                     dil_h=conv.dilation[0], dil_w=conv.dilation[1], C_in_g=conv.c_in_g, C_out_g=conv.c_out_g)
@@ -84,20 +85,23 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
             if kind == "dgrad" and shape.name == layers[0].name and not first_layer_dgrad:
                 continue  # the first layer reads the images: no input gradient is asked for, none is computed
             cfg = pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
-            split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+            split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else cfg.get("SPLIT_K", 1)
             ones, div16 = specialization(launch_ints(kind, conv, split))
             entry = entries[KERNEL_OF[kind]]
-            params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+            params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "SPLIT_K")}
             options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
             constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params,
                           "KH": conv.kh, "KW": conv.kw}
             if "HAS_BIAS" in constexprs:
                 constexprs["HAS_BIAS"] = conv.has_bias
+            if "SPLIT_K" in constexprs:
+                constexprs["SPLIT_K"] = cfg.get("SPLIT_K", 1)
             if "FOLD_C" in constexprs:
                 constexprs["FOLD_C"] = pm.fold_channels(conv.c_in_g)
             if "EVEN_K" in constexprs:  # the K loop's channels: C_in/g (fwd), C_out/g (dgrad)
                 constexprs["EVEN_K"] = (conv.c_in_g if kind == "fwd" else conv.c_out_g) % cfg["BLOCK_K"] == 0
-            job = audit.Job(entry.module, entry.kernel, dtype, arch, audit.config_label(params, options), constexprs,
+            label = audit.config_label(params, options) + (f" k{split}" if kind != "wgrad" and split > 1 else "")
+            job = audit.Job(entry.module, entry.kernel, dtype, arch, label, constexprs,
                             options, dict(entry.arg_types), div16, entry.tensor_cores, None, ones)
             out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg, job))
     return out

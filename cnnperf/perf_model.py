@@ -15,6 +15,8 @@ Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
   borders), so no MMA is spent on rows that a stride skips.
 - ``wgrad``: one GEMM per tap, M = C_out/g, N = C_in/g, K = N*OH*OW output pixels, cut into ``split`` slices
   written to an fp32 workspace and summed afterwards (deterministic), then cast to the weight's dtype.
+- fwd and dgrad may cut their K loop into ``SPLIT_K`` slices (fp32 partials, then one pass that adds them in
+  order, with the forward's bias and ReLU) when their grid is too small for the GPU.
 - With at most ``FOLD_MAX_CHANNELS`` input channels per group (a stem), fwd's K and wgrad's N run over the
   (kw, c) pairs of a filter row instead of one tap's channels.
 
@@ -203,9 +205,17 @@ class Grid:
     issued_macs: int
 
 
+def _k_slices(iters: int, split_k: int) -> list[int]:
+    """The iterations of each K slice (the kernels' _k_slice: equal slices, the last shorter, some maybe 0)."""
+    per = _cdiv(iters, split_k)
+    return [max(0, min(per, iters - k * per)) for k in range(split_k)]
+
+
 def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> Grid:
-    """The grid that ``kind`` ("fwd", "dgrad", "wgrad") launches for ``conv`` with tile config ``cfg``."""
+    """The grid that ``kind`` ("fwd", "dgrad", "wgrad") launches for ``conv`` with tile config ``cfg``: wgrad's
+    ``split`` slices of the pixels; fwd's and dgrad's ``cfg["SPLIT_K"]`` slices of the K loop."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split_k = cfg.get("SPLIT_K", 1)
     g = conv.groups
     fold = fold_channels(conv.c_in_g)
     if kind == "fwd":
@@ -214,7 +224,7 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
             iters = conv.kh * _cdiv(conv.kw * fold, bk)
         else:
             iters = conv.kh * conv.kw * _cdiv(conv.c_in_g, bk)
-        classes = ((iters, tiles),)
+        classes = _merge((i, tiles) for i in _k_slices(iters, split_k))
     elif kind == "dgrad":  # one GEMM per stride phase, over the taps that reach it (CTAs past a phase exit)
         counts: dict[int, int] = {}
         for ph in range(conv.stride[0]):
@@ -223,7 +233,8 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
                 _, taps_w = phase_taps(conv.kw, conv.stride[1], conv.padding[1], conv.dilation[1], pw)
                 rows = conv.n * phase_rows(conv.h, conv.stride[0], ph) * phase_rows(conv.w, conv.stride[1], pw)
                 iters = taps_h * taps_w * _cdiv(conv.c_out_g, bk)
-                counts[iters] = counts.get(iters, 0) + _cdiv(rows, bm) * _cdiv(conv.c_in_g, bn) * g
+                for i in _k_slices(iters, split_k):
+                    counts[i] = counts.get(i, 0) + _cdiv(rows, bm) * _cdiv(conv.c_in_g, bn) * g
         classes = tuple(sorted(counts.items(), reverse=True))
     elif kind == "wgrad":
         if fold:
@@ -242,6 +253,13 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
     ctas = sum(c for _, c in classes)
     issued = sum(i * c for i, c in classes) * bm * bn * bk
     return Grid(ctas, classes, issued)
+
+
+def _merge(pairs) -> tuple[tuple[int, int], ...]:
+    counts: dict[int, int] = {}
+    for i, c in pairs:
+        counts[i] = counts.get(i, 0) + c
+    return tuple(sorted(counts.items(), reverse=True))
 
 
 def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
@@ -339,8 +357,10 @@ def memory_cost(name: str, hbm_bytes: int, gpu: GPU) -> KernelCost:
 
 
 def config_label(cfg: Mapping[str, int]) -> str:
+    """``128x128x64 w8 s3``, with `` k2`` for a K split of 2."""
+    split_k = f" k{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else ""
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)}"
-            f" s{cfg.get('num_stages', 3)}")
+            f" s{cfg.get('num_stages', 3)}{split_k}")
 
 
 def config_dict(config) -> dict[str, int]:
@@ -350,13 +370,16 @@ def config_dict(config) -> dict[str, int]:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def gemm_bytes(kind: str, conv: Conv, split: int = 1) -> int:
-    """HBM bytes of the GEMM kernel itself: its operands read once, its result written once."""
+def gemm_bytes(kind: str, conv: Conv, split: int = 1, split_k: int = 1) -> int:
+    """HBM bytes of the GEMM kernel itself: its operands read once, its result written once (to an fp32
+    workspace slice each with split-K)."""
     s = conv.sizes()
     if kind == "fwd":
-        return s["x"] + s["w"] + s["b"] + s["y"]
+        out = s["y"] if split_k == 1 else split_k * s["y"] // conv.itemsize * 4
+        return s["x"] + s["w"] + s["b"] + out
     if kind == "dgrad":
-        return s["y"] + s["w"] + s["x"]  # g, W -> dX
+        out = s["x"] if split_k == 1 else split_k * s["x"] // conv.itemsize * 4
+        return s["y"] + s["w"] + out  # g, W -> dX
     return s["y"] + s["x"] + split * (s["w"] // conv.itemsize) * 4  # g, X -> fp32 workspace
 
 
@@ -364,13 +387,14 @@ def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[st
     """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
-    estimate spills are left out (unless all do), and the issue term is left out. Deterministic: the same
-    shape always gets the same config, with no GPU time spent.
+    estimate spills are left out (unless all do), and the issue term is left out. For fwd and dgrad it also
+    picks ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always
+    gets the same config, with no GPU time spent.
     """
     configs = [config_dict(c) for c in configs]
     fitting = [c for c in configs if registers_estimate(c, conv.aligned) <= 255]
     best, best_t = None, math.inf
-    for cfg in fitting or configs:
+    for cfg in [dict(c, SPLIT_K=k) if k > 1 else c for c in fitting or configs for k in split_k_choices(kind, conv, c)]:
         t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu))
         if t < best_t:
             best, best_t = cfg, t
@@ -379,13 +403,33 @@ def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[st
     return best
 
 
+SPLIT_K_CHOICES = (1, 2, 3, 4, 6, 8)
+SPLIT_K_MIN_ITERS = 4  # K iterations per slice, at least: the loads are pipelined 3-5 stages deep
+SPLIT_K_WORKSPACE_CAP = 256 << 20
+
+
+def split_k_choices(kind: str, conv: Conv, cfg: Mapping[str, int]) -> list[int]:
+    """The K splits worth considering for fwd and dgrad with ``cfg``: each slice keeps at least
+    ``SPLIT_K_MIN_ITERS`` iterations of the longest K loop and the fp32 workspace stays under its cap."""
+    if kind not in ("fwd", "dgrad"):
+        return [1]
+    longest = max(i for i, _ in gemm_grid(kind, conv, {**cfg, "SPLIT_K": 1}).k_iters)
+    out_bytes = 4 * (conv.n * conv.oh * conv.ow * conv.c_out if kind == "fwd" else conv.n * conv.h * conv.w * conv.c_in)
+    return [k for k in SPLIT_K_CHOICES
+            if k == 1 or (longest >= k * SPLIT_K_MIN_ITERS and k * out_bytes <= SPLIT_K_WORKSPACE_CAP)]
+
+
 def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, **compiled) -> list[KernelCost]:
     """The kernels of GEMM pass ``kind`` with config ``cfg``: the GEMM and, for wgrad, the workspace's sum
     and cast. ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the compiled kernel."""
     split = wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+    split_k = cfg.get("SPLIT_K", 1)
     grid = gemm_grid(kind, conv, cfg, split)
-    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split), aligned=conv.aligned,
-                         **compiled)]
+    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split, split_k),
+                         aligned=conv.aligned, **compiled)]
+    if split_k > 1:  # the slices' sum (+ bias and ReLU in the forward)
+        out = conv.sizes()["y" if kind == "fwd" else "x"]
+        kernels.append(memory_cost("split_k_sum", split_k * out // conv.itemsize * 4 + out, gpu))
     if kind == "wgrad":
         w32 = conv.sizes()["w"] // conv.itemsize * 4
         if split > 1:

@@ -13,6 +13,10 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
 - ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
   to an fp32 workspace and summed afterwards (deterministic).
 
+``SPLIT_K`` (forward and dgrad): a grid too small to fill the GPU (a late layer at batch 32) cuts the K loop
+into slices written to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic), with the
+forward's bias and ReLU.
+
 ``FOLD_C`` (forward and wgrad): with a few input channels per group (an RGB stem: 3), one tap's channels would
 fill 3 of a 16-64 wide K (or N) block; instead the (kw, c) pairs of a filter row, contiguous in the weight, form
 that block (7 x 3 = 21 of 32).
@@ -62,8 +66,9 @@ WGRAD_CONFIGS_32 = _configs([
 INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 INTERPRET_DGRAD_CONFIG = INTERPRET_FWD_CONFIG
 INTERPRET_WGRAD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1}
-# The mask/bias pass is memory-bound: one config, no tuning.
+# The mask/bias pass and the split-K sum are memory-bound: one config each, no tuning.
 MASK_CONFIG = {"BLOCK_M": 64, "BLOCK_C": 64, "num_warps": 4}
+SPLIT_K_SUM_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4}
 
 # Autotune key: the problem's shape (tensor dtypes are added by the autotuner itself).
 _SHAPE_KEY = ["N", "H", "W", "C_in", "OH", "OW", "C_out", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w",
@@ -80,6 +85,38 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _k_slice(iters, k_slice, SPLIT_K: tl.constexpr):
+    """[it0, it1): the K iterations of slice ``k_slice`` of ``SPLIT_K`` (equal slices, the last shorter)."""
+    per = tl.cdiv(iters, SPLIT_K)
+    it0 = tl.minimum(k_slice * per, iters)
+    return it0, tl.minimum(it0 + per, iters)
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    ws_ptr,  # fp32 (SPLIT_K, R, C): the K slices' partial sums
+    b_ptr,  # bias (C,), read only if HAS_BIAS
+    out_ptr,  # out: contiguous (R, C) in its own dtype
+    R, C, SPLIT_K,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = relu?(sum of the slices in order + bias?): deterministic (no atomics), one pass."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    offs = offs_r[:, None] * C + offs_c[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + k * R * C + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -115,19 +152,22 @@ def _conv_bias_relu_fwd_kernel(
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
     b_ptr,  # bias (C_out,), read only if HAS_BIAS
     y_ptr,  # output, contiguous NHWC (N*OH*OW, C_out)
+    ws_ptr,  # fp32 workspace (SPLIT_K, N*OH*OW, C_out) when SPLIT_K > 1: partial sums, no bias or ReLU yet
     N, H, W, C_in,  # input sizes (C_in: all groups)
     OH, OW, C_out,  # output sizes (C_out: all groups)
     sxn, sxh, sxw,  # input strides in elements; the channel stride is 1
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     C_in_g, C_out_g,  # channels per group
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
+    SPLIT_K: tl.constexpr,  # slices of the K loop (the grid's second axis is groups x SPLIT_K); 1: bias, ReLU here
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
     FOLD_C: tl.constexpr,  # 0, or C_in_g when it is small: K runs over (kh, (kw, c)) (see _fold_loop)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    group = tl.program_id(1)
+    group = tl.program_id(1) // SPLIT_K
+    k_slice = tl.program_id(1) % SPLIT_K
     M = N * OH * OW
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_out_g, BLOCK_N), GROUP_M)
 
@@ -151,7 +191,8 @@ def _conv_bias_relu_fwd_kernel(
         # A few input channels (an RGB stem): the KW taps of a filter row and their channels are one K block
         # (7 x 3 = 21 of 32 useful instead of 3 of 32 per tap).
         KF: tl.constexpr = KW * FOLD_C
-        for it in range(0, KH * tl.cdiv(KF, BLOCK_K)):
+        it0, it1 = _k_slice(KH * tl.cdiv(KF, BLOCK_K), k_slice, SPLIT_K)
+        for it in range(it0, it1):
             kh = it // tl.cdiv(KF, BLOCK_K)
             j = (it % tl.cdiv(KF, BLOCK_K)) * BLOCK_K + offs_kb  # (kw, c) of the filter row, flattened
             kw_j = j // FOLD_C
@@ -169,11 +210,12 @@ def _conv_bias_relu_fwd_kernel(
         taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
         c_blocks = tl.cdiv(C_in_g, BLOCK_K)
         # One flat loop over (tap, channel block) so that Triton pipelines its loads; the tap and the channel
-        # block are carried from one iteration to the next.
-        c0 = 0
-        kh = 0
-        kw = 0
-        for _ in range(0, KH * KW * c_blocks):
+        # block are carried from one iteration to the next (from this K slice's first: divisions once).
+        it0, it1 = _k_slice(KH * KW * c_blocks, k_slice, SPLIT_K)
+        c0 = (it0 % c_blocks) * BLOCK_K
+        kh = (it0 // c_blocks) // KW
+        kw = (it0 // c_blocks) % KW
+        for _ in range(it0, it1):
             tap = kh * KW + kw
             row_ok = ((taps_ok >> tap) & 1) != 0
             offs_k = c0 + offs_kb
@@ -191,11 +233,14 @@ def _conv_bias_relu_fwd_kernel(
             kw = tl.where(next_row, 0, kw)
             kh = tl.where(next_row, kh + 1, kh)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc = tl.maximum(acc, 0.0)
     y_offs = offs_m[:, None] * C_out + co[None, :]
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SPLIT_K > 1:  # _split_k_sum_kernel adds the slices in order, then the bias and the ReLU
+        tl.store(ws_ptr + k_slice * M * C_out + y_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = tl.maximum(acc, 0.0)
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -240,12 +285,14 @@ def _conv_dgrad_kernel(
     g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
     dx_ptr,  # out: grad of the input, contiguous NHWC (N*H*W, C_in)
+    ws_ptr,  # fp32 workspace (SPLIT_K, N*H*W, C_in) when SPLIT_K > 1: partial sums
     N, H, W, C_in,
     OH, OW, C_out,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     C_in_g, C_out_g,
     step_h, step_w,  # distance between the taps of one phase: stride / gcd(stride, dilation)
     KH: tl.constexpr, KW: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # slices of each phase's K loop (the grid's second axis is groups x phases x SPLIT_K)
     EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -253,8 +300,9 @@ def _conv_dgrad_kernel(
     # One GEMM per stride phase (ph, pw): the input pixels with ih % stride_h == ph and iw % stride_w == pw,
     # and only the taps that reach them (as CUTLASS's strided dgrad): no MMA on rows a stride skips.
     phases = stride_h * stride_w
-    phase = tl.program_id(1) % phases
-    group = tl.program_id(1) // phases
+    k_slice = tl.program_id(1) % SPLIT_K
+    phase = (tl.program_id(1) // SPLIT_K) % phases
+    group = tl.program_id(1) // (SPLIT_K * phases)
     ph = phase // stride_w
     pw = phase % stride_w
     HP = (H - ph + stride_h - 1) // stride_h  # rows and columns of this phase
@@ -266,6 +314,7 @@ def _conv_dgrad_kernel(
     first_w, taps_w = _phase_taps(pw, pad_w, dil_w, stride_w, step_w, KW)
     # The grid is sized for phase (0, 0), the largest: a tile past this phase's pixels runs no iteration.
     iters = tl.where(pid_m * BLOCK_M < M, taps_h * taps_w * tl.cdiv(C_out_g, BLOCK_K), 0)
+    it0, it1 = _k_slice(iters, k_slice, SPLIT_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels of this phase
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
@@ -278,7 +327,7 @@ def _conv_dgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_blocks = tl.cdiv(C_out_g, BLOCK_K)
-    for it in range(0, iters):
+    for it in range(it0, it1):
         tap = it // k_blocks
         k0 = (it % k_blocks) * BLOCK_K
         kh = first_h + (tap // taps_w) * step_h
@@ -298,7 +347,10 @@ def _conv_dgrad_kernel(
 
     pix = ((offs_m // (HP * WP)) * H + ph + rh * stride_h) * W + pw + rw * stride_w
     dx_offs = pix[:, None] * C_in + (group * C_in_g + offs_n)[None, :]
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SPLIT_K > 1:  # every slice writes all its pixels (zeros where it had no tap): _split_k_sum_kernel adds
+        tl.store(ws_ptr + k_slice * (N * H * W * C_in) + dx_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit

@@ -125,6 +125,26 @@ def test_every_config(kind, config, dtype):
     _case(2, 20, 13, 13, 36, 3, 3, padding=1, dtype=dtype, configs={**first, kind: config})
 
 
+SPLIT_K_CASES = {
+    "3x3": dict(n=1, c_in=32, h=6, w=5, c_out=20, kh=3, kw=3, padding=1),  # 18 K iterations at BLOCK_K 16
+    "stem_fold": dict(n=1, c_in=3, h=11, w=10, c_out=8, kh=7, kw=7, stride=2, padding=3),  # 14, (kw, c) folded
+    "stride2_groups": dict(n=2, c_in=32, h=7, w=6, c_out=32, kh=3, kw=3, stride=2, padding=1, groups=2),
+}
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("case", list(SPLIT_K_CASES))
+def test_split_k(case, split_k):
+    """fwd and dgrad with their K loop cut into slices (fp32 partials added in order by _split_k_sum_kernel, with
+    the forward's bias and ReLU): uneven slices, and with 8 some slices of the shorter phases get no
+    iteration at all and must still write their zeros."""
+    base = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+    if DEVICE == "cuda":
+        base.update(num_warps=4, num_stages=2)
+    configs = {"fwd": {**base, "SPLIT_K": split_k}, "dgrad": {**base, "SPLIT_K": split_k}}
+    _case(**SPLIT_K_CASES[case], configs=configs)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the model's pick is for GPUs (the interpreter runs one fixed config)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_model_pick(dtype):

@@ -147,8 +147,11 @@ def test_launch_ints_are_what_the_launcher_passes(monkeypatch, stride, groups, b
     launched, consts = {}, {}
 
     def record(kind, dtype, config, grid, args, const, *where):
-        params = list(inspect.signature(getattr(kernels, audit_model.KERNEL_OF[kind]).fn).parameters)
+        signature = inspect.signature(getattr(kernels, audit_model.KERNEL_OF[kind]).fn).parameters
+        params = list(signature)
         launched[kind] = {p: v for p, v in zip(params, args) if isinstance(v, int)}
+        launched[kind].update({p: v for p, v in const.items()  # runtime ints passed by name, if any
+                               if signature[p].annotation is inspect.Parameter.empty})
         consts[kind] = (const, config)
 
     monkeypatch.setattr(op, "_launch", record)

@@ -470,7 +470,8 @@ def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dic
         "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned),
     }[kind]
     if config is not None:
-        kernel[grid](*args, **const, **perf_model.config_dict(config))
+        launch = {k: v for k, v in perf_model.config_dict(config).items() if k != "SPLIT_K"}  # const has it
+        kernel[grid](*args, **const, **launch)
         return
     tuner = autotuned(dtype)
     tuner[grid](*args, **const)
@@ -478,6 +479,27 @@ def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dic
     if file is not None and conv is not None and getattr(tuner, "best_config", None) is not None:
         conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device),
                                  perf_model.config_dict(tuner.best_config))
+
+
+@functools.lru_cache(maxsize=None)
+def _unused(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 tensor for a workspace pointer the kernel does not touch (SPLIT_K == 1)."""
+    return torch.empty((1,), device=device, dtype=torch.float32)
+
+
+def _split_k(config) -> int:
+    """The K split a config asks for (fwd and dgrad; 1 when autotuning: the autotuner's configs have none)."""
+    return perf_model.config_dict(config).get("SPLIT_K", 1) if config is not None else 1
+
+
+def _split_k_sum(ws: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, rows: int, cols: int, has_bias: bool,
+                 relu: bool) -> None:
+    """out (rows, cols, contiguous) = relu?(sum of ws's slices in order + bias?)."""
+    K = _kernels()
+    cfg = K.SPLIT_K_SUM_CONFIG
+    K._split_k_sum_kernel[(_cdiv(rows, cfg["BLOCK_R"]), _cdiv(cols, cfg["BLOCK_C"]))](
+        ws, bias, out, rows, cols, ws.shape[0], HAS_BIAS=has_bias, RELU=relu, BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
 
 
 def _even_k(kind: str, channels: int, config, dtype: torch.dtype) -> bool:
@@ -522,18 +544,22 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     m = n * oh * ow
     c_out_g = c_out // groups
     b = bias.contiguous() if bias is not None else w  # the kernel reads bias[c] at c; never read without HAS_BIAS
-    args = (x, w, b, y, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
+    conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
+    config = _config("fwd", conv, x.dtype, x.device)
+    split_k = _split_k(config)
+    ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32) if split_k > 1 else _unused(x.device)
+    args = (x, w, b, y, ws, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
-    const = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, FOLD_C=perf_model.fold_channels(c_in_g),
+    const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+                 EVEN_K=_even_k("fwd", c_in_g, config, x.dtype), FOLD_C=perf_model.fold_channels(c_in_g),
                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups)
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups * split_k)
 
-    conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
-    config = _config("fwd", conv, x.dtype, x.device)
-    const["EVEN_K"] = _even_k("fwd", c_in_g, config, x.dtype)
     _launch("fwd", x.dtype, config, grid, args, const, conv, x.device)
+    if split_k > 1:
+        _split_k_sum(ws, b, y, m, c_out, bias is not None, relu=True)
     return y.permute(0, 3, 1, 2)
 
 
@@ -567,17 +593,24 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
     if output_mask[0]:
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
-        args = (g, w, dx, n, h, wd, c_in, oh, ow, c_out,
+        config = _config("dgrad", conv, input.dtype, g.device)
+        split_k = _split_k(config)
+        pixels = n * h * wd
+        ws = (torch.empty((split_k, pixels, c_in), device=g.device, dtype=torch.float32) if split_k > 1
+              else _unused(g.device))
+        args = (g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
-        const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
+        const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even_k("dgrad", c_out_g, config, input.dtype),
+                     INPUT_PRECISION=prec)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
         def grid(meta):
-            return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]), groups * stride[0] * stride[1])
+            return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]),
+                    groups * stride[0] * stride[1] * split_k)
 
-        config = _config("dgrad", conv, input.dtype, g.device)
-        const["EVEN_K"] = _even_k("dgrad", c_out_g, config, input.dtype)
         _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device)
+        if split_k > 1:
+            _split_k_sum(ws, dx, dx, pixels, c_in, False, relu=False)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
