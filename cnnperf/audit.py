@@ -139,7 +139,8 @@ _GRAD_TABLE = _types("*i64", "addr_ptr", "numel_ptr", "meta_ptr", "chunk_tensor_
 
 KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "FOLD_C": 0, "SPLIT_K": 1},
+                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
+                            "SPLIT_K": 1},
                 dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
     KernelAudit(_CONV, "_relu_mask_bias_grad_kernel",
@@ -147,7 +148,8 @@ KERNELS: tuple[KernelAudit, ...] = (
                 constexprs={"COMPUTE_BIAS": True}, arg_types={"partial_ptr": "*fp32"},
                 divisible_by_16=("C", "sgn", "sgp", "syn", "syp")),
     KernelAudit(_CONV, "_conv_dgrad_kernel", _by_width("DGRAD_CONFIGS_16", "DGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "SPLIT_K": 1}, dtype_constexprs=_DOT_PRECISION,
+                constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "EVEN_N": True, "SPLIT_K": 1},
+                dtype_constexprs=_DOT_PRECISION,
                 arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS, tensor_cores=True),
     KernelAudit(_CONV, "_conv_wgrad_kernel", _by_width("WGRAD_CONFIGS_16", "WGRAD_CONFIGS_32"),
@@ -797,13 +799,15 @@ def _audit_model(args: argparse.Namespace, console) -> int:
     records, bad = [], []
     for arch in archs:
         passes = am.plan_model(args.model, args.batch, dtype, arch)
-        jobs = am.unique_jobs(passes)
+        probe = am.probe_pass(args.model, args.batch, dtype, arch)
+        jobs = am.unique_jobs(passes + ([probe] if probe else []))
         with _progress(len(jobs)) as advance:
             rows = run_jobs(jobs, args.jobs, progress=advance)
         bad += [r for r in rows if not r.ok]
         compiled = {am._job_key(j): r for j, r in zip(jobs, rows)}
         model_rows = am.model_rows(passes, compiled, arch)
-        stats = am.summarize(model_rows)
+        probe_row = am.model_rows([probe], compiled, arch)[0] if probe else None
+        stats = am.summarize(model_rows, probe_row)
         am.render(model_rows, stats, console, f"Performance model: {args.model} batch {args.batch} {dtype} sm_{arch} "
                                               f"({len(jobs)} kernels compiled)")
         records.append({"arch": arch, "gpu": dataclasses.asdict(am.pm.GPUS[arch]),

@@ -71,11 +71,9 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
     """Every (layer, pass) of ``model`` with its config and its compile job (deduplicated by the caller).
     The first layer's dgrad is left out (its input is the images) unless ``first_layer_dgrad``: the
     benchmark times every layer's backward into its input."""
-    from cnnperf import audit
     from cnnperf.conv_shapes import model_conv_layers, unique_shapes
 
     gpu = pm.GPUS[arch]
-    entries = {k.kernel: k for k in audit.KERNELS}
     out = []
     layers = model_conv_layers(model, batch, image_size)
     for shape in unique_shapes(layers):
@@ -85,26 +83,57 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
             if kind == "dgrad" and shape.name == layers[0].name and not first_layer_dgrad:
                 continue  # the first layer reads the images: no input gradient is asked for, none is computed
             cfg = pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
-            split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else cfg.get("SPLIT_K", 1)
-            ones, div16 = specialization(launch_ints(kind, conv, split))
-            entry = entries[KERNEL_OF[kind]]
-            params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "SPLIT_K")}
-            options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-            constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params,
-                          "KH": conv.kh, "KW": conv.kw}
-            if "HAS_BIAS" in constexprs:
-                constexprs["HAS_BIAS"] = conv.has_bias
-            if "SPLIT_K" in constexprs:
-                constexprs["SPLIT_K"] = cfg.get("SPLIT_K", 1)
-            if "FOLD_C" in constexprs:
-                constexprs["FOLD_C"] = pm.fold_channels(conv.c_in_g)
-            if "EVEN_K" in constexprs:  # the K loop's channels: C_in/g (fwd), C_out/g (dgrad)
-                constexprs["EVEN_K"] = (conv.c_in_g if kind == "fwd" else conv.c_out_g) % cfg["BLOCK_K"] == 0
-            label = audit.config_label(params, options) + (f" k{split}" if kind != "wgrad" and split > 1 else "")
-            job = audit.Job(entry.module, entry.kernel, dtype, arch, label, constexprs,
-                            options, dict(entry.arg_types), div16, entry.tensor_cores, None, ones)
-            out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg, job))
+            out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg, make_job(kind, conv, cfg, dtype, arch)))
     return out
+
+
+def make_job(kind: str, conv: pm.Conv, cfg: Mapping[str, int], dtype: str, arch: int):
+    """The audit Job compiling kernel ``kind`` as the launcher runs it on ``conv`` with ``cfg``: its
+    constexprs (filter size, bias, SPLIT_K, FOLD_C, EVEN_K/EVEN_N) and Triton's launch specialization."""
+    from cnnperf import audit
+
+    gpu = pm.GPUS[arch]
+    split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else cfg.get("SPLIT_K", 1)
+    ones, div16 = specialization(launch_ints(kind, conv, split))
+    entry = next(k for k in audit.KERNELS if k.kernel == KERNEL_OF[kind])
+    params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "SPLIT_K")}
+    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params,
+                  "KH": conv.kh, "KW": conv.kw}
+    if "HAS_BIAS" in constexprs:
+        constexprs["HAS_BIAS"] = conv.has_bias
+    if "SPLIT_K" in constexprs:
+        constexprs["SPLIT_K"] = cfg.get("SPLIT_K", 1)
+    if "FOLD_C" in constexprs:
+        constexprs["FOLD_C"] = pm.fold_channels(conv.c_in_g)
+    if "EVEN_K" in constexprs:  # the K loop's channels: C_in/g (fwd), C_out/g (dgrad); N the others
+        k_ch, n_ch = (conv.c_in_g, conv.c_out_g) if kind == "fwd" else (conv.c_out_g, conv.c_in_g)
+        constexprs["EVEN_K"] = k_ch % cfg["BLOCK_K"] == 0
+        constexprs["EVEN_N"] = n_ch % cfg["BLOCK_N"] == 0
+    label = audit.config_label(params, options) + (f" k{split}" if kind != "wgrad" and split > 1 else "")
+    return audit.Job(entry.module, entry.kernel, dtype, arch, label, constexprs, options, dict(entry.arg_types),
+                     div16, entry.tensor_cores, None, ones)
+
+
+# The issue's K-loop measure: the forward's 128x128x64 config on a 3x3 stride-1 layer whose channels fill the
+# tile (C_in/g >= 64, C_out/g >= 128: a K loop of 9+ iterations, no partial tiles), the config and filter its
+# 211 instructions per 4 HGMMA were counted on. The picked configs' own loops are in the rows.
+PROBE_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def probe_pass(model: str, batch: int, dtype: str, arch: int, image_size: int = 224) -> LayerPass | None:
+    """The forward of the model's first layer that fits :data:`PROBE_CONFIG`'s measure (16-bit dtypes)."""
+    from cnnperf.conv_shapes import model_conv_layers
+
+    if ITEMSIZE[dtype] != 2:
+        return None
+    for shape in model_conv_layers(model, batch, image_size):
+        if ((shape.kh, shape.kw) == (3, 3) and tuple(shape.stride) == (1, 1) and shape.c_in // shape.groups >= 64
+                and shape.c_out // shape.groups >= 128):
+            conv = pm.Conv.of(shape, 2, has_bias=True)
+            return LayerPass(shape.name, 1, "fwd", conv, dict(PROBE_CONFIG),
+                             make_job("fwd", conv, PROBE_CONFIG, dtype, arch))
+    return None
 
 
 def _job_key(job) -> tuple:
@@ -153,10 +182,10 @@ def _shape_fields(conv: pm.Conv) -> dict:
             "out_h": conv.oh, "out_w": conv.ow, "itemsize": conv.itemsize}
 
 
-def summarize(rows: Sequence[dict]) -> dict[str, Any]:
+def summarize(rows: Sequence[dict], probe: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """FLOP-weighted geomeans of the predicted fraction of peak per pass, for the forward, the backward and
     both (a layer's backward or forward+backward fraction is its FLOPs over its passes' summed time), and the
-    figures of the issue's targets."""
+    figures of the issue's targets (``probe``: the :func:`probe_pass` row, for the K-loop measure)."""
     by_layer: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_layer.setdefault(r["layer"], {})[r["pass"]] = r
@@ -180,13 +209,12 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     wgrad = [r for r in rows if r["pass"] == "wgrad"]
     strided = [r for r in rows if r["pass"] == "dgrad" and max(r["shape"]["stride"]) > 1]
     stems = [r for r in rows if r["pass"] == "fwd" and r["shape"]["c_in"] <= 4]
-    main_fwd = [r for r in rows if r["pass"] == "fwd" and r.get("config", "").startswith("128x128x64")
-                and r.get("mainloop_mma")]
     out["min_wgrad_waves"] = min((r["waves"] for r in wgrad), default=None)
     out["min_strided_dgrad_useful_mma"] = min((r["useful_mma_fraction"] for r in strided), default=None)
     out["min_stem_fwd_useful_mma"] = min((r["useful_mma_fraction"] for r in stems), default=None)
-    out["fwd_128x128x64_instructions_per_4_mma"] = max(
-        (4 * r["mainloop_instructions_per_mma"] for r in main_fwd), default=None)
+    if probe is not None and probe.get("mainloop_mma"):
+        out["fwd_128x128x64_instructions_per_4_mma"] = 4 * probe["mainloop_instructions"] / probe["mainloop_mma"]
+        out["fwd_probe_layer"] = probe["layer"]
     ratios = []
     for passes in by_layer.values():
         run = [passes[k] for k in BACKWARD if k in passes]

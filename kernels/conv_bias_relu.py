@@ -120,12 +120,12 @@ def _split_k_sum_kernel(
 
 
 @triton.jit
-def _channel_mask(offs_k, channels, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """offs_k < channels, or a constant all-true mask when the channel count is a multiple of BLOCK_K (the
+def _channel_mask(offs, channels, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+    """offs < channels, or a constant all-true mask when the channel count is a multiple of the block (the
     compiler then drops the compare and the predicate selects from the loads)."""
-    if EVEN_K:
-        return tl.full((BLOCK_K,), 1, tl.int1)
-    return offs_k < channels
+    if EVEN:
+        return tl.full((BLOCK,), 1, tl.int1)
+    return offs < channels
 
 
 @triton.jit
@@ -162,6 +162,7 @@ def _conv_bias_relu_fwd_kernel(
     SPLIT_K: tl.constexpr,  # slices of the K loop (the grid's second axis is groups x SPLIT_K); 1: bias, ReLU here
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
+    EVEN_N: tl.constexpr,  # C_out_g is a multiple of BLOCK_N: no column mask on the weight loads and stores
     FOLD_C: tl.constexpr,  # 0, or C_in_g when it is small: K runs over (kh, (kw, c)) (see _fold_loop)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -174,7 +175,7 @@ def _conv_bias_relu_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
     mask_m = offs_m < M
-    mask_n = offs_n < C_out_g
+    mask_n = _channel_mask(offs_n, C_out_g, EVEN_N, BLOCK_N)
     n_idx = offs_m // (OH * OW)
     hw = offs_m % (OH * OW)
     ih0 = (hw // OW) * stride_h - pad_h
@@ -294,6 +295,7 @@ def _conv_dgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SPLIT_K: tl.constexpr,  # slices of each phase's K loop (the grid's second axis is groups x phases x SPLIT_K)
     EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
+    EVEN_N: tl.constexpr,  # C_in_g is a multiple of BLOCK_N: no column mask on the weight loads and stores
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -319,7 +321,7 @@ def _conv_dgrad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels of this phase
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
     mask_m = offs_m < M
-    mask_n = offs_n < C_in_g
+    mask_n = _channel_mask(offs_n, C_in_g, EVEN_N, BLOCK_N)
     r = offs_m % (HP * WP)
     rh = r // WP  # input row ih = ph + rh * stride_h, column iw = pw + rw * stride_w
     rw = r % WP

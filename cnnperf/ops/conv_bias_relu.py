@@ -502,12 +502,12 @@ def _split_k_sum(ws: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, rows: 
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
 
 
-def _even_k(kind: str, channels: int, config, dtype: torch.dtype) -> bool:
-    """Whether ``channels`` (the K loop's channel count) is a multiple of the BLOCK_K that will launch: the
-    config's, or every BLOCK_K of the list when the autotuner picks (so the constexpr holds for each)."""
+def _even(kind: str, channels: int, config, dtype: torch.dtype, block: str) -> bool:
+    """Whether ``channels`` is a multiple of the ``block`` ("BLOCK_K", "BLOCK_N") that will launch: the
+    config's, or every one of the list when the autotuner picks (so the constexpr holds for each)."""
     if config is not None:
-        return channels % perf_model.config_dict(config)["BLOCK_K"] == 0
-    return all(channels % c.kwargs["BLOCK_K"] == 0 for c in _config_lists(_kernels(), kind, dtype))
+        return channels % perf_model.config_dict(config)[block] == 0
+    return all(channels % c.kwargs[block] == 0 for c in _config_lists(_kernels(), kind, dtype))
 
 
 def _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias) -> perf_model.Conv:
@@ -551,7 +551,8 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     args = (x, w, b, y, ws, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
     const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-                 EVEN_K=_even_k("fwd", c_in_g, config, x.dtype), FOLD_C=perf_model.fold_channels(c_in_g),
+                 EVEN_K=_even("fwd", c_in_g, config, x.dtype, "BLOCK_K"),
+                 EVEN_N=_even("fwd", c_out_g, config, x.dtype, "BLOCK_N"), FOLD_C=perf_model.fold_channels(c_in_g),
                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -600,7 +601,8 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
               else _unused(g.device))
         args = (g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
-        const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even_k("dgrad", c_out_g, config, input.dtype),
+        const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K"),
+                     EVEN_N=_even("dgrad", c_in_g, config, input.dtype, "BLOCK_N"),
                      INPUT_PRECISION=prec)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
