@@ -106,9 +106,11 @@ def make_job(kind: str, conv: pm.Conv, cfg: Mapping[str, int], dtype: str, arch:
         constexprs["SPLIT_K"] = cfg.get("SPLIT_K", 1)
     if "FOLD_C" in constexprs:
         constexprs["FOLD_C"] = pm.fold_channels(conv.c_in_g)
-    if "EVEN_K" in constexprs:  # the K loop's channels: C_in/g (fwd), C_out/g (dgrad); N the others
-        k_ch, n_ch = (conv.c_in_g, conv.c_out_g) if kind == "fwd" else (conv.c_out_g, conv.c_in_g)
+    # The K loop's channels: C_in/g (fwd), C_out/g (dgrad); N the others.
+    k_ch, n_ch = (conv.c_in_g, conv.c_out_g) if kind == "fwd" else (conv.c_out_g, conv.c_in_g)
+    if "EVEN_K" in constexprs:
         constexprs["EVEN_K"] = k_ch % cfg["BLOCK_K"] == 0
+    if "EVEN_N" in constexprs:
         constexprs["EVEN_N"] = n_ch % cfg["BLOCK_N"] == 0
     label = audit.config_label(params, options) + (f" k{split}" if kind != "wgrad" and split > 1 else "")
     return audit.Job(entry.module, entry.kernel, dtype, arch, label, constexprs, options, dict(entry.arg_types),

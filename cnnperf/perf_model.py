@@ -14,7 +14,8 @@ Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
   (the taps that reach that phase) * C_out/g. Each tap of a phase is valid for all its pixels (but the
   borders), so no MMA is spent on rows that a stride skips.
 - ``wgrad``: one GEMM per tap, M = C_out/g, N = C_in/g, K = N*OH*OW output pixels, cut into ``split`` slices
-  written to an fp32 workspace and summed afterwards (deterministic), then cast to the weight's dtype.
+  written to an fp32 workspace, then one pass adds them in order (deterministic) and writes the gradient in
+  the weight's dtype and layout.
 - fwd and dgrad may cut their K loop into ``SPLIT_K`` slices (fp32 partials, then one pass that adds them in
   order, with the forward's bias and ReLU) when their grid is too small for the GPU.
 - With at most ``FOLD_MAX_CHANNELS`` input channels per group (a stem), fwd's K and wgrad's N run over the
@@ -430,11 +431,9 @@ def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, **compile
     if split_k > 1:  # the slices' sum (+ bias and ReLU in the forward)
         out = conv.sizes()["y" if kind == "fwd" else "x"]
         kernels.append(memory_cost("split_k_sum", split_k * out // conv.itemsize * 4 + out, gpu))
-    if kind == "wgrad":
+    if kind == "wgrad":  # the slices' sum, cast to the weight's dtype and layout in the same pass
         w32 = conv.sizes()["w"] // conv.itemsize * 4
-        if split > 1:
-            kernels.append(memory_cost("wgrad_sum", split * w32 + w32, gpu))
-        kernels.append(memory_cost("wgrad_cast", w32 + conv.sizes()["w"], gpu))
+        kernels.append(memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu))
     kernels[0].split = split  # type: ignore[attr-defined]
     return kernels
 

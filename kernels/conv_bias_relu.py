@@ -11,7 +11,8 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
   ``ih % stride_h == ph``, ``iw % stride_w == pw``), over only the taps that reach that phase: every tap is then
   valid for all the phase's pixels but the borders (no MMA on the zero rows a stride would leave).
 - ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
-  to an fp32 workspace and summed afterwards (deterministic).
+  to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic) and writes the gradient in
+  the weight's dtype and layout in the same pass.
 
 ``SPLIT_K`` (forward and dgrad): a grid too small to fill the GPU (a late layer at batch 32) cuts the K loop
 into slices written to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic), with the
@@ -97,14 +98,17 @@ def _k_slice(iters, k_slice, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def _split_k_sum_kernel(
-    ws_ptr,  # fp32 (SPLIT_K, R, C): the K slices' partial sums
+    ws_ptr,  # fp32 (SPLIT_K, R, C): the slices' partial sums
     b_ptr,  # bias (C,), read only if HAS_BIAS
-    out_ptr,  # out: contiguous (R, C) in its own dtype
+    out_ptr,  # out, in its own dtype: row r at r * s_r; column c at c, or (WEIGHT) at ci*s_ci + kh*s_kh + kw*s_kw
     R, C, SPLIT_K,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    s_r,
+    C_in_g, KW, s_ci, s_kh, s_kw,  # WEIGHT only: column c = (kh * KW + kw) * C_in_g + ci of a (C_out, K) matrix
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out = relu?(sum of the slices in order + bias?): deterministic (no atomics), one pass."""
+    """out = relu?(sum of the slices in order + bias?), cast to out's dtype: deterministic (no atomics), one
+    pass. WEIGHT: the wgrad's (C_out, KH*KW*C_in_g) sums land in the weight's own layout (any strides)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
@@ -116,7 +120,12 @@ def _split_k_sum_kernel(
         acc += tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if WEIGHT:
+        tap = offs_c // C_in_g
+        cols = (offs_c % C_in_g) * s_ci + (tap // KW) * s_kh + (tap % KW) * s_kw
+    else:
+        cols = offs_c
+    tl.store(out_ptr + offs_r[:, None] * s_r + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -295,7 +304,6 @@ def _conv_dgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SPLIT_K: tl.constexpr,  # slices of each phase's K loop (the grid's second axis is groups x phases x SPLIT_K)
     EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
-    EVEN_N: tl.constexpr,  # C_in_g is a multiple of BLOCK_N: no column mask on the weight loads and stores
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -321,7 +329,7 @@ def _conv_dgrad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels of this phase
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
     mask_m = offs_m < M
-    mask_n = _channel_mask(offs_n, C_in_g, EVEN_N, BLOCK_N)
+    mask_n = offs_n < C_in_g  # (a constant mask here, as the forward's EVEN_N, caps sm_80 at 128 registers: spills)
     r = offs_m % (HP * WP)
     rh = r // WP  # input row ih = ph + rh * stride_h, column iw = pw + rw * stride_w
     rw = r % WP

@@ -167,10 +167,11 @@ def test_launch_ints_are_what_the_launcher_passes(monkeypatch, stride, groups, b
     for kind in audit_model.GEMM_PASSES:
         split = launched[kind].get("SPLIT", 1)
         assert launched[kind] == audit_model.launch_ints(kind, conv, split), kind
-    for kind, k_channels, n_channels in (("fwd", conv.c_in_g, conv.c_out_g), ("dgrad", conv.c_out_g, conv.c_in_g)):
+    for kind, channels in (("fwd", conv.c_in_g), ("dgrad", conv.c_out_g)):
         const, config = consts[kind]
-        assert const["EVEN_K"] == (k_channels % config["BLOCK_K"] == 0)
-        assert const["EVEN_N"] == (n_channels % config["BLOCK_N"] == 0)
+        assert const["EVEN_K"] == (channels % config["BLOCK_K"] == 0)
+    const, config = consts["fwd"]
+    assert const["EVEN_N"] == (conv.c_out_g % config["BLOCK_N"] == 0)
 
 
 # A K loop cut from the sm_90 SASS of the forward kernel (128x128x64 bf16), addresses kept, most lines elided.

@@ -493,12 +493,16 @@ def _split_k(config) -> int:
 
 
 def _split_k_sum(ws: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, rows: int, cols: int, has_bias: bool,
-                 relu: bool) -> None:
-    """out (rows, cols, contiguous) = relu?(sum of ws's slices in order + bias?)."""
+                 relu: bool, weight_layout: tuple | None = None) -> None:
+    """out = relu?(sum of ws's slices in order + bias?) in out's dtype: out is (rows, cols) contiguous, or with
+    ``weight_layout`` = (C_in_g, KW, strides of out) a (C_out, C_in_g, KH, KW) weight gradient, columns
+    (kh, kw, ci)."""
     K = _kernels()
     cfg = K.SPLIT_K_SUM_CONFIG
+    c_in_g, kw, s_co, s_ci, s_kh, s_kw = weight_layout if weight_layout is not None else (1, 1, cols, 0, 0, 0)
     K._split_k_sum_kernel[(_cdiv(rows, cfg["BLOCK_R"]), _cdiv(cols, cfg["BLOCK_C"]))](
-        ws, bias, out, rows, cols, ws.shape[0], HAS_BIAS=has_bias, RELU=relu, BLOCK_R=cfg["BLOCK_R"],
+        ws, bias, out, rows, cols, ws.shape[0], s_co, c_in_g, kw, s_ci, s_kh, s_kw,
+        HAS_BIAS=has_bias, RELU=relu, WEIGHT=weight_layout is not None, BLOCK_R=cfg["BLOCK_R"],
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
 
 
@@ -602,7 +606,6 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         args = (g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
         const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K"),
-                     EVEN_N=_even("dgrad", c_in_g, config, input.dtype, "BLOCK_N"),
                      INPUT_PRECISION=prec)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
@@ -632,8 +635,11 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
             return (_cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]) * taps, split, groups)
 
         _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device)
-        grad_weight = (partial_w.sum(0) if split > 1 else partial_w[0]).view(c_out, kh, kw, c_in_g)
-        grad_weight = grad_weight.permute(0, 3, 1, 2).to(weight.dtype)
+        # The slices' sum, cast and laid out as the custom op returns it (_backward_results), in one pass.
+        grad_weight = torch.empty(weight.shape, device=g.device, dtype=weight.dtype,
+                                  memory_format=_torch_format(input, weight))
+        _split_k_sum(partial_w, partial_w, grad_weight, c_out, kh * kw * c_in_g, False, relu=False,
+                     weight_layout=(c_in_g, kw, *grad_weight.stride()))
     return grad_input, grad_weight, grad_bias
 
 
