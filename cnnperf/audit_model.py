@@ -179,9 +179,8 @@ def model_rows(passes: Sequence[LayerPass], compiled: Mapping[tuple, Any], arch:
 
 
 def _shape_fields(conv: pm.Conv) -> dict:
-    return {"n": conv.n, "c_in": conv.c_in, "h": conv.h, "w": conv.w, "c_out": conv.c_out, "kh": conv.kh,
-            "kw": conv.kw, "stride": list(conv.stride), "padding": list(conv.padding), "groups": conv.groups,
-            "out_h": conv.oh, "out_w": conv.ow, "itemsize": conv.itemsize}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(conv).items()}
+    return {**fields, "out_h": conv.oh, "out_w": conv.ow}
 
 
 def summarize(rows: Sequence[dict], probe: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -14,74 +14,38 @@ from typing import Sequence
 
 import torch
 
+from cnnperf.perf_model import Conv
+
 MODELS = ("resnet50", "vgg16")
 FULL_BATCH, FULL_IMAGE = 32, 224
 
 
-def output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
-    """(OH, OW) of a convolution of an (H, W) image ``hw`` with a (KH, KW) filter ``khw``."""
-    return tuple((x + 2 * p - d * (k - 1) - 1) // s + 1
-                 for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
-
-
-def conv_flops(input_shape: Sequence[int], weight_shape: Sequence[int], out_hw: Sequence[int]) -> int:
-    """Multiply-add FLOPs (2 per MAC) of the forward convolution, for throughput figures."""
-    n = input_shape[0]
-    c_out, c_in_g, kh, kw = weight_shape
-    return 2 * n * c_out * out_hw[0] * out_hw[1] * c_in_g * kh * kw
-
-
 @dataclass(frozen=True)
-class ConvShape:
-    """One convolution layer: input (n, c_in, h, w), weight (c_out, c_in / groups, kh, kw) and its arguments.
+class ConvShape(Conv):
+    """One convolution layer of a model: the problem (input (n, c_in, h, w), weight (c_out, c_in / groups, kh,
+    kw) and its arguments; :class:`cnnperf.perf_model.Conv`), its ``name``, and in ``layers`` how many layers
+    of the model have exactly this shape (the row stands for all of them)."""
 
-    ``layers`` counts the layers of the model that have exactly this shape (the row stands for all of them).
-    """
-
-    name: str
-    n: int
-    c_in: int
-    h: int
-    w: int
-    c_out: int
-    kh: int
-    kw: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
+    name: str = ""
     layers: int = 1
 
     @property
     def model(self) -> str:
         return self.name.split(".", 1)[0]
 
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.n, self.c_in, self.h, self.w)
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.c_out, self.c_in // self.groups, self.kh, self.kw)
-
-    @property
-    def output_hw(self) -> tuple[int, int]:
-        return output_hw((self.h, self.w), (self.kh, self.kw), self.stride, self.padding, self.dilation)
-
     def key(self) -> tuple:
-        """Everything but the name and count: two layers with equal keys are the same benchmark."""
-        return dataclasses.astuple(self)[1:-1]
+        """The problem without the name and count: two layers with equal keys are the same benchmark."""
+        return dataclasses.astuple(Conv.of(self))
 
     def flops(self, pass_: str) -> int:
         """FLOPs of one call: the forward convolution, or 3x that for forward + backward (dgrad + wgrad)."""
-        fwd = conv_flops(self.input_shape, self.weight_shape, self.output_hw)
-        return fwd if pass_ == "fwd" else 3 * fwd
+        return self.macs * 2 if pass_ == "fwd" else 6 * self.macs
 
     def fields(self) -> dict:
         """The shape as flat JSON fields."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("itemsize", "has_bias")}
         d.update(model=self.model, stride=list(self.stride), padding=list(self.padding),
-                 dilation=list(self.dilation), out_h=self.output_hw[0], out_w=self.output_hw[1])
+                 dilation=list(self.dilation), out_h=self.oh, out_w=self.ow)
         return d
 
 
@@ -110,8 +74,8 @@ def model_conv_layers(model: str, batch: int, image_size: int) -> tuple[ConvShap
             raise ValueError(f"{model}.{name}: padding={module.padding!r} is not supported by the harness")
         n, c_in, h, w = args[0].shape
         c_out, _, kh, kw = module.weight.shape
-        found.append(ConvShape(f"{model}.{name}", n, c_in, h, w, c_out, kh, kw, tuple(module.stride),
-                               tuple(module.padding), tuple(module.dilation), module.groups))
+        found.append(ConvShape(n, c_in, h, w, c_out, kh, kw, tuple(module.stride), tuple(module.padding),
+                               tuple(module.dilation), module.groups, name=f"{model}.{name}"))
 
     hooks = [m.register_forward_hook(functools.partial(record, name))
              for name, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]

@@ -97,10 +97,17 @@ A100 = GPU("A100 (sm_80)", 80, 108, 1.41e9, {"16": 1024, "tf32": 512, "16_mma_sy
 GPUS = {90: H200, 80: A100}
 
 
+def output_hw(hw, khw, stride, padding, dilation) -> tuple[int, int]:
+    """(OH, OW) of a convolution of an (H, W) image ``hw`` with a (KH, KW) filter ``khw``."""
+    return tuple((x + 2 * p - d * (k - 1) - 1) // s + 1
+                 for x, k, s, p, d in zip(hw, khw, stride, padding, dilation))
+
+
 @dataclasses.dataclass(frozen=True)
 class Conv:
     """A convolution problem: ints only (``stride``/``padding``/``dilation`` are pairs); ``itemsize`` of the
-    activations and weights (2 or 4); ``has_bias``."""
+    activations and weights (2 or 4); ``has_bias``. (:class:`cnnperf.conv_shapes.ConvShape` adds a layer's
+    name.)"""
     n: int
     c_in: int
     h: int
@@ -117,18 +124,31 @@ class Conv:
 
     @classmethod
     def of(cls, shape: Any, itemsize: int = 2, has_bias: bool = True) -> "Conv":
-        """From anything with the fields (a :class:`cnnperf.conv_shapes.ConvShape`)."""
+        """The problem of anything with the fields (a :class:`cnnperf.conv_shapes.ConvShape`, whose name and
+        count are dropped), in ``itemsize`` and with or without bias."""
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("itemsize", "has_bias")]
         return cls(**{k: (tuple(getattr(shape, k)) if k in ("stride", "padding", "dilation") else getattr(shape, k))
                       for k in names}, itemsize=itemsize, has_bias=has_bias)
 
     @property
+    def output_hw(self) -> tuple[int, int]:
+        return output_hw((self.h, self.w), (self.kh, self.kw), self.stride, self.padding, self.dilation)
+
+    @property
     def oh(self) -> int:
-        return (self.h + 2 * self.padding[0] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        return self.output_hw[0]
 
     @property
     def ow(self) -> int:
-        return (self.w + 2 * self.padding[1] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return self.output_hw[1]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c_in, self.h, self.w)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.c_out, self.c_in_g, self.kh, self.kw)
 
     @property
     def c_in_g(self) -> int:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_memory_format, in Python
 
 from cnnperf import backend, perf_model, reference
-from cnnperf.conv_shapes import output_hw
 from cnnperf.ops import conv_config_cache
+from cnnperf.perf_model import output_hw
 
 OP = "conv2d_bias_relu"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
