@@ -16,6 +16,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from cnnperf import perf_model as pm
+from cnnperf._format import sig
 
 KERNEL_OF = {"fwd": "_conv_bias_relu_fwd_kernel", "dgrad": "_conv_dgrad_kernel", "wgrad": "_conv_wgrad_kernel"}
 CONFIG_LISTS = {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}
@@ -315,7 +316,7 @@ def compare_rows(record: Mapping[str, Any], model_rows_: Sequence[dict]) -> list
         configs = {k: passes[k]["config"] for k in GEMM_PASSES if k in passes}
         ran = row.get("configs")  # what the kernels launched with, when the record says (newer records)
         out.append({"layer": row["name"], "pass": row["pass"], "measured_ms": row["median_ms"],
-                    "predicted_ms": round(predicted, 5), "error": round(predicted / row["median_ms"] - 1, 4),
+                    "predicted_ms": sig(predicted, 6), "error": round(predicted / row["median_ms"] - 1, 4),
                     "bound": passes["fwd"].get("bound"), "configs": configs,
                     "configs_ran": ran, "same_configs": None if ran is None else ran == configs})
     return out

@@ -32,7 +32,8 @@ Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
 - The busiest SM runs ceil(ctas / SMs) CTAs of the grid's average length, ``ctas_per_sm`` at a time sharing
   its tensor cores (so waves come in whole numbers); each round of co-resident CTAs adds ``TILE_OVERHEAD_CLK``
   (pipeline fill and epilogue). That is the compute time; the memory time is ``hbm_bytes`` / the HBM
-  bandwidth; a kernel takes the larger of the two, plus ``LAUNCH_S``.
+  bandwidth, or the busy SMs' share of it when the grid is smaller than the GPU (``SM_HBM_SHARE``); a kernel
+  takes the larger of the two, plus ``LAUNCH_S``.
 - ``hbm_bytes`` counts each tensor a kernel reads or writes once (operand re-reads hit L2);
   ``min_hbm_bytes`` is what the pass would move if it read each operand once and wrote each result once in
   its final dtype: dgrad dY, Y (the ReLU mask), W and dX; wgrad dY, Y, X, dW and db; fwd X, W, b and Y; mask 0
@@ -57,11 +58,14 @@ PASSES = ("fwd", "mask", "dgrad", "wgrad")
 TILE_OVERHEAD_CLK = 1500
 # Gap between back-to-back kernels on one stream, eager launches (no CUDA graph).
 LAUNCH_S = 2e-6
-# wgrad: the split aims at this many waves of CTAs (fewer leave SMs idle at the end of the only wave).
-WGRAD_TARGET_WAVES = 2
-WGRAD_MIN_ROWS = 512  # rows of the reduction per slice, at least: shorter slices spend more on the epilogue
-WGRAD_WORKSPACE_CAP = 256 << 20  # bytes of fp32 workspace, at most
-WGRAD_MAX_SPLIT = 1024  # the workspace cap binds first on all but the smallest layers
+# A SM moves at most this many times its fair share of HBM bandwidth: half the SMs saturate it (an
+# assumption, to calibrate; a grid of 24 CTAs cannot stream at 4.3 TB/s).
+SM_HBM_SHARE = 2.0
+# wgrad: the slice counts of the reduction the model weighs (wgrad_split), each slice at least this many K
+# iterations (the loads are pipelined 3-5 deep), and the fp32 workspace at most this many bytes.
+WGRAD_MAX_ROUNDS = 16  # splits weighed: those filling 1..16 CTAs per SM, 1, and the largest allowed
+WGRAD_MIN_ITERS = 4
+WGRAD_WORKSPACE_CAP = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,12 +267,11 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
         else:
             tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.c_in_g, bn) * conv.kh * conv.kw * g
         m = conv.n * conv.oh * conv.ow
-        rows = _cdiv(_cdiv(m, split), bk) * bk
-        counts = {}
-        for s in range(split):
-            length = max(0, min(rows, m - s * rows))
-            counts[_cdiv(length, bk)] = counts.get(_cdiv(length, bk), 0) + tiles
-        classes = tuple(sorted(counts.items(), reverse=True))
+        rows = _cdiv(_cdiv(m, split), bk) * bk  # a slice's rows (the kernel's), the last ones shorter or empty
+        full = min(split, m // rows)
+        rest = m - full * rows
+        lengths = [(rows, full), (rest, 1 if rest else 0), (0, split - full - (1 if rest else 0))]
+        classes = _merge((_cdiv(length, bk), count * tiles) for length, count in lengths if count)
     else:
         raise ValueError(f"unknown GEMM kind {kind!r}; one of fwd, dgrad, wgrad")
     ctas = sum(c for _, c in classes)
@@ -284,37 +287,56 @@ def _merge(pairs) -> tuple[tuple[int, int], ...]:
 
 
 def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
-    """Slices of the wgrad reduction: enough CTAs for ``WGRAD_TARGET_WAVES`` waves of the chosen config (its
-    occupancy estimated from the tile, as the launcher has no compiled kernel at hand), each slice at least
-    ``WGRAD_MIN_ROWS`` rows, the fp32 workspace at most ``WGRAD_WORKSPACE_CAP`` bytes."""
-    occupancy = max(1, ctas_per_sm(gpu, cfg.get("num_warps", 4), registers_estimate(cfg, conv.aligned),
-                                   smem_estimate(cfg, conv.itemsize)))
-    tiles = gemm_grid("wgrad", conv, cfg, 1).ctas
+    """Slices of the wgrad reduction for ``cfg``: of the candidates, the one the model predicts fastest
+    (the GEMM with the tile's estimated occupancy, as the launcher has no compiled kernel at hand, plus the
+    workspace's sum), each slice at least ``WGRAD_MIN_ITERS`` K iterations, the fp32 workspace at most
+    ``WGRAD_WORKSPACE_CAP`` bytes. More slices fill more SMs; each costs a tile's overhead and workspace
+    traffic: the model weighs the two rather than a fixed wave count."""
     m = conv.n * conv.oh * conv.ow
-    split = _cdiv(WGRAD_TARGET_WAVES * gpu.sms * occupancy, tiles)
-    split = min(split, max(1, m // WGRAD_MIN_ROWS), WGRAD_MAX_SPLIT)
-    workspace = 4 * conv.c_out * conv.c_in_g * conv.kh * conv.kw
-    return max(1, min(split, WGRAD_WORKSPACE_CAP // max(1, workspace)))
+    w32 = 4 * conv.c_out * conv.c_in_g * conv.kh * conv.kw
+    largest = max(1, min(m // (WGRAD_MIN_ITERS * cfg["BLOCK_K"]), WGRAD_WORKSPACE_CAP // max(1, w32)))
+    # The busiest SM's time goes as ceil(tiles * split / SMs) / split: the best splits fill whole rounds.
+    tiles = gemm_grid("wgrad", conv, cfg, 1).ctas
+    fills = {max(1, min(largest, rounds * gpu.sms // tiles)) for rounds in range(1, WGRAD_MAX_ROUNDS + 1)}
+    best, best_t = 1, math.inf
+    for split in sorted(fills | {1, largest}):
+        grid = gemm_grid("wgrad", conv, cfg, split)
+        t = (gemm_cost("wgrad", grid, cfg, conv.itemsize, gpu, gemm_bytes("wgrad", conv, split),
+                       aligned=conv.aligned).seconds
+             + memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu).seconds)
+        if t < best_t:
+            best, best_t = split, t
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Occupancy, time, and the config pick.
 # ---------------------------------------------------------------------------------------------------------
 
-def smem_estimate(cfg: Mapping[str, int], itemsize: int) -> int:
-    """Shared memory of a pipelined GEMM tile when the compiled kernel is not at hand: the A and B tiles of
-    every stage but the one in registers (what Triton allocates for num_stages, within a few KB)."""
-    stages = max(1, cfg.get("num_stages", 3) - 1)
-    return (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * itemsize * stages
+def smem_estimate(cfg: Mapping[str, int], itemsize: int, arch: int = 90) -> int:
+    """Shared memory of a pipelined GEMM tile when the compiled kernel is not at hand, as Triton allocates it
+    (exact on every conv config the model audits pick, triton 3.8): on sm_90 the A and B tiles of every stage
+    plus 1 KB of barriers, on sm_80 of every stage but one."""
+    tile = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * itemsize
+    stages = cfg.get("num_stages", 3)
+    return stages * tile + 1024 if arch >= 90 else max(1, stages - 1) * tile
 
 
-def registers_estimate(cfg: Mapping[str, int], aligned: bool = True) -> int:
-    """Registers a thread when the compiled kernel is not at hand: the fp32 accumulator spread over the threads,
-    plus ~64 for addresses and loads (measured with `cnnperf audit`: 128x128 w8 130, 64x64 w4 ~90 on sm_90), or
-    ~128 when channel counts are not multiples of 16 (unvectorised scalar loads: 128x128 w4 spills there).
+# The estimate's error on the configs audited is within ~25 registers: a config estimated within this of the
+# 255 cap may spill (the sm_80 forward of an RGB stem at 128x64x64 w4: estimated 248, spilled 40 B).
+SPILL_MARGIN = 32
+
+
+def registers_estimate(cfg: Mapping[str, int], aligned: bool = True, arch: int = 90, kind: str = "fwd") -> int:
+    """Registers a thread when the compiled kernel is not at hand, fitted to `cnnperf audit --model` (ResNet-50,
+    VGG-16, triton 3.8; within ~25 of the compiled figure on the configs picked): with acc = the fp32
+    accumulator's registers a thread, acc + 64 on sm_90 (wgmma keeps the accumulator in place: 128x128 w8
+    111-122), 2 acc + 56 on sm_80 (mma.sync: 128x128 w8 185-189); 64 more for a forward whose channels are not
+    multiples of 16 (unvectorised loads and per-element masks: 167 for the folded stem at 64x64 w4).
     Over 255 means a spill."""
-    threads = 32 * cfg.get("num_warps", 4)
-    return cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads + (64 if aligned else 128)
+    acc = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.get("num_warps", 4))
+    regs = acc + 64 if arch >= 90 else 2 * acc + 56
+    return regs + (64 if kind == "fwd" and not aligned else 0)
 
 
 def ctas_per_sm(gpu: GPU, num_warps: int, registers: int, shared_bytes: int) -> int:
@@ -353,8 +375,8 @@ def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu:
               mainloop_instructions: int | None = None, mma: str | None = None) -> KernelCost:
     """Time of one implicit-GEMM launch (see the module docstring)."""
     warps = cfg.get("num_warps", 4)
-    regs = registers if registers is not None else registers_estimate(cfg, aligned)
-    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize)
+    regs = registers if registers is not None else registers_estimate(cfg, aligned, gpu.arch, name)
+    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize, gpu.arch)
     occupancy = max(1, ctas_per_sm(gpu, warps, regs, smem))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     per_iter = {"mma": bm * bn * bk / gpu.macs_per_clk[operands(itemsize, mma, gpu.arch)],
@@ -368,7 +390,9 @@ def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu:
     clocks = load * mean_iters * per_iter[bound]
     clocks += _cdiv(load, occupancy) * TILE_OVERHEAD_CLK
     compute = clocks / gpu.clock_hz
-    memory = hbm_bytes / gpu.hbm_bytes_per_s
+    # A grid smaller than the GPU reaches only its SMs' share of HBM bandwidth.
+    sms_busy = min(gpu.sms, grid.ctas)
+    memory = hbm_bytes / min(gpu.hbm_bytes_per_s, SM_HBM_SHARE * gpu.hbm_bytes_per_s * sms_busy / gpu.sms)
     return KernelCost(name, max(compute, memory) + LAUNCH_S, hbm_bytes, config_label(cfg), grid.ctas, occupancy,
                       grid.ctas / (gpu.sms * occupancy), grid.issued_macs, bound if compute >= memory else "memory")
 
@@ -408,12 +432,12 @@ def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[st
     """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
-    estimate spills are left out (unless all do), and the issue term is left out. For fwd and dgrad it also
-    picks ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always
-    gets the same config, with no GPU time spent.
+    estimate comes within ``SPILL_MARGIN`` of a spill are left out (unless all do), and the issue term is left
+    out. For fwd and dgrad it also picks ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1).
+    Deterministic: the same shape always gets the same config, with no GPU time spent.
     """
     configs = [config_dict(c) for c in configs]
-    fitting = [c for c in configs if registers_estimate(c, conv.aligned) <= 255]
+    fitting = [c for c in configs if registers_estimate(c, conv.aligned, gpu.arch, kind) <= 255 - SPILL_MARGIN]
     best, best_t = None, math.inf
     for cfg in [dict(c, SPLIT_K=k) if k > 1 else c for c in fitting or configs for k in split_k_choices(kind, conv, c)]:
         t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu))
