@@ -79,6 +79,7 @@ class GPU:
     l2_bytes_per_clk: float  # L2 -> SM bandwidth a SM gets when all load at once
     hbm_bytes_per_s: float
     regs_per_sm: int = 65536
+    smem_per_block: int = 227 * 1024  # the most one CTA may take (the device's shared_memory_per_block_optin)
     smem_per_sm: int = 228 * 1024
     smem_reserved_per_cta: int = 1024
     threads_per_sm: int = 2048
@@ -97,7 +98,7 @@ H200 = GPU("H200 (sm_90)", 90, 132, 1.83e9, {"16": 2048, "tf32": 1024, "16_mma_s
 # A100 SXM: 312 dense TFLOP/s = 2 * 1024 * 108 * 1.41 GHz; L2 5120 B/clk in all (NVIDIA's A100 whitepaper);
 # HBM2e 2.0 TB/s nominal, ~1.8 effective.
 A100 = GPU("A100 (sm_80)", 80, 108, 1.41e9, {"16": 1024, "tf32": 512, "16_mma_sync": 1024, "tf32_mma_sync": 512},
-           5120 / 108, 1.8e12, smem_per_sm=164 * 1024)
+           5120 / 108, 1.8e12, smem_per_block=163 * 1024, smem_per_sm=164 * 1024)
 GPUS = {90: H200, 80: A100}
 
 
@@ -250,8 +251,11 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
         else:
             iters = conv.kh * conv.kw * _cdiv(conv.c_in_g, bk)
         classes = _merge((i, tiles) for i in _k_slices(iters, split_k))
-    elif kind == "dgrad":  # one GEMM per stride phase, over the taps that reach it (CTAs past a phase exit)
+    elif kind == "dgrad":  # one GEMM per stride phase, over the taps that reach it
         counts: dict[int, int] = {}
+        cols = _cdiv(conv.c_in_g, bn) * g
+        # Every phase gets the row tiles of phase (0, 0), the largest; those past a smaller phase run no iteration.
+        launched = _cdiv(conv.n * _cdiv(conv.h, conv.stride[0]) * _cdiv(conv.w, conv.stride[1]), bm)
         for ph in range(conv.stride[0]):
             _, taps_h = phase_taps(conv.kh, conv.stride[0], conv.padding[0], conv.dilation[0], ph)
             for pw in range(conv.stride[1]):
@@ -259,8 +263,9 @@ def gemm_grid(kind: str, conv: Conv, cfg: Mapping[str, int], split: int = 1) -> 
                 rows = conv.n * phase_rows(conv.h, conv.stride[0], ph) * phase_rows(conv.w, conv.stride[1], pw)
                 iters = taps_h * taps_w * _cdiv(conv.c_out_g, bk)
                 for i in _k_slices(iters, split_k):
-                    counts[i] = counts.get(i, 0) + _cdiv(rows, bm) * _cdiv(conv.c_in_g, bn) * g
-        classes = tuple(sorted(counts.items(), reverse=True))
+                    counts[i] = counts.get(i, 0) + _cdiv(rows, bm) * cols
+                counts[0] = counts.get(0, 0) + (launched - _cdiv(rows, bm)) * cols * split_k
+        classes = tuple(sorted(((i, c) for i, c in counts.items() if c), reverse=True))
     elif kind == "wgrad":
         if fold:
             tiles = _cdiv(conv.c_out_g, bm) * _cdiv(conv.kw * fold, bn) * conv.kh * g
@@ -432,12 +437,14 @@ def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[st
     """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
-    estimate comes within ``SPILL_MARGIN`` of a spill are left out (unless all do), and the issue term is left
-    out. For fwd and dgrad it also picks ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1).
-    Deterministic: the same shape always gets the same config, with no GPU time spent.
+    estimate comes within ``SPILL_MARGIN`` of a spill or whose shared memory exceeds the GPU's per-block limit
+    are left out (unless all are), and the issue term is left out. For fwd and dgrad it also picks
+    ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always gets
+    the same config, with no GPU time spent.
     """
     configs = [config_dict(c) for c in configs]
-    fitting = [c for c in configs if registers_estimate(c, conv.aligned, gpu.arch, kind) <= 255 - SPILL_MARGIN]
+    fitting = [c for c in configs if registers_estimate(c, conv.aligned, gpu.arch, kind) <= 255 - SPILL_MARGIN
+               and smem_estimate(c, conv.itemsize, gpu.arch) <= gpu.smem_per_block]
     best, best_t = None, math.inf
     for cfg in [dict(c, SPLIT_K=k) if k > 1 else c for c in fitting or configs for k in split_k_choices(kind, conv, c)]:
         t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu))

@@ -140,7 +140,7 @@ def _channel_mask(offs, channels, EVEN: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr):
     """Per row: bit kh*KW + kw set iff tap (kh, kw) of the row's window lies inside the H x W image (and the row
-    is a real one). int32 up to 32 taps, int64 up to 64 (a 7x7 filter has 49)."""
+    is a real one). int32 up to 32 taps, int64 up to 64 (a 7x7 filter has 49); not for more."""
     if KH * KW <= 32:
         bits = tl.zeros_like(ih0)
     else:
@@ -217,7 +217,8 @@ def _conv_bias_relu_fwd_kernel(
     else:
         # Per row, once: the address of tap (0, 0), channel 0 of this group (a tap adds a scalar offset), and
         # which taps fall inside the image, one bit each: the K loop does no per-row index math, no division.
-        taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
+        if KH * KW <= 64:
+            taps_ok = _taps_in_image(ih0, iw0, mask_m, H, W, dil_h, dil_w, KH, KW)
         c_blocks = tl.cdiv(C_in_g, BLOCK_K)
         # One flat loop over (tap, channel block) so that Triton pipelines its loads; the tap and the channel
         # block are carried from one iteration to the next (from this K slice's first: divisions once).
@@ -227,7 +228,12 @@ def _conv_bias_relu_fwd_kernel(
         kw = (it0 // c_blocks) % KW
         for _ in range(it0, it1):
             tap = kh * KW + kw
-            row_ok = ((taps_ok >> tap) & 1) != 0
+            if KH * KW <= 64:
+                row_ok = ((taps_ok >> tap) & 1) != 0
+            else:  # a filter over 64 taps (9x9 and up): the bounds per iteration, as no word holds its bits
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             offs_k = c0 + offs_kb
             mask_k = _channel_mask(offs_k, C_in_g, EVEN_K, BLOCK_K)
             a = tl.load((x_rows + (kh * dil_h * sxh + kw * dil_w * sxw))[:, None] + offs_k[None, :],
@@ -315,9 +321,11 @@ def _conv_dgrad_kernel(
     group = tl.program_id(1) // (SPLIT_K * phases)
     ph = phase // stride_w
     pw = phase % stride_w
-    HP = (H - ph + stride_h - 1) // stride_h  # rows and columns of this phase
-    WP = (W - pw + stride_w - 1) // stride_w
-    M = N * HP * WP
+    # Rows and columns of this phase (at least 1 for the divisions below: a phase with none has M = 0, so
+    # every row is masked and no iteration runs).
+    HP = tl.maximum((H - ph + stride_h - 1) // stride_h, 1)
+    WP = tl.maximum((W - pw + stride_w - 1) // stride_w, 1)
+    M = N * ((H - ph + stride_h - 1) // stride_h) * ((W - pw + stride_w - 1) // stride_w)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w),
                                                             BLOCK_M), tl.cdiv(C_in_g, BLOCK_N), GROUP_M)
     first_h, taps_h = _phase_taps(ph, pad_h, dil_h, stride_h, step_h, KH)

@@ -80,6 +80,10 @@ CASES = {
     "stride2": dict(n=2, c_in=4, h=9, w=8, c_out=5, kh=3, kw=3, stride=2, padding=1),
     "stride2_1x1": dict(n=2, c_in=8, h=7, w=7, c_out=4, kh=1, kw=1, stride=2),
     "dilation2": dict(n=1, c_in=3, h=9, w=9, c_out=4, kh=3, kw=3, padding=2, dilation=2),
+    # Over 64 taps (no bitmask word holds them: bounds per iteration) with the per-tap loop (16 channels).
+    "9x9_wide": dict(n=1, c_in=16, h=10, w=9, c_out=4, kh=9, kw=9, padding=4),
+    # A stride phase with no input row at all (H = 1 < stride): dgrad's phase (1, *) is empty.
+    "stride2_one_row": dict(n=1, c_in=16, h=1, w=5, c_out=4, kh=1, kw=3, stride=2, padding=(0, 1)),
     # Channel counts that are multiples of the interpreter's BLOCK_K (16): the K loops run without channel masks.
     "even_channels": dict(n=1, c_in=32, h=6, w=5, c_out=16, kh=3, kw=3, padding=1),
     "even_channels_stride2_groups": dict(n=2, c_in=64, h=7, w=6, c_out=32, kh=3, kw=3, stride=2, padding=1,

@@ -55,6 +55,32 @@ def test_a_bad_file_is_an_error_naming_the_variable(tmp_path):
         cache.lookup(str(bad), "k")
 
 
+def test_an_entry_that_is_not_a_config_is_ignored_with_a_warning(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"schema": cache.SCHEMA, "entries": {"a": [64, 64], "b": {"BLOCK_M": 64}}}))
+    for entry in ("a", "b"):
+        with pytest.warns(RuntimeWarning, match="not a kernel config"):
+            assert cache.lookup(str(file), entry) is None
+
+
+def test_writers_in_other_processes_merge(tmp_path):
+    """Processes that tune at once (one per rank) keep each other's entries: the lock file serialises them."""
+    import subprocess
+    import sys
+    import time
+
+    file, go = str(tmp_path / "c.json"), tmp_path / "go"
+    code = ("import os, sys, time; from cnnperf.ops import conv_config_cache as c\n"
+            "while not os.path.exists(sys.argv[3]): time.sleep(0.001)\n"  # all start writing at once
+            "for i in range(50): c.record(sys.argv[1], f'{sys.argv[2]}{i}', {'BLOCK_M': 64, 'BLOCK_N': 64, "
+            "'BLOCK_K': 32})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, file, tag, str(go)]) for tag in "abcd"]
+    time.sleep(3)  # the imports
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert len(json.loads(open(file).read())["entries"]) == 200
+
+
 def test_keys_tell_devices_versions_kernels_and_shapes_apart():
     keys = {cache.key("H200", "3.6.0", "fwd", "torch.bfloat16", CONV),
             cache.key("H100", "3.6.0", "fwd", "torch.bfloat16", CONV),

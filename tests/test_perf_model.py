@@ -62,6 +62,17 @@ def test_issued_macs_count_whole_tiles_and_padded_k():
     assert wgrad.ctas == 7  # one 64-wide (kw, c) block per filter row
 
 
+@pytest.mark.parametrize("h, w, stride, split_k", [(7, 9, (2, 2), 1), (8, 8, (2, 2), 3), (1, 5, (2, 3), 2)])
+def test_dgrad_grid_is_what_the_launcher_launches(h, w, stride, split_k):
+    """Every phase launches the row tiles of phase (0, 0); those past a smaller phase run no iteration."""
+    conv = pm.Conv(2, 48, h, w, 32, 3, 3, stride, (1, 1), groups=2)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": split_k}
+    grid = pm.gemm_grid("dgrad", conv, cfg)
+    phase0 = conv.n * -(-h // stride[0]) * -(-w // stride[1])
+    launched = -(-phase0 // 16) * -(-conv.c_in_g // 16) * conv.groups * stride[0] * stride[1] * split_k
+    assert grid.ctas == launched
+
+
 def test_wgrad_split_slices_cover_the_reduction_once():
     conv = _conv(n=3, h=17, w=19)
     cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}

@@ -42,6 +42,7 @@ OP = "conv2d_bias_relu"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
+_GRID_AXIS1_MAX = 65535  # CUDA's limit on a grid's y dimension: the kernels put groups (x stride phases) there
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,13 +205,16 @@ def _memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_fo
 # The custom ops (registered with torch.library so that torch.compile traces them without graph breaks).
 # ---------------------------------------------------------------------------------------------------------
 
-def _unsupported(input, weight, output_numel: int) -> str | None:
+def _unsupported(input, weight, output_numel: int, groups: int = 1, stride=(1, 1)) -> str | None:
     """Why the Triton kernels cannot take this call, or None when they can."""
     if input.dtype not in _TRITON_DTYPES:
         return f"dtype {input.dtype} is not covered by the Triton kernels (float16, bfloat16, float32 are)"
     if max(input.numel(), output_numel, weight.numel()) > _INT32_MAX:
         return (f"tensors over 2**31 elements use 64-bit indexing, which the kernels do not "
                 f"(input {tuple(input.shape)}, output {output_numel} elements)")
+    if groups * stride[0] * stride[1] > _GRID_AXIS1_MAX:
+        return (f"groups={groups} x stride {tuple(stride)} is over the {_GRID_AXIS1_MAX} programs the kernels' "
+                f"grid can hold on that axis")
     return None
 
 
@@ -220,7 +224,7 @@ def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = _memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
-                          _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow))
+                          _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = _auto_pick(("fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
                            tuple(padding), tuple(dilation), groups),
@@ -252,7 +256,7 @@ def _conv2d_bias_relu_backward_op(grad_output: torch.Tensor, input: torch.Tensor
                                   dilation: list[int], groups: int,
                                   output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); an entry not asked for in ``output_mask`` is an empty tensor."""
-    path = backend.choose(OP, input.device.type, _unsupported(input, weight, output.numel()))
+    path = backend.choose(OP, input.device.type, _unsupported(input, weight, output.numel(), groups, stride))
     args = (grad_output, input, weight, output, stride, padding, dilation, groups, output_mask)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = _auto_pick(("bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
@@ -414,7 +418,11 @@ def _gpu(index: int) -> perf_model.GPU:
     the device's own SM count."""
     props = torch.cuda.get_device_properties(index)
     base = perf_model.GPUS[90 if props.major >= 9 else 80]
-    return dataclasses.replace(base, name=props.name, sms=props.multi_processor_count)
+    # The device's own limits: an sm_86/sm_89 GPU has 99 KB of shared memory a block, not the A100's 163.
+    smem = getattr(props, "shared_memory_per_block_optin", None) or base.smem_per_block
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", None) or base.smem_per_sm
+    return dataclasses.replace(base, name=props.name, sms=props.multi_processor_count, smem_per_block=smem,
+                               smem_per_sm=smem_sm)
 
 
 def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device):
@@ -440,7 +448,11 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
 def _cache_entry(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device) -> str:
     import triton
 
-    return conv_config_cache.key(torch.cuda.get_device_name(device), triton.__version__, kind, str(dtype), conv)
+    from cnnperf import __version__
+
+    precision = f" {_input_precision(dtype)}" if dtype.itemsize == 4 else ""
+    return conv_config_cache.key(torch.cuda.get_device_name(device), f"triton {triton.__version__} cnnperf "
+                                 f"{__version__}", kind, f"{dtype}{precision}", conv)
 
 
 def launch_configs(input_shape, weight_shape, stride, padding, dilation, groups, dtype: torch.dtype,
@@ -487,9 +499,14 @@ def _unused(device: torch.device) -> torch.Tensor:
     return torch.empty((1,), device=device, dtype=torch.float32)
 
 
-def _split_k(config) -> int:
-    """The K split a config asks for (fwd and dgrad; 1 when autotuning: the autotuner's configs have none)."""
-    return perf_model.config_dict(config).get("SPLIT_K", 1) if config is not None else 1
+def _split_k(config, out_elements: int, grid_axis1: int) -> int:
+    """The K split a config asks for (fwd and dgrad; 1 when autotuning: the autotuner's configs have none),
+    or 1 where the split's workspace would need 64-bit indices or its grid exceed CUDA's 65,535 on axis 1
+    (a pinned or stored config; the model's own picks stay within both)."""
+    split = perf_model.config_dict(config).get("SPLIT_K", 1) if config is not None else 1
+    if split > 1 and (split * out_elements > _INT32_MAX or split * grid_axis1 > _GRID_AXIS1_MAX):
+        return 1
+    return split
 
 
 def _split_k_sum(ws: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, rows: int, cols: int, has_bias: bool,
@@ -550,7 +567,7 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     b = bias.contiguous() if bias is not None else w  # the kernel reads bias[c] at c; never read without HAS_BIAS
     conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
     config = _config("fwd", conv, x.dtype, x.device)
-    split_k = _split_k(config)
+    split_k = _split_k(config, m * c_out, groups)
     ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32) if split_k > 1 else _unused(x.device)
     args = (x, w, b, y, ws, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
@@ -599,8 +616,8 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
         config = _config("dgrad", conv, input.dtype, g.device)
-        split_k = _split_k(config)
         pixels = n * h * wd
+        split_k = _split_k(config, pixels * c_in, groups * stride[0] * stride[1])
         ws = (torch.empty((split_k, pixels, c_in), device=g.device, dtype=torch.float32) if split_k > 1
               else _unused(g.device))
         args = (g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
