@@ -240,7 +240,11 @@ def test_audit_model_end_to_end(tmp_path):
     for r in arch["rows"]:
         assert r["predicted_fraction_of_peak"] is None or 0 < r["predicted_fraction_of_peak"] < 1
         if r["pass"] != "mask":
-            assert r["compiled"] and r["mainloop_mma"] > 0 and r["mainloop_instructions"] > r["mainloop_mma"]
+            assert r["compiled"]
+            # A folded stem's K loop has a constant trip count (KH x a block or two) that Triton may unroll:
+            # no loop left in the SASS. Every other layer's K loop is found.
+            if r["mainloop_mma"] is not None or r["shape"]["c_in"] > pm.FOLD_MAX_CHANNELS:
+                assert r["mainloop_mma"] > 0 and r["mainloop_instructions"] > r["mainloop_mma"]
             assert 0 < r["useful_mma_fraction"] <= 1 and r["ctas_per_sm"] >= 1
             conv = pm.Conv(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["shape"].items()
                               if k not in ("out_h", "out_w")})
