@@ -27,6 +27,7 @@ def gpu_free(monkeypatch, tmp_path):
     monkeypatch.setattr(op, "model_config", lambda kind, conv, dtype, index: dict(MODEL))
     monkeypatch.setattr(op, "_device_index", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.delenv("CNNPERF_AUTOTUNE", raising=False)
     file = tmp_path / "configs.json"
     monkeypatch.setenv(cache.ENV, str(file))
@@ -122,6 +123,15 @@ def test_autotune_records_its_winner_and_determinism_does_not_tune(gpu_free, mon
         assert op._config("dgrad", CONV, torch.bfloat16, CUDA) == MODEL  # the same every run: no timing
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_no_autotuning_inside_cuda_graph_capture(gpu_free, monkeypatch):
+    """A shape first seen while a CUDA graph is captured gets the model's config: the autotuner's timing
+    launches would fail the capture."""
+    monkeypatch.setenv("CNNPERF_AUTOTUNE", "1")
+    assert op._config("fwd", CONV, torch.bfloat16, CUDA) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert op._config("fwd", CONV, torch.bfloat16, CUDA) == MODEL
 
 
 def test_auto_backend_choice_is_fixed_under_deterministic_algorithms():

@@ -430,7 +430,8 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
     (:func:`pinned_configs`); the interpreter's fixed one under ``TRITON_INTERPRET=1``; the one stored for this
     shape in ``CNNPERF_CONFIG_CACHE`` (:mod:`cnnperf.ops.conv_config_cache`); None (the autotuner) with
     ``CNNPERF_AUTOTUNE=1``, unless ``torch.use_deterministic_algorithms(True)`` asks for the same choice every
-    run; else the performance model's pick."""
+    run or a CUDA graph is being captured (the autotuner's timing runs cannot be); else the performance
+    model's pick."""
     K = _kernels()
     config = getattr(_pinned, kind, None)
     if config is None and backend.interpret():
@@ -440,7 +441,8 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
         file = conv_config_cache.path()
         if file is not None:
             config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device))
-        if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()):
+        if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()
+                               or torch.cuda.is_current_stream_capturing()):  # nothing can be timed in capture
             config = model_config(kind, conv, dtype, _device_index(device))
     return config
 
