@@ -752,6 +752,17 @@ def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
     return 1 if bad else 0
 
 
+def compile_passes(passes, n_jobs: int) -> dict:
+    """Compile the distinct jobs of ``passes`` (audit_model.LayerPass) in ``n_jobs`` workers: their rows by job
+    key, for audit_model.model_rows."""
+    from cnnperf import audit_model as am
+
+    jobs = am.unique_jobs(passes)
+    with _progress(len(jobs)) as advance:
+        rows = run_jobs(jobs, n_jobs, progress=advance)
+    return {am._job_key(j): r for j, r in zip(jobs, rows)}
+
+
 def _audit_compare(args: argparse.Namespace, console) -> int:
     """``--compare BENCH_JSON``: compile what the record's layers ran, predict, set against the measurements."""
     from cnnperf import audit_model as am
@@ -769,10 +780,7 @@ def _audit_compare(args: argparse.Namespace, console) -> int:
     if arch is None:
         raise UsageError(f"--compare: the record's device {device!r} is not one the model knows; pass --arch 80 or 90")
     passes = am.compare_plan(record, arch)
-    jobs = am.unique_jobs(passes)
-    with _progress(len(jobs)) as advance:
-        rows = run_jobs(jobs, args.jobs, progress=advance)
-    compiled = {am._job_key(j): r for j, r in zip(jobs, rows)}
+    compiled = compile_passes(passes, args.jobs)
     rows_ = am.compare_rows(record, am.model_rows(passes, compiled, arch))
     summary_ = am.compare_summary(rows_)
     am.render_compare(rows_, summary_, console, f"Performance model (sm_{arch}) against {args.compare} "
@@ -800,16 +808,13 @@ def _audit_model(args: argparse.Namespace, console) -> int:
     for arch in archs:
         passes = am.plan_model(args.model, args.batch, dtype, arch)
         probe = am.probe_pass(args.model, args.batch, dtype, arch)
-        jobs = am.unique_jobs(passes + ([probe] if probe else []))
-        with _progress(len(jobs)) as advance:
-            rows = run_jobs(jobs, args.jobs, progress=advance)
-        bad += [r for r in rows if not r.ok]
-        compiled = {am._job_key(j): r for j, r in zip(jobs, rows)}
+        compiled = compile_passes(passes + ([probe] if probe else []), args.jobs)
+        bad += [r for r in compiled.values() if not r.ok]
         model_rows = am.model_rows(passes, compiled, arch)
         probe_row = am.model_rows([probe], compiled, arch)[0] if probe else None
         stats = am.summarize(model_rows, probe_row)
         am.render(model_rows, stats, console, f"Performance model: {args.model} batch {args.batch} {dtype} sm_{arch} "
-                                              f"({len(jobs)} kernels compiled)")
+                                              f"({len(compiled)} kernels compiled)")
         records.append({"arch": arch, "gpu": dataclasses.asdict(am.pm.GPUS[arch]),
                         "summary": stats, "targets": am.targets(stats), "rows": model_rows})
     for r in bad:

@@ -19,7 +19,6 @@ from cnnperf import perf_model as pm
 from cnnperf._format import sig
 
 KERNEL_OF = {"fwd": "_conv_bias_relu_fwd_kernel", "dgrad": "_conv_dgrad_kernel", "wgrad": "_conv_wgrad_kernel"}
-CONFIG_LISTS = {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}
 GEMM_PASSES = ("fwd", "dgrad", "wgrad")
 BACKWARD = ("mask", "dgrad", "wgrad")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -27,9 +26,11 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 def config_list(kind: str, dtype: str):
     """The config list the launcher picks from for ``kind`` and ``dtype`` (a torch dtype name)."""
-    from cnnperf.kernels import conv_bias_relu as K
+    import torch
 
-    return getattr(K, f"{CONFIG_LISTS[kind]}_{16 if ITEMSIZE[dtype] == 2 else 32}")
+    from cnnperf.ops.conv_bias_relu import config_list as launcher_list
+
+    return launcher_list(kind, getattr(torch, dtype))
 
 
 def launch_ints(kind: str, conv: pm.Conv, split: int = 1) -> dict[str, int]:

@@ -305,10 +305,7 @@ def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
     fills = {max(1, min(largest, rounds * gpu.sms // tiles)) for rounds in range(1, WGRAD_MAX_ROUNDS + 1)}
     best, best_t = 1, math.inf
     for split in sorted(fills | {1, largest}):
-        grid = gemm_grid("wgrad", conv, cfg, split)
-        t = (gemm_cost("wgrad", grid, cfg, conv.itemsize, gpu, gemm_bytes("wgrad", conv, split),
-                       aligned=conv.aligned).seconds
-             + memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu).seconds)
+        t = sum(k.seconds for k in gemm_pass("wgrad", conv, cfg, gpu, split=split))
         if t < best_t:
             best, best_t = split, t
     return best
@@ -373,6 +370,7 @@ class KernelCost:
     waves: float | None = None
     issued_macs: int = 0
     bound: str = "memory"  # "mma", "issue", "feed", "memory"
+    split: int = 1  # wgrad's slices of the reduction
 
 
 def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu: GPU, hbm_bytes: int,
@@ -471,21 +469,24 @@ def split_k_choices(kind: str, conv: Conv, cfg: Mapping[str, int]) -> list[int]:
             if k == 1 or (longest >= k * SPLIT_K_MIN_ITERS and k * out_bytes <= SPLIT_K_WORKSPACE_CAP)]
 
 
-def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, **compiled) -> list[KernelCost]:
+def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, split: int | None = None,
+              **compiled) -> list[KernelCost]:
     """The kernels of GEMM pass ``kind`` with config ``cfg``: the GEMM and, for wgrad, the workspace's sum
-    and cast. ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the compiled kernel."""
-    split = wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+    and cast; ``split``: wgrad's, else :func:`wgrad_split`'s. ``compiled``: registers, shared_bytes,
+    mainloop_instructions, mma of the compiled kernel."""
+    if split is None:
+        split = wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
     split_k = cfg.get("SPLIT_K", 1)
     grid = gemm_grid(kind, conv, cfg, split)
     kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split, split_k),
                          aligned=conv.aligned, **compiled)]
+    kernels[0].split = split
     if split_k > 1:  # the slices' sum (+ bias and ReLU in the forward)
         out = conv.sizes()["y" if kind == "fwd" else "x"]
         kernels.append(memory_cost("split_k_sum", split_k * out // conv.itemsize * 4 + out, gpu))
     if kind == "wgrad":  # the slices' sum, cast to the weight's dtype and layout in the same pass
         w32 = conv.sizes()["w"] // conv.itemsize * 4
         kernels.append(memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu))
-    kernels[0].split = split  # type: ignore[attr-defined]
     return kernels
 
 
@@ -519,7 +520,7 @@ def pass_row(kind: str, conv: Conv, gpu: GPU, kernels: Sequence[KernelCost]) -> 
     if gemm is not None:
         row.update(config=gemm.config, ctas=gemm.ctas, ctas_per_sm=gemm.ctas_per_sm, waves=round(gemm.waves, 3),
                    bound=gemm.bound, useful_mma_fraction=round(conv.macs / gemm.issued_macs, 4),
-                   split=getattr(gemm, "split", 1))
+                   split=gemm.split)
     peak = gpu.peak_flops(operands(conv.itemsize, None, gpu.arch))
     row["predicted_fraction_of_peak"] = round(flops / (seconds * peak), 4) if flops else None
     return row

@@ -46,6 +46,18 @@ def test_record_and_lookup_round_trip_and_merge(tmp_path):
     assert json.loads(open(file).read())["schema"] == cache.SCHEMA
 
 
+def test_lookup_looks_at_the_file_at_most_every_recheck_interval(tmp_path, monkeypatch):
+    """lookup() runs on every launch: another process's write is seen within RECHECK_S, not by a stat a call."""
+    clock = [1000.0]
+    monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
+    file = str(tmp_path / "c.json")
+    assert cache.lookup(file, "a") is None  # no file yet
+    open(file, "w").write(json.dumps({"schema": cache.SCHEMA, "entries": {"a": TUNED}}))  # another process
+    assert cache.lookup(file, "a") is None  # not looked at again yet
+    clock[0] += cache.RECHECK_S
+    assert cache.lookup(file, "a") == TUNED
+
+
 def test_a_bad_file_is_an_error_naming_the_variable(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -278,7 +278,8 @@ def test_compare_the_model_with_a_benchmark_record(tmp_path):
     assert audit.main(["--compare", str(bench), "--jobs", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["arch"] == 90 and [r["layer"] for r in result["rows"]] == [s.name for s in shapes for _ in "ab"]
-    model = audit_model.model_rows(*_compiled(audit_model.compare_plan(json.loads(bench.read_text()), 90)), 90)
+    plan = audit_model.compare_plan(json.loads(bench.read_text()), 90)
+    model = audit_model.model_rows(plan, audit.compile_passes(plan, 2), 90)
     for r in result["rows"]:
         passes = {m["pass"]: m for m in model if m["layer"] == r["layer"]}
         predicted = 1e3 * sum(passes[k]["seconds"] for k in audit_model.BENCH_PASSES[r["pass"]])
@@ -299,12 +300,6 @@ def test_launch_configs_are_the_labels_of_what_launches():
         assert labels["fwd"] == pm.config_label(op._kernels().INTERPRET_FWD_CONFIG)
     else:
         assert labels["fwd"] == "autotuned"  # the CPU without the interpreter: no config of ours would run
-
-
-def _compiled(passes):
-    jobs = audit_model.unique_jobs(passes)
-    rows = audit.run_jobs(jobs, 2)
-    return passes, {audit_model._job_key(j): r for j, r in zip(jobs, rows)}
 
 
 def test_compare_usage_errors(tmp_path, capsys):

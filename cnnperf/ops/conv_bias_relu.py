@@ -401,15 +401,17 @@ def autotuning() -> bool:
     return value in ("1", "true", "on")
 
 
-def _config_lists(K, kind: str, dtype: torch.dtype):
+def config_list(kind: str, dtype: torch.dtype):
+    """The config list kernel ``kind`` ("fwd", "dgrad", "wgrad") picks from for ``dtype`` (by its width)."""
     bits = 32 if dtype.itemsize == 4 else 16
-    return getattr(K, {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}[kind] + f"_{bits}")
+    return getattr(_kernels(), {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}[kind]
+                   + f"_{bits}")
 
 
 @functools.lru_cache(maxsize=4096)
 def model_config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> dict:
     """The config the performance model picks for ``kind`` on ``conv`` on this GPU (cached per shape)."""
-    return perf_model.choose_config(kind, conv, _config_lists(_kernels(), kind, dtype), _gpu(device_index))
+    return perf_model.choose_config(kind, conv, config_list(kind, dtype), _gpu(device_index))
 
 
 @functools.cache
@@ -530,7 +532,7 @@ def _even(kind: str, channels: int, config, dtype: torch.dtype, block: str) -> b
     config's, or every one of the list when the autotuner picks (so the constexpr holds for each)."""
     if config is not None:
         return channels % perf_model.config_dict(config)[block] == 0
-    return all(channels % c.kwargs[block] == 0 for c in _config_lists(_kernels(), kind, dtype))
+    return all(channels % c.kwargs[block] == 0 for c in config_list(kind, dtype))
 
 
 def _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias) -> perf_model.Conv:
@@ -675,8 +677,14 @@ def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torc
         return min(2, max(1, conv.n * conv.oh * conv.ow // 64))  # the interpreter: still exercise the split
     cfg = perf_model.config_dict(config if config is not None
                                  else model_config("wgrad", conv, dtype, _device_index(device)))
-    gpu = _gpu(_device_index(device))
-    return perf_model.wgrad_split(conv, cfg, gpu)
+    return _model_wgrad_split(conv, tuple(sorted(cfg.items())), _device_index(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_wgrad_split(conv: perf_model.Conv, cfg: tuple, device_index: int) -> int:
+    """perf_model.wgrad_split, cached per shape and config: it weighs a dozen splits, too slow for every
+    backward call."""
+    return perf_model.wgrad_split(conv, dict(cfg), _gpu(device_index))
 
 
 def _cdiv(a: int, b: int) -> int:

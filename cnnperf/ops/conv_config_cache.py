@@ -18,13 +18,17 @@ import contextlib
 import json
 import os
 import threading
+import time
 import warnings
 
 SCHEMA = "cnnperf.conv_configs/1"
 ENV = "CNNPERF_CONFIG_CACHE"
 
 _lock = threading.Lock()
-_loaded: dict[str, tuple[tuple, dict]] = {}  # path -> ((inode, mtime_ns, size), entries)
+# path -> ((inode, mtime_ns, size) or None when there is no file, entries, when it was looked at)
+_loaded: dict[str, tuple[tuple | None, dict, float]] = {}
+# lookup() runs on every kernel launch: it looks at the file again (a stat) at most this often.
+RECHECK_S = 1.0
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
@@ -66,15 +70,19 @@ def _stamp(file: str) -> tuple:
 
 
 def lookup(file: str, entry: str) -> dict | None:
-    """The config stored under ``entry`` in ``file`` (re-read when the file changed), or None."""
+    """The config stored under ``entry`` in ``file`` (re-read when the file changed, looked at again at most
+    every ``RECHECK_S`` seconds), or None."""
     with _lock:
-        try:
-            stamp = _stamp(file)
-        except FileNotFoundError:
-            return None
+        now = time.monotonic()
         cached = _loaded.get(file)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, _read(file))
+        if cached is None or now - cached[2] >= RECHECK_S:
+            try:
+                stamp = _stamp(file)
+            except FileNotFoundError:
+                stamp = None  # no file (yet): no entries
+            entries = (cached[1] if cached is not None and cached[0] == stamp
+                       else _read(file) if stamp is not None else {})
+            cached = (stamp, entries, now)
             _loaded[file] = cached
         config = cached[1].get(entry)
         if config is None:
@@ -111,4 +119,4 @@ def record(file: str, entry: str, config: dict) -> None:
         entries = _read(file)
         entries[entry] = dict(config)
         write_json_atomic(file, {"schema": SCHEMA, "entries": dict(sorted(entries.items()))})
-        _loaded[file] = (_stamp(file), entries)
+        _loaded[file] = (_stamp(file), entries, time.monotonic())
