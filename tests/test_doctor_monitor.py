@@ -312,7 +312,8 @@ def test_lr_1e_7_is_too_low(digits):
     model = tiny_cnn()
     found, _ = run(model, make_optimizer("sgd", model.parameters(), lr=1e-7), digits.train_loader,
                    digits.val_loader, 1, limit_batches=30)
-    assert list(kinds(found)) == ["lr_too_low"]
+    # The loader's share of the step is timed: a loaded machine (the suite on 2 workers) may add that finding.
+    assert [k for k in kinds(found) if k != "slow_data_loading"] == ["lr_too_low"]
     assert kinds(found)["lr_too_low"].data["update_to_weight"] < 1e-6
 
 
