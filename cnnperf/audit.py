@@ -58,6 +58,8 @@ import threading
 import time
 from typing import Any, Mapping, Sequence
 
+from cnnperf import perf_model as pm
+
 # ---------------------------------------------------------------------------------------------------------
 # What is audited: one entry per kernel.
 # ---------------------------------------------------------------------------------------------------------
@@ -100,6 +102,7 @@ class KernelAudit:
       scalars (``"fp32"``), bool tensors (``"*u1"``).
     - ``divisible_by_16``: int arguments a typical launch passes as multiples of 16 (see the module docstring).
     - ``tensor_cores``: the kernel calls ``tl.dot``: a row without any tensor-core instruction is a problem.
+    - ``arch_constexprs``: arch -> constexprs that the launcher sets per architecture (``MASK_Y``).
     """
     module: str
     kernel: str
@@ -109,6 +112,7 @@ class KernelAudit:
     arg_types: Mapping[str, str] = dataclasses.field(default_factory=dict)
     divisible_by_16: Sequence[str] = ()
     tensor_cores: bool = False
+    arch_constexprs: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _by_width(list_16: str, list_32: str) -> dict[str, str]:
@@ -120,6 +124,8 @@ def _by_width(list_16: str, list_32: str) -> dict[str, str]:
 _DOT_PRECISION = {"float16": {"INPUT_PRECISION": "ieee"}, "bfloat16": {"INPUT_PRECISION": "ieee"},
                   "float32": {"INPUT_PRECISION": "tf32"}}
 _CONV = "cnnperf.kernels.conv_bias_relu"
+# dgrad and wgrad may apply the ReLU mask (and the wgrad sum the bias gradient) from sm_90 on (perf_model).
+_MASK_BY_ARCH = {arch: dict.fromkeys(("MASK_Y", "BIAS_GRAD"), arch >= pm.MASK_IN_GEMMS_MIN_ARCH) for arch in ARCHS}
 _CONV_CHANNELS = ("C_in", "C_out", "C_in_g", "C_out_g")
 _NHWC_STRIDES = ("sxn", "sxh", "sxw")
 _GRAD_NORM = "cnnperf.kernels.grad_norm"
@@ -151,11 +157,12 @@ KERNELS: tuple[KernelAudit, ...] = (
                 constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "SPLIT_K": 1},
                 dtype_constexprs=_DOT_PRECISION,
                 arg_types={"ws_ptr": "*fp32"},
-                divisible_by_16=_CONV_CHANNELS, tensor_cores=True),
+                divisible_by_16=_CONV_CHANNELS, tensor_cores=True,
+                arch_constexprs={a: {"MASK_Y": c["MASK_Y"]} for a, c in _MASK_BY_ARCH.items()}),
     KernelAudit(_CONV, "_conv_wgrad_kernel", _by_width("WGRAD_CONFIGS_16", "WGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0}, dtype_constexprs=_DOT_PRECISION,
-                arg_types={"dw_ptr": "*fp32"},
-                divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
+                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32", "db_ptr": "*fp32"},
+                divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, arch_constexprs=_MASK_BY_ARCH),
     KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
                 constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False}, arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=("C", "s_r")),
@@ -277,7 +284,8 @@ def plan(kernels: Sequence[KernelAudit] = KERNELS, archs: Sequence[int] = tuple(
                     continue
                 constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params}
                 for arch in archs:
-                    jobs.append(Job(entry.module, entry.kernel, dtype, arch, label, constexprs, options,
+                    jobs.append(Job(entry.module, entry.kernel, dtype, arch, label,
+                                    {**constexprs, **entry.arch_constexprs.get(arch, {})}, options,
                                     dict(entry.arg_types), () if generic_ints else tuple(entry.divisible_by_16),
                                     entry.tensor_cores, sass_dir))
     return jobs

@@ -66,6 +66,7 @@ class LayerPass:
     conv: pm.Conv
     config: dict | None
     job: Any = None  # the audit Job compiling it (GEMM passes)
+    mask_y: bool = False  # dgrad / wgrad applying the ReLU mask (perf_model.choose_backward)
 
 
 def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 224,
@@ -80,30 +81,40 @@ def plan_model(model: str, batch: int, dtype: str, arch: int, image_size: int = 
     layers = model_conv_layers(model, batch, image_size)
     for shape in unique_shapes(layers):
         conv = pm.Conv.of(shape, ITEMSIZE[dtype], has_bias=True)
-        out.append(LayerPass(shape.name, shape.layers, "mask", conv, None))
+        # The launcher's choice (channels_last grads): the mask in the backward GEMMs, or a mask pass first.
+        mask_y, backward = pm.choose_backward(conv, config_list("dgrad", dtype), config_list("wgrad", dtype), gpu)
+        if not mask_y:
+            out.append(LayerPass(shape.name, shape.layers, "mask", conv, None))
         for kind in GEMM_PASSES:
             if kind == "dgrad" and shape.name == layers[0].name and not first_layer_dgrad:
                 continue  # the first layer reads the images: no input gradient is asked for, none is computed
-            cfg = pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
-            out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg, make_job(kind, conv, cfg, dtype, arch)))
+            cfg = backward[kind] if kind in backward else pm.choose_config(kind, conv, config_list(kind, dtype), gpu)
+            masked = mask_y and kind != "fwd"
+            out.append(LayerPass(shape.name, shape.layers, kind, conv, cfg,
+                                 make_job(kind, conv, cfg, dtype, arch, masked), masked))
     return out
 
 
-def make_job(kind: str, conv: pm.Conv, cfg: Mapping[str, int], dtype: str, arch: int):
+def make_job(kind: str, conv: pm.Conv, cfg: Mapping[str, int], dtype: str, arch: int, mask_y: bool = False):
     """The audit Job compiling kernel ``kind`` as the launcher runs it on ``conv`` with ``cfg``: its
-    constexprs (filter size, bias, SPLIT_K, FOLD_C, EVEN_K/EVEN_N) and Triton's launch specialization."""
+    constexprs (filter size, bias, SPLIT_K, FOLD_C, EVEN_K/EVEN_N, MASK_Y/BIAS_GRAD) and Triton's launch
+    specialization."""
     from cnnperf import audit
 
     gpu = pm.GPUS[arch]
-    split = pm.wgrad_split(conv, cfg, gpu) if kind == "wgrad" else cfg.get("SPLIT_K", 1)
+    split = pm.wgrad_split(conv, cfg, gpu, mask_y) if kind == "wgrad" else cfg.get("SPLIT_K", 1)
     ones, div16 = specialization(launch_ints(kind, conv, split))
     entry = next(k for k in audit.KERNELS if k.kernel == KERNEL_OF[kind])
     params = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "SPLIT_K")}
     options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-    constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params,
-                  "KH": conv.kh, "KW": conv.kw}
+    constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **entry.arch_constexprs.get(arch, {}),
+                  **params, "KH": conv.kh, "KW": conv.kw}
     if "HAS_BIAS" in constexprs:
         constexprs["HAS_BIAS"] = conv.has_bias
+    if "MASK_Y" in constexprs:
+        constexprs["MASK_Y"] = mask_y
+    if "BIAS_GRAD" in constexprs:
+        constexprs["BIAS_GRAD"] = mask_y and conv.has_bias
     if "SPLIT_K" in constexprs:
         constexprs["SPLIT_K"] = cfg.get("SPLIT_K", 1)
     if "FOLD_C" in constexprs:
@@ -168,8 +179,8 @@ def model_rows(passes: Sequence[LayerPass], compiled: Mapping[tuple, Any], arch:
         if row.error is None:
             figures = dict(registers=row.registers, shared_bytes=row.shared_bytes,
                            mainloop_instructions=row.mainloop_instructions, mma=mma)
-        kernels = pm.gemm_pass(p.kind, p.conv, p.config, gpu, **figures)
-        out = {**base, **pm.pass_row(p.kind, p.conv, gpu, kernels), "compiled": row.ok,
+        kernels = pm.gemm_pass(p.kind, p.conv, p.config, gpu, mask_y=p.mask_y, **figures)
+        out = {**base, **pm.pass_row(p.kind, p.conv, gpu, kernels), "mask_y": p.mask_y, "compiled": row.ok,
                "problems": list(row.problems), "registers": row.registers, "shared_bytes": row.shared_bytes,
                "mma": row.mma, "mainloop_instructions": row.mainloop_instructions,
                "mainloop_mma": row.mainloop_mma,
@@ -313,7 +324,7 @@ def compare_rows(record: Mapping[str, Any], model_rows_: Sequence[dict]) -> list
         passes = by_layer.get(row["name"])
         if passes is None or row["pass"] not in BENCH_PASSES:
             continue
-        predicted = 1e3 * sum(passes[k]["seconds"] for k in BENCH_PASSES[row["pass"]])
+        predicted = 1e3 * sum(passes[k]["seconds"] for k in BENCH_PASSES[row["pass"]] if k in passes)
         configs = {k: passes[k]["config"] for k in GEMM_PASSES if k in passes}
         ran = row.get("configs")  # what the kernels launched with, when the record says (newer records)
         out.append({"layer": row["name"], "pass": row["pass"], "measured_ms": row["median_ms"],

@@ -9,7 +9,9 @@ Passes and their kernels (what ``cnnperf/ops/conv_bias_relu.py`` launches):
 
 - ``fwd``: one implicit GEMM, M = N*OH*OW output pixels, N = C_out/g, K = KH*KW*C_in/g.
 - ``mask``: g = dY * (Y > 0) and the bias gradient's partial sums (memory-bound: reads dY and Y, writes g),
-  then the partials' sum.
+  then the partials' sum. Only where the GEMMs do not apply the mask themselves (``mask_y``: dgrad and wgrad
+  read dY and Y and mask as they load, the wgrad sums the bias gradient), which :func:`choose_backward`
+  decides per shape.
 - ``dgrad``: one implicit GEMM per stride phase (ph, pw) of the input: M = the input pixels of that phase, K =
   (the taps that reach that phase) * C_out/g. Each tap of a phase is valid for all its pixels (but the
   borders), so no MMA is spent on rows that a stride skips.
@@ -52,6 +54,13 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 PASSES = ("fwd", "mask", "dgrad", "wgrad")
+
+# The oldest architecture whose dgrad/wgrad may apply the ReLU mask in their K loop instead of a mask pass.
+# Measured with `cnnperf audit` (SASS of the K loop, bf16, 128x128x64 w8): sm_90 compares bf16 pairs
+# (HSETP2.BF16) and the mask adds 37% to the dgrad's loop (279 -> 382 instructions) and 25% to the wgrad's
+# with its bias MMA (354 -> 443); sm_80 has no packed bf16 compare, converts every element to fp32 and the
+# loops triple (dgrad 306 -> 934, wgrad 394 -> 1183): there the issue slots cost more than the pass saves.
+MASK_IN_GEMMS_MIN_ARCH = 90
 
 # Per-CTA cost of a round of tiles on a SM, in SM clocks: the pipeline's first loads (one DRAM latency, about
 # 600-800 clocks on H100 per published microbenchmarks) plus the epilogue's stores.
@@ -291,7 +300,7 @@ def _merge(pairs) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(counts.items(), reverse=True))
 
 
-def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
+def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU, mask_y: bool = False) -> int:
     """Slices of the wgrad reduction for ``cfg``: of the candidates, the one the model predicts fastest
     (the GEMM with the tile's estimated occupancy, as the launcher has no compiled kernel at hand, plus the
     workspace's sum), each slice at least ``WGRAD_MIN_ITERS`` K iterations, the fp32 workspace at most
@@ -305,7 +314,7 @@ def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
     fills = {max(1, min(largest, rounds * gpu.sms // tiles)) for rounds in range(1, WGRAD_MAX_ROUNDS + 1)}
     best, best_t = 1, math.inf
     for split in sorted(fills | {1, largest}):
-        t = sum(k.seconds for k in gemm_pass("wgrad", conv, cfg, gpu, split=split))
+        t = sum(k.seconds for k in gemm_pass("wgrad", conv, cfg, gpu, split=split, mask_y=mask_y))
         if t < best_t:
             best, best_t = split, t
     return best
@@ -315,13 +324,18 @@ def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU) -> int:
 # Occupancy, time, and the config pick.
 # ---------------------------------------------------------------------------------------------------------
 
-def smem_estimate(cfg: Mapping[str, int], itemsize: int, arch: int = 90) -> int:
+def smem_estimate(cfg: Mapping[str, int], itemsize: int, arch: int = 90, kind: str = "fwd",
+                  mask_y: bool = False) -> int:
     """Shared memory of a pipelined GEMM tile when the compiled kernel is not at hand, as Triton allocates it
     (exact on every conv config the model audits pick, triton 3.8): on sm_90 the A and B tiles of every stage
-    plus 1 KB of barriers, on sm_80 of every stage but one."""
+    plus 1 KB of barriers, on sm_80 of every stage but one; a backward GEMM that applies the ReLU mask
+    (``mask_y``) holds Y's A tiles too, of every stage but two (+2 KB for the wgrad's bias sum)."""
     tile = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * itemsize
     stages = cfg.get("num_stages", 3)
-    return stages * tile + 1024 if arch >= 90 else max(1, stages - 1) * tile
+    smem = stages * tile + 1024 if arch >= 90 else max(1, stages - 1) * tile
+    if mask_y:
+        smem += max(0, stages - 2) * cfg["BLOCK_M"] * cfg["BLOCK_K"] * itemsize + (2048 if kind == "wgrad" else 0)
+    return smem
 
 
 # The estimate's error on the configs audited is within ~25 registers: a config estimated within this of the
@@ -329,15 +343,19 @@ def smem_estimate(cfg: Mapping[str, int], itemsize: int, arch: int = 90) -> int:
 SPILL_MARGIN = 32
 
 
-def registers_estimate(cfg: Mapping[str, int], aligned: bool = True, arch: int = 90, kind: str = "fwd") -> int:
+def registers_estimate(cfg: Mapping[str, int], aligned: bool = True, arch: int = 90, kind: str = "fwd",
+                       mask_y: bool = False) -> int:
     """Registers a thread when the compiled kernel is not at hand, fitted to `cnnperf audit --model` (ResNet-50,
     VGG-16, triton 3.8; within ~25 of the compiled figure on the configs picked): with acc = the fp32
     accumulator's registers a thread, acc + 64 on sm_90 (wgmma keeps the accumulator in place: 128x128 w8
     111-122), 2 acc + 56 on sm_80 (mma.sync: 128x128 w8 185-189); 64 more for a forward whose channels are not
-    multiples of 16 (unvectorised loads and per-element masks: 167 for the folded stem at 64x64 w4).
-    Over 255 means a spill."""
+    multiples of 16 (unvectorised loads and per-element masks: 167 for the folded stem at 64x64 w4); 48 more
+    for a backward GEMM that applies the ReLU mask (``mask_y``: the Y tile and the select; dgrad 128x128 w8
+    123 -> 158, wgrad with the bias MMA 119 -> 170, dgrad 64x64 w4 89 -> 130). Over 255 means a spill."""
     acc = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.get("num_warps", 4))
     regs = acc + 64 if arch >= 90 else 2 * acc + 56
+    if mask_y:
+        regs += 48
     return regs + (64 if kind == "fwd" and not aligned else 0)
 
 
@@ -375,15 +393,17 @@ class KernelCost:
 
 def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu: GPU, hbm_bytes: int,
               *, aligned: bool = True, registers: int | None = None, shared_bytes: int | None = None,
-              mainloop_instructions: int | None = None, mma: str | None = None) -> KernelCost:
-    """Time of one implicit-GEMM launch (see the module docstring)."""
+              mainloop_instructions: int | None = None, mma: str | None = None,
+              mask_y: bool = False) -> KernelCost:
+    """Time of one implicit-GEMM launch (see the module docstring); ``mask_y``: a backward GEMM that also loads
+    Y's tile beside grad_out's (the ReLU mask): one more A tile to feed from L2 each K iteration."""
     warps = cfg.get("num_warps", 4)
-    regs = registers if registers is not None else registers_estimate(cfg, aligned, gpu.arch, name)
-    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize, gpu.arch)
+    regs = registers if registers is not None else registers_estimate(cfg, aligned, gpu.arch, name, mask_y)
+    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize, gpu.arch, name, mask_y)
     occupancy = max(1, ctas_per_sm(gpu, warps, regs, smem))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     per_iter = {"mma": bm * bn * bk / gpu.macs_per_clk[operands(itemsize, mma, gpu.arch)],
-                "feed": (bm + bn) * bk * itemsize / gpu.l2_bytes_per_clk}
+                "feed": ((2 if mask_y else 1) * bm + bn) * bk * itemsize / gpu.l2_bytes_per_clk}
     if mainloop_instructions is not None:
         per_iter["issue"] = warps * mainloop_instructions / 4
     bound = max(per_iter, key=per_iter.get)
@@ -418,34 +438,38 @@ def config_dict(config) -> dict[str, int]:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def gemm_bytes(kind: str, conv: Conv, split: int = 1, split_k: int = 1) -> int:
+def gemm_bytes(kind: str, conv: Conv, split: int = 1, split_k: int = 1, mask_y: bool = False) -> int:
     """HBM bytes of the GEMM kernel itself: its operands read once, its result written once (to an fp32
-    workspace slice each with split-K)."""
+    workspace slice each with split-K); ``mask_y``: dgrad and wgrad also read Y (the ReLU mask), the wgrad
+    writes the bias gradient's fp32 partials per slice."""
     s = conv.sizes()
     if kind == "fwd":
         out = s["y"] if split_k == 1 else split_k * s["y"] // conv.itemsize * 4
         return s["x"] + s["w"] + s["b"] + out
+    y = s["y"] if mask_y else 0
     if kind == "dgrad":
         out = s["x"] if split_k == 1 else split_k * s["x"] // conv.itemsize * 4
-        return s["y"] + s["w"] + out  # g, W -> dX
-    return s["y"] + s["x"] + split * (s["w"] // conv.itemsize) * 4  # g, X -> fp32 workspace
+        return s["y"] + y + s["w"] + out  # g (or dY and Y), W -> dX
+    bias = split * conv.c_out * 4 if mask_y and conv.has_bias else 0
+    return s["y"] + y + s["x"] + split * (s["w"] // conv.itemsize) * 4 + bias  # g (or dY, Y), X -> fp32 slices
 
 
-def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU) -> dict[str, int]:
+def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU, mask_y: bool = False) -> dict[str, int]:
     """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
     estimate comes within ``SPILL_MARGIN`` of a spill or whose shared memory exceeds the GPU's per-block limit
     are left out (unless all are), and the issue term is left out. For fwd and dgrad it also picks
     ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always gets
-    the same config, with no GPU time spent.
+    the same config, with no GPU time spent. ``mask_y``: dgrad or wgrad applying the ReLU mask.
     """
     configs = [config_dict(c) for c in configs]
-    fitting = [c for c in configs if registers_estimate(c, conv.aligned, gpu.arch, kind) <= 255 - SPILL_MARGIN
-               and smem_estimate(c, conv.itemsize, gpu.arch) <= gpu.smem_per_block]
+    fitting = [c for c in configs
+               if registers_estimate(c, conv.aligned, gpu.arch, kind, mask_y) <= 255 - SPILL_MARGIN
+               and smem_estimate(c, conv.itemsize, gpu.arch, kind, mask_y) <= gpu.smem_per_block]
     best, best_t = None, math.inf
     for cfg in [dict(c, SPLIT_K=k) if k > 1 else c for c in fitting or configs for k in split_k_choices(kind, conv, c)]:
-        t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu))
+        t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu, mask_y=mask_y))
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
@@ -469,17 +493,36 @@ def split_k_choices(kind: str, conv: Conv, cfg: Mapping[str, int]) -> list[int]:
             if k == 1 or (longest >= k * SPLIT_K_MIN_ITERS and k * out_bytes <= SPLIT_K_WORKSPACE_CAP)]
 
 
+def choose_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable,
+                    gpu: GPU) -> tuple[bool, dict[str, dict[str, int]]]:
+    """(mask_y, {"dgrad": config, "wgrad": config}): whether the backward GEMMs of ``conv`` apply the ReLU mask
+    themselves (reading dY and Y; the wgrad sums the bias gradient) or a mask pass writes g first, whichever
+    the model predicts faster with each side's best configs (the fused loads feed one more tile from L2 each K
+    iteration; the pass moves 6 bytes an element). Never fused below :data:`MASK_IN_GEMMS_MIN_ARCH`."""
+    dgrad_configs, wgrad_configs = list(dgrad_configs), list(wgrad_configs)
+    best = None
+    for mask_y in (False, True) if gpu.arch >= MASK_IN_GEMMS_MIN_ARCH else (False,):
+        cfgs = {"dgrad": choose_config("dgrad", conv, dgrad_configs, gpu, mask_y),
+                "wgrad": choose_config("wgrad", conv, wgrad_configs, gpu, mask_y)}
+        kernels = [k for kind, cfg in cfgs.items() for k in gemm_pass(kind, conv, cfg, gpu, mask_y=mask_y)]
+        t = sum(k.seconds for k in kernels + ([] if mask_y else mask_pass(conv, gpu)))
+        if best is None or t < best[0]:
+            best = (t, mask_y, cfgs)
+    return best[1], best[2]
+
+
 def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, split: int | None = None,
-              **compiled) -> list[KernelCost]:
+              mask_y: bool = False, **compiled) -> list[KernelCost]:
     """The kernels of GEMM pass ``kind`` with config ``cfg``: the GEMM and, for wgrad, the workspace's sum
-    and cast; ``split``: wgrad's, else :func:`wgrad_split`'s. ``compiled``: registers, shared_bytes,
-    mainloop_instructions, mma of the compiled kernel."""
+    and cast; ``split``: wgrad's, else :func:`wgrad_split`'s. ``mask_y``: dgrad or wgrad applying the ReLU
+    mask (:func:`choose_backward`). ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the
+    compiled kernel."""
     if split is None:
-        split = wgrad_split(conv, cfg, gpu) if kind == "wgrad" else 1
+        split = wgrad_split(conv, cfg, gpu, mask_y) if kind == "wgrad" else 1
     split_k = cfg.get("SPLIT_K", 1)
     grid = gemm_grid(kind, conv, cfg, split)
-    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split, split_k),
-                         aligned=conv.aligned, **compiled)]
+    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split, split_k, mask_y),
+                         aligned=conv.aligned, mask_y=mask_y, **compiled)]
     kernels[0].split = split
     if split_k > 1:  # the slices' sum (+ bias and ReLU in the forward)
         out = conv.sizes()["y" if kind == "fwd" else "x"]
@@ -487,6 +530,8 @@ def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, split: in
     if kind == "wgrad":  # the slices' sum, cast to the weight's dtype and layout in the same pass
         w32 = conv.sizes()["w"] // conv.itemsize * 4
         kernels.append(memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu))
+        if mask_y and conv.has_bias:  # the bias gradient's slices summed
+            kernels.append(memory_cost("bias_sum", split * conv.c_out * 4 + conv.c_out * 4, gpu))
     return kernels
 
 

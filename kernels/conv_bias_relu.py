@@ -5,14 +5,18 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
 
 - ``_conv_bias_relu_fwd_kernel``: implicit GEMM, M = N*OH*OW output pixels, N = C_out/groups, K = KH*KW*C_in/g,
   one loop over (kh, kw, channel block); bias + ReLU in the epilogue. Groups are the grid's second axis.
-- ``_relu_mask_bias_grad_kernel``: g = grad_out * (out > 0), and the bias gradient's partial sums per row block
-  in the same pass (summed afterwards on the host side: deterministic, no atomics).
 - ``_conv_dgrad_kernel``: grad_input as one implicit GEMM per stride phase (the input pixels with
   ``ih % stride_h == ph``, ``iw % stride_w == pw``), over only the taps that reach that phase: every tap is then
   valid for all the phase's pixels but the borders (no MMA on the zero rows a stride would leave).
 - ``_conv_wgrad_kernel``: grad_weight as a GEMM reducing over M = N*OH*OW, split into ``SPLIT`` slices written
   to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic) and writes the gradient in
-  the weight's dtype and layout in the same pass.
+  the weight's dtype and layout in the same pass. ``BIAS_GRAD``: the CTAs of the first tap and channel block
+  also sum their grad-output tiles, the bias gradient's partial sums per slice (no pass of their own).
+- ``MASK_Y`` (dgrad and wgrad): the ReLU's backward, g = grad_out * (out > 0), applied where grad_out is loaded
+  as an operand (the saved output is loaded beside it), so g is never written to memory.
+- ``_relu_mask_bias_grad_kernel``: g = grad_out * (out > 0) written NHWC, and the bias gradient's partial sums
+  per row block in the same pass (summed afterwards: deterministic, no atomics); only where the two GEMMs
+  cannot read grad_out and out directly (not channels_last, or a bias gradient without a weight gradient).
 
 ``SPLIT_K`` (forward and dgrad): a grid too small to fill the GPU (a late layer at batch 32) cuts the K loop
 into slices written to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic), with the
@@ -47,22 +51,23 @@ FWD_CONFIGS_32 = _configs([
 ])
 # dgrad: M = input pixels of a stride phase, N = C_in/groups, K = (taps, C_out/groups). The forward's tiles, except
 # where the dgrad's extra index math spills on sm_80 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8 16-bit,
-# 64x128x32 w4 and 128x128x16 w4 fp32, under triton 3.6 or 3.8): those get 8 warps, and the 256x128 tile half
-# the BLOCK_K.
+# 64x128x32 w4 and 128x128x16 w4 fp32, under triton 3.6 or 3.8; 64x64x32 w4 fp32, 24 B under 3.8 once the
+# kernel took the ReLU mask's Y pointer): those get 8 warps, and the 256x128 tile half the BLOCK_K.
 DGRAD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
     (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (64, 64, 32, 4, 5), (128, 256, 32, 8, 4),
 ])
 DGRAD_CONFIGS_32 = _configs([
-    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 16, 8, 4),
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 8, 4), (64, 64, 32, 8, 4), (128, 128, 16, 8, 4),
 ])
-# wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels.
+# wgrad: M = C_out/groups, N = C_in/groups (one (kh, kw) per tile), K = output pixels. fp32 128x64 takes 8 warps:
+# with 4, the bias gradient's tf32x3 MMA spills on sm_90 (144 B, `cnnperf audit`).
 WGRAD_CONFIGS_16 = _configs([
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4),
     (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 32, 64, 4, 4),
 ])
 WGRAD_CONFIGS_32 = _configs([
-    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
+    (128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
 ])
 # The interpreter cannot autotune (it has no GPU to time configs): one fixed, small config each.
 INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
@@ -299,7 +304,8 @@ def _phase_taps(phase, pad, dil, stride, step, K: tl.constexpr):
 
 @triton.jit
 def _conv_dgrad_kernel(
-    g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
+    g_ptr,  # grad of the output (masked unless MASK_Y), contiguous NHWC (N*OH*OW, C_out)
+    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; else unused
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
     dx_ptr,  # out: grad of the input, contiguous NHWC (N*H*W, C_in)
     ws_ptr,  # fp32 workspace (SPLIT_K, N*H*W, C_in) when SPLIT_K > 1: partial sums
@@ -311,6 +317,7 @@ def _conv_dgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SPLIT_K: tl.constexpr,  # slices of each phase's K loop (the grid's second axis is groups x phases x SPLIT_K)
     EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
+    MASK_Y: tl.constexpr,  # g is the raw grad of the output: zero it where y <= 0 as it is loaded
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -358,8 +365,11 @@ def _conv_dgrad_kernel(
         row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         offs_k = k0 + tl.arange(0, BLOCK_K)  # output channels within the group
         mask_k = _channel_mask(offs_k, C_out_g, EVEN_K, BLOCK_K)
-        a = tl.load(g_ptr + (g_row + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :],
-                    mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+        g_offs = (g_row + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :]
+        a = tl.load(g_ptr + g_offs, mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+        if MASK_Y:
+            y = tl.load(y_ptr + g_offs, mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+            a = tl.where(y > 0, a, tl.zeros_like(a))
         b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + (kh * KW + kw) * C_in_g)[:, None]
                     + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -374,9 +384,11 @@ def _conv_dgrad_kernel(
 
 @triton.jit
 def _conv_wgrad_kernel(
-    g_ptr,  # masked grad of the output, contiguous NHWC (N*OH*OW, C_out)
+    g_ptr,  # grad of the output (masked unless MASK_Y), contiguous NHWC (N*OH*OW, C_out)
+    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; else unused
     x_ptr,  # input, NHWC memory: x[n, h, w, c] at n*sxn + h*sxh + w*sxw + c
     dw_ptr,  # out: fp32 workspace (SPLIT, C_out, KH*KW*C_in_g); slice s holds the sum over its rows
+    db_ptr,  # out, BIAS_GRAD: fp32 (SPLIT, C_out), slice s's sum of g over its rows; else unused
     N, H, W, C_in,
     OH, OW, C_out,
     sxn, sxh, sxw,
@@ -385,6 +397,8 @@ def _conv_wgrad_kernel(
     SPLIT,  # number of slices of the reduction over M = N*OH*OW (the grid's second axis)
     KH: tl.constexpr, KW: tl.constexpr,
     FOLD_C: tl.constexpr,  # 0: a tile is one tap's (C_out, C_in) block; C_in_g: one filter row's (C_out, (kw, c))
+    MASK_Y: tl.constexpr,  # g is the raw grad of the output: zero it where y <= 0 as it is loaded
+    BIAS_GRAD: tl.constexpr,  # the first tap's first column block also sums its g tiles into db
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -414,6 +428,13 @@ def _conv_wgrad_kernel(
     start = split * rows
     end = tl.minimum(start + rows, M)
 
+    # Every (split, group, channel block) has exactly one such CTA, and its g tiles cover all of its rows.
+    sums_bias = (tap == 0) & (pid_n == 0)
+    # Their row sums as one more, narrow MMA (g tile @ a column of ones: column 0 of 16, the rest zeros, so
+    # the sum over columns below is exact) rather than a cross-thread reduction per K iteration. fp32 g goes
+    # through tf32x3 there: no rounding of g to tf32 in the bias gradient.
+    db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    ones = ((tl.arange(0, BLOCK_K)[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(x_ptr.dtype.element_ty)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # output pixels
@@ -431,8 +452,14 @@ def _conv_wgrad_kernel(
             iw = iw0 + kw_dw
             b_ok = (h_ok & (iw >= 0) & (iw < W))[:, None] & mask_n[None, :]
             b_ptrs = x_ptr + (n_idx * sxn + ih * sxh + iw * sxw + group * C_in_g)[:, None] + offs_n[None, :]
-        a = tl.load(g_ptr + offs_k[None, :] * C_out + (group * C_out_g + offs_m)[:, None],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g_offs = offs_k[None, :] * C_out + (group * C_out_g + offs_m)[:, None]
+        a = tl.load(g_ptr + g_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if MASK_Y:
+            y = tl.load(y_ptr + g_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a = tl.where(y > 0, a, tl.zeros_like(a))
+        if BIAS_GRAD:
+            if sums_bias:
+                db = tl.dot(a, ones, db, input_precision="tf32x3" if INPUT_PRECISION == "tf32" else "ieee")
         b = tl.load(b_ptrs, mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -440,6 +467,9 @@ def _conv_wgrad_kernel(
     # Tap (kh, kw) starts at (kh * KW + kw) * C_in_g, a folded filter row kh at kh * KW * C_in_g: tap * cols.
     dw_offs = (split * C_out + group * C_out_g + offs_m)[:, None] * k_total + tap * cols + offs_n[None, :]
     tl.store(dw_ptr + dw_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if BIAS_GRAD:
+        if sums_bias:
+            tl.store(db_ptr + split * C_out + group * C_out_g + offs_m, tl.sum(db, axis=1), mask=mask_m)
 
 
 def _autotuned(kernel, configs):

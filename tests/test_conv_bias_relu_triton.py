@@ -46,16 +46,21 @@ def _smallest(dtype):
 
 
 def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, groups=1, bias=True,
-          dtype=torch.float32, channels_last=False, grad_layout="nchw", configs=None):
+          dtype=torch.float32, channels_last=False, grad_layout="nchw", configs=None, frozen=()):
     """Run the fused op on the Triton backend and compare output and gradients with the float64 reference.
     ``configs``: the kernels' configs (:func:`cnnperf.ops.conv_bias_relu.pinned_configs`), default one small fixed
-    config per kernel."""
+    config per kernel. ``channels_last`` with ``grad_layout="nhwc"``: the backward's GEMMs read grad_output and
+    the output directly (ReLU mask and bias gradient inside them); otherwise a mask pass writes g first.
+    ``frozen``: of "input", "weight", "bias", those that need no gradient."""
     x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     wt = torch.randn(c_out, c_in // groups, kh, kw, device=DEVICE) / (c_in // groups * kh * kw) ** 0.5
-    b = torch.randn(c_out, device=DEVICE, dtype=dtype).requires_grad_() if bias else None
-    inputs = [x.requires_grad_(), wt.to(dtype).requires_grad_(), b]
+    b = torch.randn(c_out, device=DEVICE, dtype=dtype) if bias else None
+    inputs = [x, wt.to(dtype), b]
+    for name, t in zip(("input", "weight", "bias"), inputs):
+        if t is not None:
+            t.requires_grad_(name not in frozen)
     args = (stride, padding, dilation, groups)
     with backend.override("triton"), op.pinned_configs(**(configs if configs is not None else _smallest(dtype))):
         out = conv2d_bias_relu(*inputs, *args)
@@ -158,6 +163,40 @@ def test_model_pick(dtype):
     _case(4, 32, 15, 15, 48, 3, 3, stride=2, padding=1, dtype=dtype, configs={})
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_channels_last_gradients(name):
+    """The same cases with channels_last grads: the dgrad and wgrad apply the ReLU mask as they load grad_output
+    and the wgrad sums the bias gradient (no mask pass)."""
+    _case(**CASES[name], channels_last=True, grad_layout="nhwc")
+
+
+class _Calls:
+    """A kernel that counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("channels_last, grad_layout, frozen, mask_pass", [
+    (True, "nhwc", (), False),
+    (True, "nhwc", ("input",), False),
+    (True, "nhwc", ("weight", "bias"), False),  # dgrad alone
+    (True, "nhwc", ("weight",), True),  # a bias gradient with no wgrad to sum it in
+    (True, "nchw", (), True),  # grad_output's rows are not (N*OH*OW, C) rows: the pass writes them so
+    (True, "strided", (), True),
+])
+def test_mask_pass_only_where_needed(channels_last, grad_layout, frozen, mask_pass, monkeypatch):
+    spy = _Calls(kernels._relu_mask_bias_grad_kernel)
+    monkeypatch.setattr(kernels, "_relu_mask_bias_grad_kernel", spy)
+    _case(2, 16, 6, 5, 16, 3, 3, stride=2, padding=1, channels_last=channels_last, grad_layout=grad_layout,
+          frozen=frozen)
+    assert spy.launches == int(mask_pass)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter cannot autotune (it has no GPU to time configs)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_autotuned(dtype, monkeypatch):
@@ -192,25 +231,28 @@ def test_same_bits_twice():
        h=st.integers(1, 8), w=st.integers(1, 8), kh=st.integers(1, 4), kw=st.integers(1, 4),
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16]))
-def test_fuzz_shapes_and_arguments(n, groups, c_in_g, c_out_g, h, w, kh, kw, stride, padding, dilation, bias, dtype):
+       dtype=st.sampled_from([torch.float32, torch.float16]), channels_last=st.booleans())
+def test_fuzz_shapes_and_arguments(n, groups, c_in_g, c_out_g, h, w, kh, kw, stride, padding, dilation, bias, dtype,
+                                   channels_last):
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     assume(oh > 0 and ow > 0)  # an empty output is an error, tested in test_conv_bias_relu.py
     _case(n, c_in_g * groups, h, w, c_out_g * groups, kh, kw, stride=stride, padding=padding, dilation=dilation,
-          groups=groups, bias=bias, dtype=dtype)
+          groups=groups, bias=bias, dtype=dtype, channels_last=channels_last,
+          grad_layout="nhwc" if channels_last else "nchw")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(groups=st.sampled_from([1, 2]), c_in_g=st.sampled_from([16, 19, 32]), c_out_g=st.sampled_from([3, 16, 21]),
        h=st.integers(1, 7), w=st.integers(1, 7), kh=st.integers(1, 3), kw=st.integers(1, 3),
        stride=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 1), st.integers(0, 1)),
-       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), dtype=st.sampled_from([torch.float32, torch.float16]))
-def test_fuzz_wide_channels(groups, c_in_g, c_out_g, h, w, kh, kw, stride, padding, dilation, dtype):
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), dtype=st.sampled_from([torch.float32, torch.float16]),
+       channels_last=st.booleans())
+def test_fuzz_wide_channels(groups, c_in_g, c_out_g, h, w, kh, kw, stride, padding, dilation, dtype, channels_last):
     """As above with 16 or more input channels a group: the per-tap K loop (no (kw, c) fold), with and without
     channel masks (EVEN_K), rather than the folded one the small fuzzed channel counts take."""
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     assume(oh > 0 and ow > 0)
     _case(1, c_in_g * groups, h, w, c_out_g * groups, kh, kw, stride=stride, padding=padding, dilation=dilation,
-          groups=groups, dtype=dtype)
+          groups=groups, dtype=dtype, channels_last=channels_last, grad_layout="nhwc" if channels_last else "nchw")

@@ -410,8 +410,19 @@ def config_list(kind: str, dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=4096)
 def model_config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> dict:
-    """The config the performance model picks for ``kind`` on ``conv`` on this GPU (cached per shape)."""
-    return perf_model.choose_config(kind, conv, config_list(kind, dtype), _gpu(device_index))
+    """The config the performance model picks for ``kind`` on ``conv`` on this GPU (cached per shape); dgrad's
+    and wgrad's are those of the backward :func:`model_backward` picks."""
+    if kind == "fwd":
+        return perf_model.choose_config(kind, conv, config_list(kind, dtype), _gpu(device_index))
+    return model_backward(conv, dtype, device_index)[1][kind]
+
+
+@functools.lru_cache(maxsize=4096)
+def model_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> tuple[bool, dict]:
+    """(whether dgrad and wgrad apply the ReLU mask themselves, their configs):
+    :func:`cnnperf.perf_model.choose_backward` on this GPU, cached per shape."""
+    return perf_model.choose_backward(conv, config_list("dgrad", dtype), config_list("wgrad", dtype),
+                                      _gpu(device_index))
 
 
 @functools.cache
@@ -590,32 +601,38 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
 
 
 def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding, dilation, groups, output_mask):
-    """Triton backward: ReLU mask + bias-gradient reduction in one pass, then dgrad and wgrad implicit GEMMs."""
+    """Triton backward: dgrad and wgrad implicit GEMMs that apply the ReLU's mask as they load grad_output (and
+    the wgrad sums the bias gradient as it goes); a separate mask pass only when they cannot read grad_output
+    and output directly (:func:`_masks_in_gemms`)."""
     K = _kernels()
     n, c_in, h, wd = input.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, oh, ow = output.shape
     m = n * oh * ow
     c_out_g = c_out // groups
-    go = grad_output if _flat_spatial(grad_output) else _nhwc(grad_output)
-    y = output if _flat_spatial(output) else _nhwc(output)
     prec = _input_precision(input.dtype)
-
-    # 1. g = grad_output * (output > 0), stored NHWC [M, C_out]; bias-gradient partial sums per row block.
-    g = torch.empty((m, c_out), device=go.device, dtype=go.dtype)
-    cfg = K.MASK_CONFIG
-    m_blocks = _cdiv(m, cfg["BLOCK_M"])
-    partial_b = torch.empty((m_blocks, c_out) if output_mask[2] else (1,), device=go.device, dtype=torch.float32)
-    K._relu_mask_bias_grad_kernel[(m_blocks, _cdiv(c_out, cfg["BLOCK_C"]))](
-        go, y, g, partial_b, m, c_out, oh * ow,
-        go.stride(0), go.stride(3), go.stride(1), y.stride(0), y.stride(3), y.stride(1),
-        COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-        num_warps=cfg["num_warps"])
-    grad_bias = partial_b.sum(0).to(weight.dtype) if output_mask[2] else None
+    conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
+    grad_bias = None
+    if _masks_in_gemms(grad_output, output, output_mask, conv):
+        g, y = grad_output, output  # channels_last: (N*OH*OW, C_out) rows, read raw and masked by the GEMMs
+    else:
+        # g = grad_output * (output > 0), stored NHWC [M, C_out]; bias-gradient partial sums per row block.
+        go = grad_output if _flat_spatial(grad_output) else _nhwc(grad_output)
+        yy = output if _flat_spatial(output) else _nhwc(output)
+        g, y = torch.empty((m, c_out), device=go.device, dtype=go.dtype), None
+        cfg = K.MASK_CONFIG
+        m_blocks = _cdiv(m, cfg["BLOCK_M"])
+        partial_b = torch.empty((m_blocks, c_out) if output_mask[2] else (1,), device=go.device, dtype=torch.float32)
+        K._relu_mask_bias_grad_kernel[(m_blocks, _cdiv(c_out, cfg["BLOCK_C"]))](
+            go, yy, g, partial_b, m, c_out, oh * ow,
+            go.stride(0), go.stride(3), go.stride(1), yy.stride(0), yy.stride(3), yy.stride(1),
+            COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"])
+        grad_bias = partial_b.sum(0).to(weight.dtype) if output_mask[2] else None
+    mask_y = y is not None
 
     w = _weight_khwc(weight) if output_mask[0] else None
     grad_input = grad_weight = None
-    conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
     if output_mask[0]:
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
@@ -624,10 +641,10 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         split_k = _split_k(config, pixels * c_in, groups * stride[0] * stride[1])
         ws = (torch.empty((split_k, pixels, c_in), device=g.device, dtype=torch.float32) if split_k > 1
               else _unused(g.device))
-        args = (g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
+        args = (g, y if mask_y else g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
         const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K"),
-                     INPUT_PRECISION=prec)
+                     MASK_Y=mask_y, INPUT_PRECISION=prec)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
         def grid(meta):
@@ -642,14 +659,16 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
     if output_mask[1]:
         x = _nhwc(input)
         config = _config("wgrad", conv, input.dtype, g.device)
-        split = _wgrad_split(conv, config, input.dtype, g.device)
+        split = _wgrad_split(conv, config, input.dtype, g.device, mask_y)
         partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
-        args = (g, x, partial_w, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
+        bias_grad = mask_y and bool(output_mask[2])
+        partial_b = (torch.empty((split, c_out), device=g.device, dtype=torch.float32) if bias_grad
+                     else _unused(g.device))
+        args = (g, y if mask_y else g, x, partial_w, partial_b, n, h, wd, c_in, oh, ow, c_out,
+                x.stride(0), x.stride(2), x.stride(3),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, split)
-        const = dict(KH=kh, KW=kw, INPUT_PRECISION=prec)
-
         fold = perf_model.fold_channels(c_in_g)
-        const["FOLD_C"] = fold
+        const = dict(KH=kh, KW=kw, FOLD_C=fold, MASK_Y=mask_y, BIAS_GRAD=bias_grad, INPUT_PRECISION=prec)
 
         def grid(meta):  # one tile per (kh, kw) and channel block, or per kh and (kw, c) block when folded
             cols, taps = (kw * fold, kh) if fold else (c_in_g, kh * kw)
@@ -661,7 +680,22 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
                                   memory_format=_torch_format(input, weight))
         _split_k_sum(partial_w, partial_w, grad_weight, c_out, kh * kw * c_in_g, False, relu=False,
                      weight_layout=(c_in_g, kw, *grad_weight.stride()))
+        if bias_grad:
+            grad_bias = partial_b.sum(0).to(weight.dtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _masks_in_gemms(grad_output: torch.Tensor, output: torch.Tensor, output_mask, conv: perf_model.Conv) -> bool:
+    """Whether the dgrad and wgrad kernels apply the ReLU's mask themselves (and the wgrad sums the bias
+    gradient): on a GPU where the model predicts that faster than the mask pass for this shape
+    (:func:`model_backward`; always in the interpreter, to test it), with grad_output and output both dense
+    channels_last (the rows the kernels index), and no bias gradient asked for without the weight's (it has no
+    GEMM to ride on then)."""
+    device = grad_output.device
+    return ((device.type != "cuda" or model_backward(conv, grad_output.dtype, _device_index(device))[0])
+            and grad_output.is_contiguous(memory_format=torch.channels_last)
+            and output.is_contiguous(memory_format=torch.channels_last)
+            and (output_mask[1] or not output_mask[2]))
 
 
 def _flat_spatial(t: torch.Tensor) -> bool:
@@ -669,7 +703,7 @@ def _flat_spatial(t: torch.Tensor) -> bool:
     return t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1
 
 
-def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torch.device) -> int:
+def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torch.device, mask_y: bool) -> int:
     """How many slices the wgrad reduction over M = N*OH*OW is cut into (deterministic: summed afterwards):
     :func:`cnnperf.perf_model.wgrad_split` for the config that launches (the model's pick when autotuning,
     since the split is fixed before the autotuner chooses)."""
@@ -677,14 +711,14 @@ def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torc
         return min(2, max(1, conv.n * conv.oh * conv.ow // 64))  # the interpreter: still exercise the split
     cfg = perf_model.config_dict(config if config is not None
                                  else model_config("wgrad", conv, dtype, _device_index(device)))
-    return _model_wgrad_split(conv, tuple(sorted(cfg.items())), _device_index(device))
+    return _model_wgrad_split(conv, tuple(sorted(cfg.items())), _device_index(device), mask_y)
 
 
 @functools.lru_cache(maxsize=4096)
-def _model_wgrad_split(conv: perf_model.Conv, cfg: tuple, device_index: int) -> int:
+def _model_wgrad_split(conv: perf_model.Conv, cfg: tuple, device_index: int, mask_y: bool) -> int:
     """perf_model.wgrad_split, cached per shape and config: it weighs a dozen splits, too slow for every
     backward call."""
-    return perf_model.wgrad_split(conv, dict(cfg), _gpu(device_index))
+    return perf_model.wgrad_split(conv, dict(cfg), _gpu(device_index), mask_y)
 
 
 def _cdiv(a: int, b: int) -> int:
