@@ -242,7 +242,8 @@ def _conv_bias_relu_fwd_kernel(
                 row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             offs_k = c0 + offs_kb
             mask_k = _channel_mask(offs_k, C_in_g, EVEN_K, BLOCK_K)
-            a = tl.load((x_rows + (kh * dil_h * sxh + kw * dil_w * sxw))[:, None] + offs_k[None, :],
+            # The tap's and the channel block's offsets summed as ints first: one 64-bit add per row, not two.
+            a = tl.load(x_rows[:, None] + (kh * dil_h * sxh + kw * dil_w * sxw + offs_k)[None, :],
                         mask=row_ok[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(w_cols[None, :] + (tap * C_in_g + offs_k)[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
