@@ -170,6 +170,33 @@ def test_grad_norms_per_parameter(name):
     assert_close(total, total64, torch.float32)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_cpu_norms_by_size_keep_fp32_accuracy(norm_type):
+    """The CPU path takes small fp32 gradients with torch's fp32 foreach kernel (its fast path) and the rest in
+    float64; max |g| every one in its own dtype. Per tensor: within a few fp32 ulps of float64 for 2 (sums of
+    squares: twice the norm's 6.5e-7 measured at the size limit), exact for inf; NaN propagates; an empty
+    gradient gives the identity."""
+    from cnnperf import reference
+
+    n = reference.CPU_FP32_NORM_MAX_NUMEL
+    torch.manual_seed(0)
+    grads = [torch.randn(n) + 1, torch.randn(n + 1), torch.randn(3, 5), torch.randn(2 * n).half(),
+             torch.randn(7).bfloat16(), torch.randn(300).double()]
+    if norm_type == 2.0:
+        grads.append(torch.zeros(0))
+    acc = reference.grad_norm_accumulate(grads, norm_type)
+    assert acc.dtype == torch.float64 and acc.shape == (len(grads),)
+    for i, g in enumerate(grads):
+        expected = torch.linalg.vector_norm(g.double(), norm_type)
+        if norm_type == 2.0:
+            torch.testing.assert_close(acc[i], expected ** 2, rtol=2e-6, atol=0, msg=f"gradient {i}")
+        else:
+            assert acc[i] == expected, i
+    nan = [torch.randn(10), torch.randn(4)]
+    nan[0][3] = math.nan
+    assert reference.grad_norm_accumulate(nan, norm_type).isnan().tolist() == [True, False]
+
+
 def test_same_bits_twice(name):
     params = _params([100, 5000, 17], (torch.float32, torch.bfloat16))
     with backend.override(name):
