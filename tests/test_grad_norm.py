@@ -197,6 +197,54 @@ def test_cpu_norms_by_size_keep_fp32_accuracy(norm_type):
     assert reference.grad_norm_accumulate(nan, norm_type).isnan().tolist() == [True, False]
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the plan is the Triton path's")
+def test_repeat_calls_reuse_the_plan_and_follow_the_gradients(monkeypatch):
+    """A second call on the same parameters skips the per-tensor checks (the host time of a call) while its
+    gradients are the same tensors, or new dense ones at the same addresses (``zero_grad(set_to_none=True)``
+    then backward); a gradient that moved, a non-dense one, a missing one or other parameters take the full
+    path. Every call's result is the float64 oracle's."""
+    from cnnperf.ops import grad_norm as gn
+
+    params = _params([10, 3000, (4, 5)])
+    full = []
+    real = gn._grads
+    monkeypatch.setattr(gn, "_grads", lambda ps: full.append(1) or real(ps))
+
+    def clip_checked(expect_full: bool, backend_name="triton"):
+        before = len(full)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto: the non-dense gradient's reference-path warning
+            _check_clip(params, 0.5, 2.0, backend_name)
+            assert (len(full) > before) == expect_full
+            with backend.override(backend_name):
+                norms = cnnperf.grad_norms(params).per_param
+        assert_close(norms, _oracle(params, 1.0, 2.0)[1], torch.float32)
+
+    clip_checked(expect_full=True)  # builds the plan
+    for p in params:
+        p.grad.normal_()  # same tensors, new values
+    clip_checked(expect_full=False)
+    for p in params:
+        p.grad = p.grad.view_as(p.grad)  # new tensor objects at the same addresses
+    clip_checked(expect_full=False)
+    params[1].grad.data = torch.randn(3000, device=DEVICE)  # the storage moved
+    clip_checked(expect_full=True)
+    storage = torch.randn(40, device=DEVICE)
+    params[2].grad = storage[:20].view(4, 5)  # elsewhere: a new plan
+    clip_checked(expect_full=True)
+    params[2].grad = storage.as_strided((4, 5), (10, 2))  # at the same address, not dense: the full path
+    clip_checked(expect_full=True, backend_name="auto")
+    params[2].grad = torch.randn(4, 5, device=DEVICE)
+    params[1].grad = None
+    clip_checked(expect_full=True)
+    params[1].grad = torch.randn(3000, device=DEVICE)
+    other = _clone(params)
+    before = len(full)
+    with backend.override("triton"):
+        cnnperf.clip_grad_norm_(other, 0.5)  # other parameters (same count): their own plan
+    assert len(full) > before
+
+
 def test_same_bits_twice(name):
     params = _params([100, 5000, 17], (torch.float32, torch.bfloat16))
     with backend.override(name):

@@ -28,6 +28,11 @@ kernels seen by torch.profiler over one call), whether one call ran without a ho
 ``torch.cuda.set_sync_debug_mode("error")``), the speed-up over ``torch``, the numerical check and the
 versions. The run is one JSON record, rewritten atomically after every case.
 
+``host_us`` (cnnperf rows): the host time of one call of cnnperf's Triton path with every kernel launch made a
+no-op and that path forced on any device, median of rounds of calls: the Python side of a call (argument
+checks, the per-call plan, allocations), without Triton's launcher and without the GPU's work; measurable on a
+machine without a GPU. Gradients are the same tensors call after call (the in-place restore).
+
 Timing: on CUDA CUDA events around each call with L2 flushed before it, as ``triton.testing.do_bench``
 does (which has no per-call set-up hook for the restore; the time includes host overhead that the GPU work
 does not hide, as do_bench's does). On the CPU a host clock, via :func:`cnnperf._timing.time_host`. On the CPU
@@ -38,8 +43,10 @@ harness works; the numbers that matter come from a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -392,7 +399,8 @@ def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, bas
             fn(grads.params, grads.max_norm)
 
         if variant == "cnnperf":
-            row.update(backend=cfg.backend, path=cnnperf_path(cfg.backend, cfg.device))
+            row.update(backend=cfg.backend, path=cnnperf_path(cfg.backend, cfg.device),
+                       host_us=sig(host_us(grads.params, grads.max_norm)))
         if variant != "torch":
             row.update(check_variant(fn, grads, strict=variant == "cnnperf"))
         grads.restore()
@@ -413,6 +421,41 @@ def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, bas
     gbps = achieved_gbps(base["grad_bytes"], t.median_ms)
     row.update(harness.timing_fields(t), gbps=sig(gbps), pct_copy_bw=sig(100 * gbps / copy_gbps))
     return row
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+HOST_ROUNDS = 7
+HOST_CALLS = 50  # per round
+
+
+def host_us(params: list, max_norm: float) -> float:
+    """Median over rounds of the host time of one ``clip_grad_norm_`` call on cnnperf's Triton path with its kernel
+    launches made no-ops (see the module docstring), in microseconds."""
+    from unittest import mock
+
+    from cnnperf.ops import grad_norm as ops
+
+    kernels = ops._kernels()
+    names = [n for n in vars(kernels) if n.startswith("_grad_") and n.endswith("_kernel")]
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(kernels, name, _NoLaunch()))
+        stack.enter_context(mock.patch.object(backend, "choose", lambda *args: "triton"))
+        stack.enter_context(mock.patch.object(backend, "interpret", lambda: False))
+        clip_grad_norm_(params, max_norm)  # the first call checks everything and leaves the plan
+        rounds = []
+        for _ in range(HOST_ROUNDS):
+            start = time.perf_counter()
+            for _ in range(HOST_CALLS):
+                clip_grad_norm_(params, max_norm)
+            rounds.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
+    return sorted(rounds)[len(rounds) // 2]
 
 
 def summarize(rows: Sequence[dict]) -> dict:
@@ -469,7 +512,7 @@ def results_table(record: dict):
     table = Table(title=f"gradient norm + clip on {escape(record['device'])}; copy bandwidth {bw['gbps']:.4g} GB/s "
                         f"({escape(bw['what'])})")
     columns = ["dtype", "case", "tensors", "MB", "variant", "median ms", "p20-p80 ms", "GB/s", "% copy",
-               "launches", "no sync", "vs torch", "check"]
+               "host us", "launches", "no sync", "vs torch", "check"]
     for name in columns:
         table.add_column(name, justify="left" if name in ("dtype", "case", "variant", "check") else "right")
     for r in record["rows"]:
@@ -483,7 +526,7 @@ def results_table(record: dict):
         check = r.get("check")
         table.add_row(
             r["dtype"], r["case"], str(r["tensors"]), f"{r['grad_bytes'] / 1e6:.4g}", r["variant"], *timing,
-            fmt(r.get("kernel_launches"), "d"),
+            fmt(r.get("host_us"), ".3g"), fmt(r.get("kernel_launches"), "d"),
             "-" if free is None else ("[green]yes[/]" if free else "[red]NO[/]"),
             harness.speedup_cell(ratio), harness.check_cell(check))
     return table

@@ -15,7 +15,11 @@ A gradient clip is a function, not an autograd node: it acts on ``.grad`` after 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
+import itertools
 import math
+import operator
 import types
 import warnings
 from typing import Iterable, NamedTuple
@@ -49,13 +53,15 @@ def grad_norms(parameters, norm_type: float = 2.0, *, process_group=None) -> Gra
     Nothing is recorded by autograd, as with torch's clip.
     """
     with torch.no_grad():
-        grads = _grads(parameters)
+        params = _param_list(parameters)
         norm_type = _check_norm_type(norm_type)
+        plan = _cached_plan(params, norm_type, process_group)
+        grads = plan.grads if plan is not None else _grads(params)
         if not grads:
             zero = torch.zeros(())
             return GradNorms(zero, torch.zeros(0), torch.tensor(True))
         norms, total, finite, _, _ = _norms(grads, norm_type, max_norm=1.0, scale=None,
-                                            process_group=process_group)
+                                            process_group=process_group, params=params, plan=plan)
         return GradNorms(total, norms, finite)
 
 
@@ -85,8 +91,10 @@ def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach
         if not parameters:
             # torch's own words and category, pointing at the caller of clip_grad_norm_
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    grads = _grads(parameters)
+    params = _param_list(parameters)
     norm_type = _check_norm_type(norm_type)
+    plan = _cached_plan(params, norm_type, process_group)
+    grads = plan.grads if plan is not None else _grads(params)
     max_norm = float(max_norm)
     if not grads:
         return torch.tensor(0.0)
@@ -95,9 +103,10 @@ def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach
     scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
     if scale is not None and scale.device != grads[0].device:
         raise ValueError(f"{OP}: scaler's scale is on {scale.device}, the gradients on {grads[0].device}")
-    result_dtype = _result_dtype(grads)
+    result_dtype = plan.result_dtype if plan is not None else _result_dtype(grads)
     _, total, finite, coef, apply = _norms(grads, norm_type, max_norm, scale, process_group, foreach,
-                                           round_to=result_dtype if result_dtype.itemsize == 2 else None)
+                                           round_to=result_dtype if result_dtype.itemsize == 2 else None,
+                                           params=params, plan=plan)
     if error_if_nonfinite and not bool(finite):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
@@ -109,11 +118,18 @@ def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach
 
 # ---------------------------------------------------------------------------------------------------------
 
-def _grads(parameters) -> list[torch.Tensor]:
+def _param_list(parameters) -> list | tuple:
+    """``parameters`` as a list or tuple (a tensor, or any iterable of them, as torch's clip takes)."""
     if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    elif not isinstance(parameters, Iterable):
+        return [parameters]
+    if isinstance(parameters, (list, tuple)):
+        return parameters
+    if not isinstance(parameters, Iterable):
         raise TypeError(f"{OP}: parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
+    return list(parameters)
+
+
+def _grads(parameters: list | tuple) -> list[torch.Tensor]:
     grads = []
     for i, p in enumerate(parameters):
         if not isinstance(p, torch.Tensor):
@@ -195,14 +211,21 @@ def _reduce_groups(grads, process_group) -> list:
     return groups
 
 
-def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round_to=None):
+def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round_to=None, params=None,
+           plan=None):
     """(per-tensor norms, total, finite, coefficient, apply) where ``apply(coef)`` clips the gradients.
 
     ``round_to``: the 16-bit dtype the total norm is returned in; it is rounded to it before the finite flag and
     the coefficient are taken from it, as torch's clip does (whose total *is* in that dtype): a total that
     overflows float16 is inf, zeroes the gradients and fails ``error_if_nonfinite``, as in torch.
     Per-tensor norms and the total are float32 (float64 if any gradient is).
+    ``plan``: :func:`_cached_plan`'s, whose checks and device table hold for ``grads``; else ``params`` (the
+    parameters ``grads`` came from) lets a Triton call leave one for the next.
     """
+    if plan is not None and backend.choose(OP, plan.table.addr.device.type, None) == "triton":
+        acc = _triton_accumulate(plan.table, norm_type)
+        norms, total, finite, coef = _triton_finalize(acc, norm_type, max_norm, scale, round_to)
+        return norms, total, finite, coef, lambda c: _triton_scale(plan.table, c)
     if process_group is None:  # with plain shards the whole gradient's size is not known here
         _check_empty(grads, norm_type)
     local = [_local(g) for g in grads]
@@ -214,6 +237,8 @@ def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round
     path = backend.choose(OP, device.type, _unsupported(local, norm_type))
     if path == "triton":
         table = _table(local)
+        if params is not None and not groups and process_group is None and local == grads:
+            _remember(params, grads, table)
         acc = _triton_accumulate(table, norm_type)
     else:
         acc = reference.grad_norm_accumulate(local, norm_type)
@@ -290,15 +315,24 @@ _TABLES: collections.OrderedDict = collections.OrderedDict()
 _TABLES_KEPT = 8
 
 
+@functools.cache
 def _kernels():
     from cnnperf.kernels import grad_norm as K
     return K
 
 
 def _config() -> dict:
+    return _interpreter_config() if backend.interpret() else _gpu_config()
+
+
+@functools.cache
+def _interpreter_config() -> dict:
+    return dict(_kernels().INTERPRET_CONFIG, num_warps=1)
+
+
+@functools.cache
+def _gpu_config() -> dict:
     K = _kernels()
-    if backend.interpret():
-        return dict(K.INTERPRET_CONFIG, num_warps=1)
     return {"CHUNK": K.CHUNK, "BLOCK": K.BLOCK, "num_warps": K.NUM_WARPS}
 
 
@@ -330,6 +364,70 @@ def _table(grads) -> _Table:
     if len(_TABLES) > _TABLES_KEPT:
         _TABLES.popitem(last=False)
     return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-call plan: what a list of parameters needs on the Triton path, checked once (host time per call).
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Plan:
+    """A list of parameters whose gradients the Triton path took: the checks passed (dtypes, density, one device,
+    plain tensors, no process group) and the device table. Valid while the same parameters have the same
+    gradients, or gradients at the same addresses (``zero_grad(set_to_none=True)`` frees them; the next backward's
+    land where they were, as the caching allocator hands the same blocks back in the same order)."""
+
+    params: list  # the parameters, in order, every one with a gradient
+    grads: list  # their gradients when last seen
+    ptrs: list  # the gradients' addresses (the table's)
+    table: _Table
+    result_dtype: torch.dtype
+    has_empty: bool  # an empty gradient: inf / negative orders raise on it (the slow path says so)
+
+
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+_GRAD = operator.attrgetter("grad")
+
+
+def _plan_key(params) -> tuple:
+    return len(params), id(params[0])
+
+
+def _remember(params, grads, table: _Table) -> None:
+    key = _plan_key(params)
+    _PLANS[key] = _Plan(list(params), list(grads), [g.data_ptr() for g in grads], table, _result_dtype(grads),
+                        any(g.numel() == 0 for g in grads))
+    _PLANS.move_to_end(key)
+    if len(_PLANS) > _TABLES_KEPT:
+        _PLANS.popitem(last=False)
+
+
+def _cached_plan(params, norm_type: float, process_group) -> _Plan | None:
+    """The plan of ``params`` if it holds for their gradients now, else None (then the full checks run).
+
+    Only C-level passes over the tensors, no Python loop (the host time of a call is the point): the
+    gradients are the plan's tensors at the plan's addresses (a tensor's dtype never changes; its storage may
+    move, by ``.data =`` or ``set_``), or, after ``zero_grad(set_to_none=True)``, new dense tensors at the
+    plan's addresses of the plan's own parameters (torch refuses a ``.grad`` of another dtype or shape than its
+    parameter's, so sizes and dtypes hold).
+    """
+    if not params or process_group is not None or norm_type not in (2.0, math.inf):
+        return None
+    plan = _PLANS.get(_plan_key(params))
+    if (plan is None or len(plan.params) != len(params) or (norm_type == math.inf and plan.has_empty)
+            or plan.table.chunk != _config()["CHUNK"]):  # (the interpreter's chunks are smaller)
+        return None
+    grads = list(map(_GRAD, params))
+    if not all(map(operator.is_, grads, plan.grads)):
+        if (not all(map(operator.is_, params, plan.params))
+                or not all(map(operator.is_not, grads, itertools.repeat(None)))
+                or list(map(torch.Tensor.data_ptr, grads)) != plan.ptrs
+                or not (all(map(torch.Tensor.is_contiguous, grads)) or all(map(_dense, grads)))):
+            return None
+        plan.grads = grads
+    elif list(map(torch.Tensor.data_ptr, grads)) != plan.ptrs:
+        return None
+    return plan
 
 
 def _triton_accumulate(table: _Table, norm_type: float) -> torch.Tensor:
