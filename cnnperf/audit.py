@@ -168,7 +168,7 @@ KERNELS: tuple[KernelAudit, ...] = (
                 divisible_by_16=("C", "s_r")),
     KernelAudit(_GRAD_NORM, "_grad_norm_partial_kernel", {ANY_DTYPE: _grad_norm_chunk_config},
                 constexprs={"NORM_INF": False}, arg_types={**_GRAD_TABLE, "partial_ptr": "*fp32"}),
-    KernelAudit(_GRAD_NORM, "_grad_norm_reduce_kernel", {ANY_DTYPE: lambda k: {"BLOCK_T": k.REDUCE_BLOCK_T}},
+    KernelAudit(_GRAD_NORM, "_grad_norm_reduce_kernel", {ANY_DTYPE: lambda k: {"BLOCK_C": k.REDUCE_BLOCK_C}},
                 constexprs={"NORM_INF": False},
                 arg_types={**_types("*fp32", "partial_ptr", "acc_ptr"), "chunk_begin_ptr": "*i64"}),
     KernelAudit(_GRAD_NORM, "_grad_norm_finalize_kernel", {ANY_DTYPE: lambda k: {"BLOCK_T": k.FINALIZE_BLOCK_T}},

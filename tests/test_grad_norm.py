@@ -98,7 +98,9 @@ def test_many_tiny_tensors(name):
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_mixed_dtypes_and_multi_chunk_tensors(name, norm_type):
-    sizes = [3, 1024, 2500, 4096, (33, 65), 1]  # under the interpreter CHUNK is 1024: partial and whole chunks
+    # Under the interpreter CHUNK is 1024 and pass 2 sums 4 chunks a step: partial and whole chunks, and
+    # tensors of one step, of a whole step and of three (9300: 10 chunks, the last step partial).
+    sizes = [3, 1024, 2500, 4096, (33, 65), 1, 9300]
     params = _params(sizes, (torch.float16, torch.bfloat16, torch.float32), scale=3.0)
     _check_clip(params, 1.0, norm_type, name)
 

@@ -306,7 +306,6 @@ class _Table(NamedTuple):
     chunk_begin: torch.Tensor
     tensors: int
     chunks: int
-    max_chunks: int
     chunk: int
     host: torch.Tensor  # the pinned host copy, kept alive while the copy to the device may be in flight
 
@@ -333,7 +332,7 @@ def _interpreter_config() -> dict:
 @functools.cache
 def _gpu_config() -> dict:
     K = _kernels()
-    return {"CHUNK": K.CHUNK, "BLOCK": K.BLOCK, "num_warps": K.NUM_WARPS}
+    return {"CHUNK": K.CHUNK, "BLOCK": K.BLOCK, "REDUCE_BLOCK_C": K.REDUCE_BLOCK_C, "num_warps": K.NUM_WARPS}
 
 
 def _table(grads) -> _Table:
@@ -359,7 +358,7 @@ def _table(grads) -> _Table:
     dev = host.to(device, non_blocking=True)
     n, c = len(grads), len(chunk_tensor)
     parts = torch.split(dev, [n, n, n, c, c, n + 1])
-    table = _Table(*parts, tensors=n, chunks=c, max_chunks=max(counts), chunk=chunk, host=host)
+    table = _Table(*parts, tensors=n, chunks=c, chunk=chunk, host=host)
     _TABLES[key] = table
     if len(_TABLES) > _TABLES_KEPT:
         _TABLES.popitem(last=False)
@@ -440,10 +439,9 @@ def _triton_accumulate(table: _Table, norm_type: float) -> torch.Tensor:
             table.addr, table.numel, table.meta, table.chunk_tensor, table.chunk_start, partial,
             NORM_INF=norm_inf, CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     acc = torch.empty(table.tensors, device=device, dtype=torch.float32)
-    block_t = K.REDUCE_BLOCK_T
     with backend.quiet_interpreter():
-        K._grad_norm_reduce_kernel[(-(-table.tensors // block_t),)](
-            partial, table.chunk_begin, acc, table.tensors, table.max_chunks, NORM_INF=norm_inf, BLOCK_T=block_t)
+        K._grad_norm_reduce_kernel[(table.tensors,)](
+            partial, table.chunk_begin, acc, NORM_INF=norm_inf, BLOCK_C=cfg["REDUCE_BLOCK_C"])
     return acc
 
 
