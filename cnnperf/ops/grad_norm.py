@@ -66,7 +66,7 @@ def grad_norms(parameters, norm_type: float = 2.0, *, process_group=None) -> Gra
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach: bool | None = None, *, scaler=None, process_group=None) -> torch.Tensor:
+                    foreach: bool | None = None, *, scaler=None, process_group=None, optimizer=None) -> torch.Tensor:
     """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: scale all gradients so their total norm is at most
     ``max_norm``, and return the total norm (0-dim, on the gradients' device, in their dtype).
 
@@ -80,12 +80,28 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     not called): the gradients are clipped against ``max_norm * scale`` in the same pass, the returned norm is
     the unscaled one, and ``scaler.step`` still skips the step on inf/NaN. ``process_group``: see
     :func:`grad_norms`.
+
+    ``optimizer``: a fused optimizer (``fused=True``: SGD, Adam, AdamW, Adagrad) whose next ``step()`` (or
+    ``scaler.step(optimizer)``) applies the clip as it reads the gradients: here they are only read (for the
+    norm), not scaled. The coefficient goes to the optimizer as its ``grad_scale``, the device-side divisor
+    ``GradScaler`` gives fused optimizers (with a ``scaler`` the two multiply, and inf/NaN still skip the step
+    and back the scale off). torch's fused kernels write the divided gradients back whenever ``grad_scale`` is
+    set, so after the step ``.grad`` holds the clipped values, as after an in-place clip; between this call and
+    the step it holds the unclipped ones. Gradient traffic over the bare fused step: one read and one write,
+    where clipping in place costs three passes. It applies to every parameter of ``optimizer``: pass the same
+    parameters.
     """
     with torch.no_grad():
-        return _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group)
+        return _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group,
+                               optimizer)
 
 
-def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group):
+def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach, scaler, process_group,
+                    optimizer=None):
+    if optimizer is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError(f"{OP}: optimizer= applies the clip in the optimizer's step through its grad_scale, which "
+                         f"only fused optimizers read; {type(optimizer).__name__} was not built with fused=True "
+                         "(or clip without optimizer=, scaling the gradients in place)")
     if isinstance(parameters, types.GeneratorType):
         parameters = list(parameters)
         if not parameters:
@@ -112,8 +128,36 @@ def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
-    apply(coef)
+    if optimizer is None:
+        apply(coef)
+    else:
+        _clip_in_step(optimizer, coef, scale is not None)
     return _as_grads_total(total.to(result_dtype), grads)
+
+
+def _clip_in_step(optimizer, coef: torch.Tensor, scaler_steps: bool) -> None:
+    """Leave ``coef`` for the fused ``optimizer``'s next step: it divides the gradients by ``grad_scale``.
+
+    ``scaler_steps``: ``GradScaler.step`` will run it, multiplying its own scale into ``grad_scale`` (torch takes
+    a user's ``grad_scale`` so), setting ``found_inf`` and deleting both after the step. Otherwise the step is
+    the user's ``optimizer.step()``: ``found_inf`` is 0 (nothing is skipped, as after an in-place clip: a NaN
+    coefficient makes NaN parameters in both) and a one-shot step post-hook deletes both after it, so a later
+    step does not clip again."""
+    optimizer.grad_scale = coef.reciprocal().to(torch.float32)  # (the CPU's coefficient is float64)
+    if scaler_steps:
+        return
+    optimizer.found_inf = torch.zeros((), device=coef.device, dtype=torch.float32)
+    if getattr(optimizer, "_cnnperf_clip_hook", None) is not None:
+        return  # a second clip before the step: its coefficient replaces the first, the hook is there
+
+    def after_step(opt, args, kwargs):
+        for name in ("grad_scale", "found_inf", "_cnnperf_clip_hook"):
+            if hasattr(opt, name):
+                delattr(opt, name)
+        handle.remove()
+
+    handle = optimizer.register_step_post_hook(after_step)
+    optimizer._cnnperf_clip_hook = handle
 
 
 # ---------------------------------------------------------------------------------------------------------
