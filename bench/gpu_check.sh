@@ -15,7 +15,8 @@
 #                          config of every list, the shape cases, the autotuned path, grad norm + clip
 #   bench-conv             the fused conv (--backend triton: our kernels themselves) against eager cuDNN on
 #                          ResNet-50 and VGG-16 shapes, bf16, fwd and fwd+bwd
-#   bench-clip             cnnperf.clip_grad_norm_ against torch's foreach clip and a loop
+#   bench-clip             cnnperf.clip_grad_norm_ against torch's foreach clip and a loop; the clip folded into a
+#                          fused AdamW step against clip-then-step and the step alone
 #   profile-resnet50       cnnperf profile, ResNet-50 at batch 128, every GPU option incl. torch.compile
 #   other-tests            the rest of the test suite, on the GPU machine's stack with CUDA visible
 #   doctor                 cnnperf doctor on the GPU, 2 epochs
@@ -200,7 +201,7 @@ if [[ -z ${LEFT_OUT:-} ]]; then
     # The benchmark stops starting new shapes 20 s before its cap and rewrites its record after every shape.
     step bench-conv 110 120 "$PY" -m cnnperf bench --model resnet50,vgg16 --pass all --variants eager,cnnperf \
         --backend triton --dtype bfloat16 --limit 8 --time-budget 85 --out "$RUN/bench_conv.json" "${BENCH_R[@]}"
-    step bench-clip 50 90 "$PY" -m cnnperf bench-clip --case all --out "$RUN/bench_clip.json" "${CLIP_R[@]}"
+    step bench-clip 60 90 "$PY" -m cnnperf bench-clip --case all --out "$RUN/bench_clip.json" "${CLIP_R[@]}"
     step profile-resnet50 100 150 "$PY" -m cnnperf profile --model resnet50 --data fake --batch-size 128 \
         --variants tf32,bf16,fp16,channels_last,cudnn_benchmark,fuse,compile --budget 75 --batch-sizes none \
         --out "$RUN/profile_resnet50_b128" "${PROFILE_R[@]}"

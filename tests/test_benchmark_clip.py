@@ -79,7 +79,7 @@ def test_clipping_the_same_gradients_again_stops_clipping():
     assert coefs[2:] == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("variant", bench_clip.VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in bench_clip.VARIANTS if v != "adamw"])  # (adamw does not clip)
 def test_every_timed_call_starts_from_the_saved_gradients(variant):
     grads = bench_clip.make_grads(bench_clip.make_case("tiny"), "float32", CPU)
     fn = bench_clip.make_variant(variant)
@@ -136,6 +136,32 @@ def test_check_passes_the_variants_and_catches_wrong_clips(dtype):
         assert result["check"].startswith(what) and result["check_err"] > 1, (wrong.__name__, result)
 
 
+def test_step_rows_say_their_time_over_the_step_alone():
+    rows = [{"dtype": "float32", "case": "tiny", "variant": v, "median_ms": ms}
+            for v, ms in [("torch", 1.0), ("adamw", 2.0), ("torch+adamw", 3.0), ("cnnperf_in_adamw", 2.2)]]
+    harness.add_speedups([r for r in rows if r["variant"] in bench_clip.CLIP_VARIANTS], "torch")
+    bench_clip.add_step_overheads(rows)
+    assert [r.get("step_time_over_adamw") for r in rows] == [None, None, 1.5, 1.1]
+    assert all("speedup_vs_torch" not in r for r in rows)
+    assert bench_clip.summarize(rows)["step_time_over_adamw"] == {
+        "float32": {"tiny": {"torch+adamw": 1.5, "cnnperf_in_adamw": 1.1}}}
+
+
+def test_the_folded_clip_variant_steps_like_clip_then_step():
+    """cnnperf_in_adamw (the clip applied by the fused AdamW step) against torch+adamw, two steps from the same
+    parameters and gradients: the same parameters within fp32 ulps."""
+    results = []
+    for variant in ("torch+adamw", "cnnperf_in_adamw"):
+        grads = bench_clip.make_grads(bench_clip.make_case("tiny"), "float32", CPU)
+        fn = bench_clip.make_variant(variant)
+        for _ in range(2):
+            grads.restore()
+            fn(grads.params, grads.max_norm)
+        results.append([p.detach().clone() for p in grads.params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_speedups_and_summary():
     rows = [{"dtype": "float32", "case": case, "variant": v, "median_ms": ms}
             for case, v, ms in [("tiny", "torch", 2.0), ("tiny", "loop", 8.0), ("tiny", "cnnperf", 0.5),
@@ -177,8 +203,14 @@ def test_cli_quick_run_on_the_tiny_case_writes_a_complete_record(tmp_path, capsy
 
     rows = record["rows"]
     assert [(r["dtype"], r["variant"]) for r in rows] == [
-        (d, v) for d in ("float32", "bfloat16") for v in ("torch", "loop", "cnnperf")]
+        (d, v) for d in ("float32", "bfloat16") for v in bench_clip.VARIANTS]
     for r in rows:
+        if r["variant"] in bench_clip.STEP_VARIANTS:  # their measure is the time over the step alone
+            assert ROW_FIELDS - {"gbps", "pct_copy_bw"} <= set(r) and "error" not in r and "gbps" not in r, r
+            assert r.get("step_time_over_adamw", 1.0) > 0 and "speedup_vs_torch" not in r
+            assert r.get("check", "ok") == "ok" and r["median_ms"] > 0
+            assert ("check" in r) == (r["variant"] == "cnnperf_in_adamw")
+            continue
         assert ROW_FIELDS <= set(r) and "error" not in r, r
         assert r["device"] == record["device"] and r["versions"] == record["versions"] and r["case"] == "tiny"
         assert (r["tensors"], r["elements"]) == (1000, 32_020)
@@ -203,7 +235,7 @@ def test_cli_quick_run_on_the_tiny_case_writes_a_complete_record(tmp_path, capsy
 def test_cpu_defaults_leave_vgg16_out():
     cfg = bench_clip.resolve_config(bench_clip.build_parser().parse_args(["--device", "cpu"]))
     assert cfg.quick and cfg.cases == ["resnet50", "tiny"] and "vgg16" in cfg.skipped
-    assert cfg.dtypes == ["float32"] and cfg.variants == ["torch", "loop", "cnnperf"]
+    assert cfg.dtypes == ["float32"] and cfg.variants == list(bench_clip.VARIANTS)
     full = bench_clip.resolve_config(bench_clip.build_parser().parse_args(["--device", "cpu", "--case", "all"]))
     assert full.cases == ["resnet50", "vgg16", "tiny"] and not full.skipped
     assert bench_clip.build_parser().parse_args(["--dtype", "all"]).dtypes == list(bench_clip.DTYPES)

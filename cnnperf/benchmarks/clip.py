@@ -7,6 +7,12 @@ What is measured, per case and dtype:
   tensors whose sizes cycle 1, 2, ..., 64 elements (32,020 elements in all; a launch-bound case);
 - variants: ``torch`` (``torch.nn.utils.clip_grad_norm_(..., foreach=True)``), ``loop`` (the naive way: one
   ``norm()`` per gradient, their norm, one ``mul_`` per gradient) and ``cnnperf`` (:func:`cnnperf.clip_grad_norm_`);
+  and with an optimizer step: ``adamw`` (one step of ``torch.optim.AdamW(fused=True)`` alone, no clip),
+  ``torch+adamw`` (torch's clip, then the step) and ``cnnperf_in_adamw`` (``cnnperf.clip_grad_norm_(...,
+  optimizer=opt)``, the clip applied by the step). Their rows carry ``step_time_over_adamw``, the time over the
+  step's alone (the cost of clipping on top of the step), instead of the bandwidth and the speed-up over torch;
+  the optimizer is made on the first call and kept (its state grows once; the parameters drift, which changes no
+  timing);
 - dtypes: float32 (default), bfloat16, float16, and ``mixed`` (tensors alternate bfloat16 / float32, in
   parameter order).
 
@@ -63,7 +69,9 @@ from cnnperf.ops.grad_norm import clip_grad_norm_
 
 CASES = ("resnet50", "vgg16", "tiny")
 QUICK_CASES = ("resnet50", "tiny")  # --quick leaves VGG-16 out: 138M fp32 gradients are 553 MB per copy
-VARIANTS = ("torch", "loop", "cnnperf")
+CLIP_VARIANTS = ("torch", "loop", "cnnperf")
+STEP_VARIANTS = ("adamw", "torch+adamw", "cnnperf_in_adamw")
+VARIANTS = CLIP_VARIANTS + STEP_VARIANTS
 DTYPES = {  # name -> the dtypes the tensors cycle through, in parameter order
     "float32": (torch.float32,),
     "bfloat16": (torch.bfloat16,),
@@ -155,12 +163,13 @@ class Grads:
 def make_grads(case: Case, dtype: str, device: torch.device, seed: int = 0) -> Grads:
     """Parameters of ``case`` on ``device`` with random normal gradients in ``dtype`` (a DTYPES name).
 
-    The parameters' own values are never read (only their ``.grad``), so they are left uninitialised.
+    The parameters start at zero (only the step variants read them; uninitialised memory could hold NaN or
+    denormals, which some CPUs compute slowly).
     """
     gen = torch.Generator(device).manual_seed(seed)
     params = []
     for shape, dt in zip(case.shapes, case.dtypes(dtype)):
-        p = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dt))
+        p = torch.nn.Parameter(torch.zeros(shape, device=device, dtype=dt))
         # Drawn in float32, then rounded: torch 2.11's bfloat16 randn on the CPU makes 0.6% exact zeros (2.14: none).
         p.grad = torch.randn(shape, generator=gen, device=device).to(dt)
         params.append(p)
@@ -189,15 +198,35 @@ def clip_loop(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
-def make_variant(variant: str, backend_name: str | None = None) -> Callable[[list, float], torch.Tensor]:
-    """``fn(params, max_norm)`` clipping the gradients of ``params`` the way ``variant`` does."""
+def make_variant(variant: str, backend_name: str | None = None) -> Callable[[list, float], torch.Tensor | None]:
+    """``fn(params, max_norm)`` clipping the gradients of ``params`` the way ``variant`` does (and stepping, for
+    :data:`STEP_VARIANTS`), returning the total norm (None for ``adamw``, which does not clip)."""
     if variant == "torch":
         return clip_torch
     if variant == "loop":
         return clip_loop
     if variant == "cnnperf":
         return harness.cnnperf_backend_fn(clip_grad_norm_, backend_name)
+    if variant in STEP_VARIANTS:
+        return _with_adamw_step(variant, harness.cnnperf_backend_fn(clip_grad_norm_, backend_name))
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _with_adamw_step(variant: str, cnnperf_clip: Callable) -> Callable[[list, float], torch.Tensor | None]:
+    optimizers: dict[int, torch.optim.Optimizer] = {}
+
+    def step(params: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+        opt = optimizers.get(id(params))
+        if opt is None:
+            opt = optimizers[id(params)] = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        total = None
+        if variant == "torch+adamw":
+            total = clip_torch(params, max_norm)
+        elif variant == "cnnperf_in_adamw":
+            total = cnnperf_clip(params, max_norm, optimizer=opt)
+        opt.step()
+        return total
+    return step
 
 
 def cnnperf_path(backend_name: str, device: torch.device) -> str:
@@ -384,8 +413,18 @@ def bench_case(cfg: Config, case: Case, dtype: str, copy_gbps: float, common: di
         if log:
             log(f"  {variant}")
         rows.append(bench_variant(cfg, variant, grads, copy_gbps, base))
-    harness.add_speedups(rows, "torch")
+    harness.add_speedups([r for r in rows if r["variant"] in CLIP_VARIANTS], "torch")
+    add_step_overheads(rows)
     return rows
+
+
+def add_step_overheads(rows: Sequence[dict]) -> None:
+    """``step_time_over_adamw`` = t_variant / t_adamw on the step rows but ``adamw`` itself (1.15: the clip adds
+    15% to the step)."""
+    ref = next((r.get("median_ms") for r in rows if r["variant"] == "adamw"), None)
+    for r in rows:
+        if r["variant"] in STEP_VARIANTS and r["variant"] != "adamw":
+            r["step_time_over_adamw"] = sig(r["median_ms"] / ref) if ref and r.get("median_ms") else None
 
 
 def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, base: dict) -> dict:
@@ -398,11 +437,12 @@ def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, bas
         def call():
             fn(grads.params, grads.max_norm)
 
+        if variant in ("cnnperf", "cnnperf_in_adamw"):
+            row.update(backend=cfg.backend, path=cnnperf_path(cfg.backend, cfg.device))
         if variant == "cnnperf":
-            row.update(backend=cfg.backend, path=cnnperf_path(cfg.backend, cfg.device),
-                       host_us=sig(host_us(grads.params, grads.max_norm)))
-        if variant != "torch":
-            row.update(check_variant(fn, grads, strict=variant == "cnnperf"))
+            row["host_us"] = sig(host_us(grads.params, grads.max_norm))
+        if variant not in ("torch", "adamw", "torch+adamw"):  # (the step writes the clipped gradients back)
+            row.update(check_variant(fn, grads, strict=variant != "loop"))
         grads.restore()
         call()  # compiles the Triton kernels and caches cnnperf's device table, outside every measurement
         if cuda:
@@ -418,8 +458,10 @@ def bench_variant(cfg: Config, variant: str, grads: Grads, copy_gbps: float, bas
         return row
     finally:
         grads.restore()
-    gbps = achieved_gbps(base["grad_bytes"], t.median_ms)
-    row.update(harness.timing_fields(t), gbps=sig(gbps), pct_copy_bw=sig(100 * gbps / copy_gbps))
+    row.update(harness.timing_fields(t))
+    if variant in CLIP_VARIANTS:
+        gbps = achieved_gbps(base["grad_bytes"], t.median_ms)
+        row.update(gbps=sig(gbps), pct_copy_bw=sig(100 * gbps / copy_gbps))
     return row
 
 
@@ -459,11 +501,15 @@ def host_us(params: list, max_norm: float) -> float:
 
 
 def summarize(rows: Sequence[dict]) -> dict:
-    """``{"speedup_vs_torch": {dtype: {case: {variant: x}}}, "geomean_speedup_vs_torch": {dtype: {variant: x}}}``."""
+    """``{"speedup_vs_torch": {dtype: {case: {variant: x}}}, "geomean_speedup_vs_torch": {dtype: {variant: x}}}``,
+    and, with step rows, ``"step_time_over_adamw": {dtype: {case: {variant: x}}}``."""
     per_case: dict = {}
+    steps: dict = {}
     for r in rows:
         if r.get("speedup_vs_torch"):
             per_case.setdefault(r["dtype"], {}).setdefault(r["case"], {})[r["variant"]] = r["speedup_vs_torch"]
+        if r.get("step_time_over_adamw"):
+            steps.setdefault(r["dtype"], {}).setdefault(r["case"], {})[r["variant"]] = r["step_time_over_adamw"]
     geomeans: dict = {}
     for dtype, cases in per_case.items():
         by_variant: dict = {}
@@ -471,7 +517,10 @@ def summarize(rows: Sequence[dict]) -> dict:
             for variant, ratio in variants.items():
                 by_variant.setdefault(variant, []).append(ratio)
         geomeans[dtype] = {v: sig(geomean(r)) for v, r in by_variant.items()}
-    return {"speedup_vs_torch": per_case, "geomean_speedup_vs_torch": geomeans}
+    out = {"speedup_vs_torch": per_case, "geomean_speedup_vs_torch": geomeans}
+    if steps:
+        out["step_time_over_adamw"] = steps
+    return out
 
 
 def run(cfg: Config, out: Path | None, argv: Sequence[str],
@@ -512,15 +561,15 @@ def results_table(record: dict):
     table = Table(title=f"gradient norm + clip on {escape(record['device'])}; copy bandwidth {bw['gbps']:.4g} GB/s "
                         f"({escape(bw['what'])})")
     columns = ["dtype", "case", "tensors", "MB", "variant", "median ms", "p20-p80 ms", "GB/s", "% copy",
-               "host us", "launches", "no sync", "vs torch", "check"]
+               "host us", "launches", "no sync", "vs torch", "step x", "check"]
     for name in columns:
         table.add_column(name, justify="left" if name in ("dtype", "case", "variant", "check") else "right")
     for r in record["rows"]:
         if "error" in r:
             timing = ["[red]error[/]", "-", "-", "-"]
         else:
-            timing = [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", f"{r['gbps']:.4g}",
-                      f"{r['pct_copy_bw']:.3g}"]
+            timing = [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", fmt(r.get("gbps")),
+                      fmt(r.get("pct_copy_bw"), ".3g")]
         ratio = r.get("speedup_vs_torch")
         free = r.get("host_sync_free")
         check = r.get("check")
@@ -528,7 +577,7 @@ def results_table(record: dict):
             r["dtype"], r["case"], str(r["tensors"]), f"{r['grad_bytes'] / 1e6:.4g}", r["variant"], *timing,
             fmt(r.get("host_us"), ".3g"), fmt(r.get("kernel_launches"), "d"),
             "-" if free is None else ("[green]yes[/]" if free else "[red]NO[/]"),
-            harness.speedup_cell(ratio), harness.check_cell(check))
+            harness.speedup_cell(ratio), fmt(r.get("step_time_over_adamw"), ".3g"), harness.check_cell(check))
     return table
 
 
@@ -541,6 +590,10 @@ def print_report(record: dict, console) -> None:
         cases = ", ".join(record["summary"]["speedup_vs_torch"][dtype])
         for variant, ratio in by_variant.items():
             console.print(f"{dtype:8} {variant}/torch: geomean {ratio:.3f}x over {cases}")
+    for dtype, by_case in record["summary"].get("step_time_over_adamw", {}).items():
+        for case, by_variant in by_case.items():
+            said = ", ".join(f"{v} {x:.3g}x" for v, x in by_variant.items())
+            console.print(f"{dtype:8} {case}: time over the AdamW step alone: {said}")
     for r in record["rows"]:
         if "error" in r:
             console.print(f"[red]error[/] {r['dtype']} {r['case']} {r['variant']}: {escape(r['error'])}")
@@ -565,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 (default), bfloat16, float16, mixed (bf16/fp32 alternating), a comma list, or all")
     p.add_argument("--repeat", type=_cli.positive_int, default=None,
                    help="timed calls per row (default: as many as fit in the time per row)")
-    harness.add_common_arguments(p, VARIANTS, "comma list of torch, loop, cnnperf (default: all three)",
+    harness.add_common_arguments(p, VARIANTS, f"comma list of {', '.join(VARIANTS)} (default: all)",
                                  "short timing, and VGG-16 left out of the default cases", "bench_clip")
     return p
 
