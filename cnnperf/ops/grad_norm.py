@@ -281,7 +281,8 @@ def _norms(grads, norm_type, max_norm, scale, process_group, foreach=None, round
     path = backend.choose(OP, device.type, _unsupported(local, norm_type))
     if path == "triton":
         table = _table(local)
-        if params is not None and not groups and process_group is None and local == grads:
+        if (params is not None and not groups and process_group is None
+                and all(map(operator.is_, local, grads))):  # plain tensors (not DTensors' local shards)
             _remember(params, grads, table)
         acc = _triton_accumulate(table, norm_type)
     else:
