@@ -442,16 +442,37 @@ def test_recommend_a_loss_off_and_data_bound_baseline():
 
 def test_recommend_needs_a_gain_that_holds_when_timed_again():
     rows = [_row("eager", 10.0), _row("channels_last", 8.0), _row("fuse", 9.0)]
-    confirmed = recommend(rows, confirmation={"baseline_ms": 10.0, "variant_ms": 8.2, "speedup": 10.0 / 8.2,
-                                              "rounds": 3, "steps": 5})
-    assert confirmed["variant"] == "channels_last" and "Confirmed: 1.22x" in confirmed["summary"]
-    assert confirmed["confirmation"]["rounds"] == 3
-    noise = recommend(rows, confirmation={"baseline_ms": 10.0, "variant_ms": 9.9, "speedup": 10.0 / 9.9,
-                                          "rounds": 3, "steps": 5})
-    assert noise["variant"] == "eager" and noise["speedup"] == 1.0
-    assert noise["summary"].startswith("Keep eager: channels_last measured 1.25x faster in the search but only 1.01x")
-    why = {n["variant"]: n["why"] for n in noise["not_chosen"]}
-    assert why["channels_last"].startswith("1.25x in the search, but 1.01x when timed again in turns")
+    confirmed = recommend(rows, confirmation=core.confirmation_of(
+        [(10.0, 8.2), (10.1, 8.1), (9.9, 8.3), (10.0, 8.2), (10.2, 8.0), (10.0, 8.4)], 5))
+    # The headline is the rounds' median ratio with its spread, not the search's 1.25x.
+    assert confirmed["variant"] == "channels_last" and confirmed["speedup_source"] == "confirmed in turns"
+    assert confirmed["speedup"] == pytest.approx(10.0 / 8.2, rel=0.01)
+    p20, p80 = confirmed["speedup_spread"]
+    assert 1.15 < p20 < confirmed["speedup"] < p80 < 1.3
+    assert confirmed["summary"].startswith(f"Use channels_last: {confirmed['speedup']:.2f}x (p20-p80 {p20:.2f}-")
+    assert "the search measured 1.25x" in confirmed["summary"] and confirmed["confirmation"]["rounds"] == 6
+
+    held_not = recommend(rows, confirmation=core.confirmation_of([(10.0, 9.9)] * 4, 5))
+    assert held_not["variant"] == "eager" and held_not["speedup"] == 1.0 and held_not["speedup_spread"] is None
+    assert held_not["summary"].startswith("Keep eager: channels_last measured 1.25x faster in the search but only "
+                                          "1.01x (p20-p80 1.01-1.01 over 4 rounds)")
+    why = {n["variant"]: n["why"] for n in held_not["not_chosen"]}
+    assert why["channels_last"].startswith("1.25x in the search, but 1.01x") and "not a gain that holds" in \
+        why["channels_last"]
+
+    # A median gain whose slow rounds are within MIN_GAIN: not reliably faster, whatever the median says.
+    noisy = recommend(rows, confirmation=core.confirmation_of(
+        [(10.0, 7.0), (10.0, 9.9), (10.0, 7.2), (10.0, 10.1), (10.0, 7.1), (10.0, 9.95)], 5))
+    assert noisy["confirmation"]["speedup"] > 1 + MIN_GAIN > noisy["confirmation"]["speedup_p20"]
+    assert noisy["variant"] == "eager" and "no variant is reliably faster here" in noisy["summary"]
+    assert "rounds disagree" in {n["variant"]: n["why"] for n in noisy["not_chosen"]}["channels_last"]
+
+
+def test_confirmation_of_rounds():
+    c = core.confirmation_of([(10.0, 5.0), (12.0, 6.0), (9.0, 3.0)], 5)
+    assert c["round_speedups"] == [2.0, 2.0, 3.0] and c["speedup"] == 2.0
+    assert c["speedup_p20"] == 2.0 and c["speedup_p80"] == pytest.approx(2.6)
+    assert (c["baseline_ms"], c["variant_ms"], c["rounds"], c["steps"]) == (10.0, 5.0, 3, 5)
 
 
 def test_confirmation_reruns_the_recommended_variant(monkeypatch):
@@ -468,7 +489,8 @@ def test_confirmation_reruns_the_recommended_variant(monkeypatch):
     rec = result.record["recommendation"]
     assert rec["variant"] == "channels_last"  # the baseline sleeps 10 ms per forward: a gain that holds
     assert rec["confirmation"]["speedup"] > 1.5 and rec["confirmation"]["rounds"] == core.CONFIRM_ROUNDS
-    assert "Confirmed" in rec["summary"]
+    assert rec["speedup"] == rec["confirmation"]["speedup"] and rec["speedup_source"] == "confirmed in turns"
+    assert "timed in turns" in rec["summary"] and len(rec["confirmation"]["round_speedups"]) == core.CONFIRM_ROUNDS
 
 
 def test_slow_variant_is_not_recommended(monkeypatch):

@@ -72,13 +72,16 @@ def _full_record() -> dict:
                      check=_check("bfloat16", True, 0.015, 0.1)),
         ],
         "baseline": "eager",
-        "recommendation": {"variant": "bf16+channels_last", "speedup": 41.8 / 29.4,
-                           "summary": "bf16 autocast with channels_last is 1.42x faster and passes the check.",
+        "recommendation": {"variant": "bf16+channels_last", "speedup": 41.9 / 29.9, "speedup_spread": [1.35, 1.45],
+                           "speedup_source": "confirmed in turns",
+                           "summary": "bf16 autocast with channels_last is 1.40x faster and passes the check.",
                            "data_bound": False, "data_fraction": 0.005,
                            "not_chosen": [{"variant": "fp16", "why": "numerically off: gradient error 0.31 > 0.1"},
                                           {"variant": "compile", "why": "failed: BackendCompilerFailed"},
                                           {"variant": "tf32", "why": "not applicable: needs an Ampere GPU"}],
                            "confirmation": {"baseline_ms": 41.9, "variant_ms": 29.9, "speedup": 41.9 / 29.9,
+                                            "speedup_p20": 1.35, "speedup_p80": 1.45,
+                                            "round_speedups": [1.33, 1.38, 1.40, 1.41, 1.47],
                                             "rounds": 5, "steps": 10}},
         "top_ops": {"variant": "bf16+channels_last", "by": "self_device_time",
                     "ops": [{"name": f"aten::op_{i}", "self_ms": 10.0 / (i + 1), "calls": 20 - i,
@@ -219,9 +222,10 @@ def test_html_escapes_and_lists_what_has_no_bar(full):
 def test_html_recommendation_and_tables(full):
     _, _, page, *_ = full
     assert '<div class="rec better">' in page
-    assert "<b>Recommended: bf16+channels_last</b> (1.42x)" in page
+    assert "<b>Recommended: bf16+channels_last</b> (1.40x)" in page  # the headline: confirmed in turns
     assert "<li><b>fp16</b>: numerically off: gradient error 0.31 &gt; 0.1</li>" in page
-    assert "<p>Timed again in turns with eager: 41.9 -&gt; 29.9 ms/step, 1.40x, 5 rounds of 10 steps.</p>" in page
+    assert ("<p>Timed again in turns with eager: 41.9 -&gt; 29.9 ms/step, 1.40x (p20-p80 of the rounds: "
+            "1.35-1.45), 5 rounds of 10 steps.</p>") in page
     assert re.search(r'<tr class="best"><td class="l">bf16\+channels_last \(recommended\)</td>', page)
     assert '<td class="l fail" title="float16 over 3 steps' in page and ">FAIL grad 0.31&gt;0.1</td>" in page
     assert ">ok 0.12</td>" in page  # bf16: gradient error 0.012 of a 0.1 tolerance
@@ -276,9 +280,10 @@ def test_terminal_wide(full):
         in text  # under the table: a column of the width left would cut it short
     assert "tf32: TF32 needs an Ampere or newer GPU; this is a T4." in text
     assert "eager: 2 ranks, spread 12.0 %" in text
-    assert "Recommendation: bf16+channels_last (1.42x). bf16 autocast with channels_last" in text
+    assert "Recommendation: bf16+channels_last (1.40x). bf16 autocast with channels_last" in text
     assert "not fp16: numerically off: gradient error 0.31 > 0.1" in text
-    assert "Timed again in turns with eager: 41.9 -> 29.9 ms/step, 1.40x, 5 rounds of 10 steps." in text
+    assert ("Timed again in turns with eager: 41.9 -> 29.9 ms/step, 1.40x (p20-p80 of the rounds: 1.35-1.45), "
+            "5 rounds of 10 steps.") in text
     assert "data loader" not in text
     assert "aten::op_9" in text and "aten::op_10" not in text  # the top 10 ops
     assert any(line.split()[:2] == ["1024", "oom"] and "OutOfMemoryError" in line for line in lines)
@@ -347,9 +352,12 @@ def test_terminal_with_every_variant_failed():
 
 def test_summary_line():
     record = _full_record()
-    assert report.summary_line(record) == ("recommended bf16+channels_last: 1.42x faster than eager (41.8 -> 29.4 "
-                                           "ms/step; 1.40x when timed again in turns)")
-    record["recommendation"]["confirmation"] = None
+    # The headline is the confirmation's (in turns), with its spread; the search's single pass said 1.42x.
+    assert report.summary_line(record) == ("recommended bf16+channels_last: 1.40x faster than eager (41.9 -> 29.9 "
+                                           "ms/step; p20-p80 1.35-1.45 over 5 rounds in turns; the search "
+                                           "measured 1.42x)")
+    record["recommendation"].update(confirmation=None, speedup=41.8 / 29.4, speedup_spread=None,
+                                    speedup_source="search")
     assert report.summary_line(record) == ("recommended bf16+channels_last: 1.42x faster than eager "
                                            "(41.8 -> 29.4 ms/step)")
     record["recommendation"].update(variant="eager", speedup=1.0, not_chosen=[],  # the gain did not hold
@@ -357,6 +365,9 @@ def test_summary_line():
                                                   "rounds": 5, "steps": 10})
     assert report.summary_line(record) == ("keep eager: the fastest variant's gain did not hold when timed again in "
                                            "turns (1.01x)")
+    record["recommendation"]["confirmation"].update(speedup=1.06, speedup_p20=1.0, speedup_p80=1.2)
+    assert report.summary_line(record) == ("keep eager: the fastest variant was not reliably faster when timed "
+                                           "again in turns (1.06x, p20-p80 1.00-1.20)")
     record = _keep_eager_record()
     assert report.summary_line(record) == ("keep eager: no variant was worth switching to (the fastest, bf16, was "
                                            "1.02x); the data loader dominates (62.0 % of the step)")

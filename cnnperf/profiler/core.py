@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cnnperf._timing import quantile
+from cnnperf._timing import quantile, quantiles
 from cnnperf.profiler import measure, ranks
 from cnnperf.profiler.policy import MIN_GAIN, busy, data_bound, data_fraction, describe, gain, recommend, sound
 from cnnperf.profiler.random_state import RandomState
@@ -53,7 +53,9 @@ DEFAULT_WARMUP = 3
 DEFAULT_CHECK_STEPS = 2
 COMPILE_GUESS_S = 30.0  # what a first torch.compile of a small CNN's training step takes (20-40 s on 2 CPU cores)
 MAX_AUTOTUNE_FACTOR = 4.0
-CONFIRM_ROUNDS = 4  # the recommended variant and the baseline timed again in turns, each first in 2 of them
+# The recommended variant and the baseline timed again in turns, each first in half of the rounds: the headline
+# speed-up is the median of the rounds' ratios, its spread their p20-p80 (6 rounds: the 2nd and 5th of 6).
+CONFIRM_ROUNDS = 6
 CONFIRM_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
 # what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
@@ -525,26 +527,28 @@ class _Profiler:
                 or BASELINE not in self.kept):
             return
         self.log(f"confirming {rec['variant']} against {BASELINE}, in turns")
-        times = {BASELINE: [], rec["variant"]: []}
+        rounds = []  # per round: (baseline's median ms, the variant's)
         pair = [(BASELINE, self.kept[BASELINE][1]), (rec["variant"], best[1])]
         for round_ in range(CONFIRM_ROUNDS):
+            medians = {}
             # Each goes first in turn, so that a drift within a round falls on both alike.
             for name, prep in pair if round_ % 2 == 0 else pair[::-1]:
                 with global_switches(prep.options, self.device), compile_config(prep.options):
                     source = measure.batch_source(prep, getattr(self, "batch", None))
                     try:
-                        times[name] += measure.timed_steps(prep, self.loss_fn, source, CONFIRM_STEPS, 1).steps
+                        steps = measure.timed_steps(prep, self.loss_fn, source, CONFIRM_STEPS, 1).steps
                     finally:
                         if hasattr(source, "close"):
                             source.close()
-        medians = [quantile(times[BASELINE], 0.5), quantile(times[rec["variant"]], 0.5)]
-        if self.world > 1:
-            gathered = ranks.all_gather(medians, self.world)
-            medians = [max(m[0] for m in gathered), max(m[1] for m in gathered)]
-        confirmation = {"baseline_ms": medians[0], "variant_ms": medians[1], "speedup": medians[0] / medians[1],
-                        "rounds": CONFIRM_ROUNDS, "steps": CONFIRM_STEPS}
+                medians[name] = quantile(steps, 0.5)
+            rounds.append((medians[BASELINE], medians[rec["variant"]]))
+        if self.world > 1:  # the slowest rank's time, round by round (every rank waits for it)
+            gathered = ranks.all_gather(rounds, self.world)
+            rounds = [tuple(max(g[i][k] for g in gathered) for k in range(2)) for i in range(len(rounds))]
+        confirmation = confirmation_of(rounds, CONFIRM_STEPS)
         record["recommendation"] = recommend(self.rows, confirmation=confirmation)
-        self.log(f"  {confirmation['speedup']:.2f}x in turns")
+        self.log(f"  {confirmation['speedup']:.2f}x in turns (p20-p80 {confirmation['speedup_p20']:.2f}-"
+                 f"{confirmation['speedup_p80']:.2f} over {len(rounds)} rounds)")
 
     # -- after the search: derived numbers, top ops, sweep --------------------------------------------------------
     def _after(self, record: dict) -> None:
@@ -591,6 +595,16 @@ class _Profiler:
             raise
         except Exception as exc:
             return {"variant": variant_name(options), "by": None, "ops": [], "error": measure.one_line(exc)}
+
+
+def confirmation_of(rounds: Sequence[tuple[float, float]], steps: int) -> dict:
+    """The confirmation record from the rounds in turns (baseline ms, variant ms per round): the headline speed-up
+    is the median of the rounds' ratios, with their p20 and p80; the times are the medians over the rounds."""
+    ratios = [b / v for b, v in rounds]
+    p20, p50, p80 = quantiles(ratios, [0.2, 0.5, 0.8])
+    return {"baseline_ms": quantile([b for b, _ in rounds], 0.5), "variant_ms": quantile([v for _, v in rounds], 0.5),
+            "speedup": p50, "speedup_p20": p20, "speedup_p80": p80, "round_speedups": ratios,
+            "rounds": len(rounds), "steps": steps}
 
 
 def _on_device(device: torch.device):

@@ -40,9 +40,11 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
     if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen.
 
-    ``confirmation``: the baseline and that fastest variant timed again in turns (see
-    ``cnnperf.profiler.core._Profiler._confirm``); if the gain does not hold there (below MIN_GAIN), the baseline is
-    recommended and the summary says so.
+    ``confirmation``: the baseline and that fastest variant timed again in turns, round by round (see
+    ``cnnperf.profiler.core.confirmation_of``). It decides: the variant stays only if the low end of its rounds'
+    speed-ups (p20) beats the baseline by MIN_GAIN, and then the headline ``speedup`` is the rounds' median with
+    its p20-p80 (``speedup_spread``), not the search's single pass; otherwise the baseline is recommended and the
+    summary says whether the gain did not hold or the rounds disagreed (noise, load).
     """
     rows = [r for r in rows]
     base = rows[0]
@@ -51,33 +53,60 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     fastest = min(measured, key=lambda r: r["median_ms"], default=base)
     chosen = fastest if (base_ms and base_ms / fastest["median_ms"] >= 1 + MIN_GAIN) else base
     unconfirmed = None
-    if confirmation is not None and chosen is not base and confirmation["speedup"] < 1 + MIN_GAIN:
+    low = confirmation.get("speedup_p20", confirmation["speedup"]) if confirmation is not None else None
+    if confirmation is not None and chosen is not base and low < 1 + MIN_GAIN:
         unconfirmed, chosen = chosen, base
     speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
+    spread, source = None, "search"
+    if confirmation is not None and chosen is not base:  # the headline: measured in turns, with its spread
+        speedup, source = confirmation["speedup"], "confirmed in turns"
+        if "speedup_p20" in confirmation:
+            spread = [confirmation["speedup_p20"], confirmation["speedup_p80"]]
     not_chosen = []
     for row in rows:
         if row is chosen:
             continue
         why = _why_not(row, chosen, base)
         if row is unconfirmed:
-            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {confirmation['speedup']:.2f}x when timed "
-                   f"again in turns with {base['name']}: not a gain that holds")
+            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {_in_turns(confirmation)} when timed "
+                   f"again in turns with {base['name']}: " + ("not a gain that holds"
+                                                              if confirmation["speedup"] < 1 + MIN_GAIN else
+                                                              "not reliably faster (the rounds disagree)"))
         not_chosen.append({"variant": row["name"], "why": why})
     fraction = data_fraction(base)
     summary = _summary(chosen, base, speedup)
     if unconfirmed is not None:
-        summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {base_ms / unconfirmed['median_ms']:.2f}x "
-                   "faster in the "
-                   f"search but only {confirmation['speedup']:.2f}x when timed again in turns with it; the "
-                   "machine's speed changed during profiling (other jobs?). Profile again on a quiet machine.")
+        search = base_ms / unconfirmed["median_ms"]
+        if confirmation["speedup"] < 1 + MIN_GAIN:
+            summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {search:.2f}x faster in the search but "
+                       f"only {_in_turns(confirmation)} when timed again in turns with it; the machine's speed "
+                       "changed during profiling (other jobs?). Profile again on a quiet machine.")
+        else:
+            summary = (f"Keep {base['name']}: no variant is reliably faster here. {unconfirmed['name']} measured "
+                       f"{search:.2f}x in the search and {_in_turns(confirmation)} when timed again in turns with "
+                       f"it, but its slowest rounds are within {MIN_GAIN:.0%} of {base['name']}: the timings are "
+                       "noisy (a loaded machine?). Profile again on a quiet machine, or with a larger --budget.")
     elif confirmation is not None and chosen is not base:
-        summary += (f" Confirmed: {confirmation['speedup']:.2f}x when timed again in turns with {base['name']} "
-                    f"({confirmation['rounds']} rounds).")
+        search = base_ms / chosen["median_ms"]
+        summary = (f"Use {chosen['name']}: {_in_turns(confirmation)} faster than {base['name']}, timed in turns "
+                   f"({confirmation['baseline_ms']:.4g} -> {confirmation['variant_ms']:.4g} ms per step; the search "
+                   f"measured {search:.2f}x), within the {(chosen.get('check') or {}).get('precision', 'float32')} "
+                   "tolerance of the numerical check.")
     if data_bound(base):
         summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
                     "waiting for the next batch.")
-    return {"variant": chosen["name"], "speedup": speedup, "summary": summary, "data_bound": data_bound(base),
-            "data_fraction": fraction, "not_chosen": not_chosen, "confirmation": confirmation}
+    return {"variant": chosen["name"], "speedup": speedup, "speedup_spread": spread, "speedup_source": source,
+            "summary": summary, "data_bound": data_bound(base), "data_fraction": fraction, "not_chosen": not_chosen,
+            "confirmation": confirmation}
+
+
+def _in_turns(confirmation: dict) -> str:
+    """``1.84x (p20-p80 1.70-1.95 over 6 rounds)``, or ``1.84x`` for a confirmation without per-round figures."""
+    text = f"{confirmation['speedup']:.2f}x"
+    if "speedup_p20" in confirmation:
+        text += (f" (p20-p80 {confirmation['speedup_p20']:.2f}-{confirmation['speedup_p80']:.2f} over "
+                 f"{confirmation['rounds']} rounds)")
+    return text
 
 
 def _why_not(row: dict, chosen: dict, base: dict) -> str:

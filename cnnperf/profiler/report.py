@@ -243,19 +243,34 @@ def summary_line(record: Mapping) -> str:
     if rec.get("data_bound"):
         fraction = _finite(rec.get("data_fraction"))
         data = "; the data loader dominates" + (f" ({_pct(fraction)} of the step)" if fraction is not None else "")
-    confirmed = _finite(_section(rec, "confirmation").get("speedup"))
+    confirmation = _section(rec, "confirmation")
+    confirmed = _finite(confirmation.get("speedup"))
     if name != baseline:
         chosen, base = _find(record, name), _find(record, baseline)
         speedup = _finite(rec.get("speedup"))
         speedup = _speedup(record, chosen) if speedup is None else speedup
         line = f"recommended {name}: " + (f"{speedup:.2f}x faster than {baseline}" if speedup is not None
                                           else f"faster than {baseline}")
-        before, after = _finite(base.get("median_ms")), _finite(chosen.get("median_ms"))
-        facts = [f"{_ms(before)} -> {_ms(after)} ms/step"] if before is not None and after is not None else []
-        if confirmed is not None:
-            facts.append(f"{confirmed:.2f}x when timed again in turns")
+        spread = _list(rec.get("speedup_spread"))
+        facts = []
+        if confirmed is not None:  # the headline is the confirmation's: say its spread and the search's figure
+            if len(spread) == 2 and all(_finite(x) is not None for x in spread):
+                facts.append(f"p20-p80 {spread[0]:.2f}-{spread[1]:.2f} over {_int(confirmation.get('rounds'))} "
+                             "rounds in turns")
+            before, after = _finite(confirmation.get("baseline_ms")), _finite(confirmation.get("variant_ms"))
+            search = _speedup(record, chosen)
+            if search is not None:
+                facts.append(f"the search measured {search:.2f}x")
+        else:
+            before, after = _finite(base.get("median_ms")), _finite(chosen.get("median_ms"))
+        if before is not None and after is not None:
+            facts.insert(0, f"{_ms(before)} -> {_ms(after)} ms/step")
         return line + (f" ({'; '.join(facts)})" if facts else "") + data
     if confirmed is not None:  # the search's fastest variant did not keep its gain when timed again
+        p20, p80 = _finite(confirmation.get("speedup_p20")), _finite(confirmation.get("speedup_p80"))
+        if p20 is not None and p80 is not None:
+            return (f"keep {baseline}: the fastest variant was not reliably faster when timed again in turns "
+                    f"({confirmed:.2f}x, p20-p80 {p20:.2f}-{p80:.2f})" + data)
         return (f"keep {baseline}: the fastest variant's gain did not hold when timed again in turns "
                 f"({confirmed:.2f}x)" + data)
     candidates = [(s, v) for v in _variants(record) if v.get("name") != baseline and v.get("status") == "ok"
@@ -274,8 +289,10 @@ def _confirmation_sentence(record: Mapping) -> str | None:
         return None
     rounds, steps = _int(confirmation.get("rounds")), _int(confirmation.get("steps"))
     how = "" if rounds is None or steps is None else f", {_plural(rounds, 'round')} of {_plural(steps, 'step')}"
+    p20, p80 = _finite(confirmation.get("speedup_p20")), _finite(confirmation.get("speedup_p80"))
+    spread = f" (p20-p80 of the rounds: {p20:.2f}-{p80:.2f})" if p20 is not None and p80 is not None else ""
     return (f"Timed again in turns with {_baseline_name(record)}: {_ms(confirmation.get('baseline_ms'))} -> "
-            f"{_ms(confirmation.get('variant_ms'))} ms/step, {speedup:.2f}x{how}.")
+            f"{_ms(confirmation.get('variant_ms'))} ms/step, {speedup:.2f}x{spread}{how}.")
 
 
 def _data_bound_sentence(rec: Mapping) -> str | None:
