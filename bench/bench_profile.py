@@ -31,6 +31,12 @@ of it minutes (ask for it with ``--models convnet,resnet18``).
    default minus ``compile`` (torch.compile takes tens of seconds per variant on this kind of machine, which
    would be most of the run; name it to include it).
 
+3. An independent A/B of the profile's headline: after the profile, ``eager`` and the recommended variant are
+   prepared afresh (``variants.prepare``) and train in alternating blocks of plain steps (``--ab-blocks`` pairs,
+   the order alternating within pairs, the variant under its own switches); the ratio of the medians of their
+   block times, with the p20-p80 of the pairs' ratios, against the headline: ``headline_over_ab`` (issue 14's
+   bar: within +-20 %). Not run when the profile keeps eager.
+
 Timings on a shared CPU are noisy: read the quantiles and the per-block times before a median. The record
 (device, versions, time, argv, and per case the medians, 20/80 % quantiles, per-block times and the profile's
 results) is printed as tables and written as JSON with ``--json PATH``.
@@ -181,6 +187,32 @@ def profile_case(template, batch, device: torch.device, requested, steps: int, l
             "summary": rec.get("summary"), "variants": rows}
 
 
+AB_BLOCK_PAIRS = 11  # eager / recommended pairs of the independent A/B
+
+
+def independent_ab(template, batch, device: torch.device, name: str, pairs: int, block_steps: int) -> dict:
+    """eager against the variant ``name`` in alternating blocks of plain steps, each prepared afresh."""
+    x, y = batch
+    preps = {"eager": variants.prepare((), template, _adam, device),
+             name: variants.prepare(variants.parse_variant(name), template, _adam, device)}
+    block_s: dict[str, list[float]] = {k: [] for k in preps}
+
+    def block(key: str, steps: int) -> float:
+        with variants.global_switches(preps[key].options, device), variants.compile_config(preps[key].options):
+            return _plain_block(preps[key], x, y, steps)
+
+    for key in preps:
+        block(key, WARMUP_STEPS)
+    for b in range(pairs):
+        for key in (("eager", name) if b % 2 == 0 else (name, "eager")):
+            block_s[key].append(block(key, block_steps))
+    med = statistics.median
+    ratios = [e / v for e, v in zip(block_s["eager"], block_s[name])]
+    return {"variant": name, "pairs": pairs, "block_steps": block_steps,
+            "eager_ms": med(block_s["eager"]) * 1e3, "variant_ms": med(block_s[name]) * 1e3,
+            "speedup": med(block_s["eager"]) / med(block_s[name]), "speedup_q20_q80": _timing.p20_p80(ratios)}
+
+
 def measure_case(case: str, device: torch.device, blocks: int, block_steps: int, requested, profile_steps: int,
                  log) -> dict:
     name, channels, size, batch_size = CASES[case]
@@ -193,8 +225,13 @@ def measure_case(case: str, device: torch.device, blocks: int, block_steps: int,
     del prep
     prof = profile_case(template, batch, device, requested, profile_steps, log)
     prof["wall_in_plain_steps"] = prof["wall_s"] / (overhead["step_ms_plain"] / 1e3)
+    ab = None
+    if prof["recommended"] != "eager":
+        ab = independent_ab(template, batch, device, prof["recommended"], AB_BLOCK_PAIRS, block_steps)
+        ab["headline_over_ab"] = prof["speedup"] / ab["speedup"] if prof["speedup"] else None
     return {"case": case, "model": name, "input": [batch_size, channels, size, size], "optimizer": "adam",
-            "parameters": sum(p.numel() for p in template.parameters()), "overhead": overhead, "profile": prof}
+            "parameters": sum(p.numel() for p in template.parameters()), "overhead": overhead, "profile": prof,
+            "independent_ab": ab}
 
 
 def default_variants(device: torch.device):
@@ -254,10 +291,18 @@ def print_tables(record: dict, console) -> None:
                           "-" if speed is None else f"[{'green' if speed >= 1 else 'red'}]{speed:.2f}x[/]", verdict)
         console.print(table)
         conf = p["confirmation"]
-        console.print(f"recommended [bold]{escape(p['recommended'])}[/]: {_fmt(p['speedup'], '.2f')}x in the search"
+        search = next((v["speedup"] for v in p["variants"] if v["name"] == p["recommended"]), None)
+        console.print(f"recommended [bold]{escape(p['recommended'])}[/]: headline {_fmt(p['speedup'], '.2f')}x; "
+                      f"{_fmt(search, '.2f')}x in the search"
                       + (f", {conf['speedup']:.2f}x in the confirmation ({conf['rounds']} rounds of "
                          f"{conf['steps']} steps: {conf['baseline_ms']:.3f} -> {conf['variant_ms']:.3f} ms)"
                          if conf else ", no confirmation run"))
+        ab = row.get("independent_ab")
+        if ab:
+            q = ab["speedup_q20_q80"]
+            console.print(f"independent A/B ({ab['pairs']} pairs of {ab['block_steps']} plain steps): eager "
+                          f"{ab['eager_ms']:.3f} -> {ab['variant_ms']:.3f} ms/step, {ab['speedup']:.2f}x "
+                          f"[{q[0]:.2f}-{q[1]:.2f}]; headline / A/B = {_fmt(ab['headline_over_ab'], '.3f')}")
 
 
 def main(argv=None) -> int:

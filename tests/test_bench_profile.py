@@ -62,3 +62,19 @@ def test_unknown_model_is_a_usage_error(bench_profile):
     with pytest.raises(SystemExit) as e:
         bench_profile.main(["--models", "vgg99"])
     assert e.value.code == 2
+
+
+def test_independent_ab_of_the_headline(bench_profile):
+    """The A/B that checks a profile's headline: eager and the variant prepared afresh, in alternating blocks."""
+    import torch
+
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(10, (4,)))
+    ab = bench_profile.independent_ab(template, batch, torch.device("cpu"), "channels_last", pairs=3,
+                                      block_steps=1)
+    assert ab["variant"] == "channels_last" and ab["pairs"] == 3 and ab["block_steps"] == 1
+    assert ab["eager_ms"] > 0 and ab["variant_ms"] > 0
+    assert math.isclose(ab["speedup"], ab["eager_ms"] / ab["variant_ms"])
+    low, high = ab["speedup_q20_q80"]
+    assert 0 < low <= high
