@@ -865,3 +865,36 @@ def test_saved_trace_path_is_relative_to_the_record(tmp_path):
     saved = json.loads((tmp_path / "out" / "profile.json").read_text())
     assert saved["trace"] == "../traces/t.json" and (tmp_path / "out" / saved["trace"]).exists()
     assert result.record["trace"] == str(tmp_path / "traces" / "t.json")  # the result itself is not changed
+
+
+def test_fuse_that_fuses_nothing_is_not_applicable():
+    """A Conv2d -> BatchNorm2d -> ReLU model in train mode: fuse() fuses nothing, so "fuse" is the baseline's
+    step under another name: not applicable, and no combination with it is measured or recommended."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    result = run(model=model, variants=["fuse", "channels_last", "fuse+channels_last"])
+    fuse = result.row("fuse")
+    assert fuse["status"] == "not_applicable" and "0 layers" in fuse["reason"] and fuse["median_ms"] is None
+    with_fuse = [r for r in result.variants if "fuse" in r["options"]]
+    assert all(r["status"] == "not_applicable" for r in with_fuse) and len(with_fuse) == 2
+    assert "fuse" not in result.recommended
+
+
+def test_an_option_that_pays_only_with_another_is_still_paired(monkeypatch):
+    """channels_last alone slower than eager, bf16 alone a little faster, the two together much faster (as with
+    bf16 autocast on a CPU): the search pairs the fastest single with every sound one, not only with those that
+    gained alone, and recommends the pair."""
+    delays = {(): 0.03, ("bf16",): 0.024, ("channels_last",): 0.04, ("bf16", "channels_last"): 0.004}
+    original = core.prepare
+
+    def prepare(options, *args, **kwargs):
+        prep = original(options, *args, **kwargs)
+        delay = delays[tuple(sorted(options))]
+        prep.module.register_forward_pre_hook(lambda module, inputs: time.sleep(delay))
+        return prep
+
+    monkeypatch.setattr(core, "prepare", prepare)
+    result = run(variants=["bf16", "channels_last"])
+    pair = next(r for r in result.variants if set(r["options"]) == {"bf16", "channels_last"})
+    assert pair["stage"] == "combination" and pair["status"] == "ok"
+    assert result.recommended == pair["name"]
