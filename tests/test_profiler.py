@@ -898,3 +898,20 @@ def test_an_option_that_pays_only_with_another_is_still_paired(monkeypatch):
     pair = next(r for r in result.variants if set(r["options"]) == {"bf16", "channels_last"})
     assert pair["stage"] == "combination" and pair["status"] == "ok"
     assert result.recommended == pair["name"]
+
+
+def test_the_python_api_has_the_cli_budget_and_says_what_it_does(capsys):
+    """profile() without budget= takes the command line's default for the device, and prints a line per
+    variant to stderr unless verbose=False (a silent 400 s run looked hung)."""
+    from cnnperf.profiler.policy import DEFAULT_BUDGET_S
+
+    result = cnnperf.profile(TinyNet(), F.cross_entropy, batch(), sgd, variants=["channels_last"], **QUICK)
+    assert result.record["run"]["budget_s"] == DEFAULT_BUDGET_S["cpu"]
+    err = capsys.readouterr().err
+    assert "cnnperf.profile: measuring eager" in err and "cnnperf.profile: measuring channels_last" in err
+    quiet = cnnperf.profile(TinyNet(), F.cross_entropy, batch(), sgd, variants=["channels_last"], verbose=False,
+                            budget=None, **QUICK)
+    assert capsys.readouterr().err == "" and quiet.record["run"]["budget_s"] is None
+    lines = []
+    cnnperf.profile(TinyNet(), F.cross_entropy, batch(), sgd, variants=["channels_last"], log=lines.append, **QUICK)
+    assert capsys.readouterr().err == "" and "measuring eager" in lines  # a log= of one's own replaces stderr

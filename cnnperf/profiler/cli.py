@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 
 from cnnperf import _cli
+from cnnperf.profiler.policy import DEFAULT_BUDGET_S
 
 DEFAULT_OUT = "profile-out"
 DEFAULT_BATCH_SIZE = 64
-# No new variant starts after this many seconds: on the CPU the default run (with start-up, the confirmation,
-# top ops and the sweep after the search) then ends inside 3 minutes even on a loaded 2-core machine.
-DEFAULT_BUDGET_S = {"cpu": 90.0, "cuda": 300.0}
 DEFAULT_MODEL = {"cpu": ("convnet", "digits"), "cuda": ("resnet18", "fake")}
 
 

@@ -15,6 +15,7 @@ import datetime as _dt
 import gc
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -24,7 +25,17 @@ from torch import nn
 
 from cnnperf._timing import quantile, quantiles
 from cnnperf.profiler import measure, ranks
-from cnnperf.profiler.policy import MIN_GAIN, busy, data_bound, data_fraction, describe, gain, recommend, sound
+from cnnperf.profiler.policy import (
+    DEFAULT_BUDGET_S,
+    MIN_GAIN,
+    busy,
+    data_bound,
+    data_fraction,
+    describe,
+    gain,
+    recommend,
+    sound,
+)
 from cnnperf.profiler.random_state import RandomState
 from cnnperf.profiler.report import SCHEMA
 from cnnperf.profiler.step import split_batch, to_device
@@ -56,6 +67,7 @@ MAX_AUTOTUNE_FACTOR = 4.0
 # The recommended variant and the baseline timed again in turns, each first in half of the rounds: the headline
 # speed-up is the median of the rounds' ratios, its spread their p20-p80 (6 rounds: the 2nd and 5th of 6).
 CONFIRM_ROUNDS = 6
+
 CONFIRM_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
 # what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
@@ -132,9 +144,10 @@ class ProfileResult:
 
 def profile(model: nn.Module, loss_fn: Callable, batch_or_loader, optimizer_factory: Callable, *,
             variants: str | Sequence[str] | None = None, steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP,
-            check_steps: int = DEFAULT_CHECK_STEPS, budget: float | None = None,
+            check_steps: int = DEFAULT_CHECK_STEPS, budget: float | str | None = "auto",
             batch_sizes: str | Sequence[int] | None = "auto", device=None, seed: int = 0, top_ops: bool = True,
-            trace=None, log: Callable[[str], None] | None = None, run_info: dict | None = None) -> ProfileResult:
+            trace=None, log: Callable[[str], None] | None = None, verbose: bool = True,
+            run_info: dict | None = None) -> ProfileResult:
     """Measure training-step variants of ``model`` side by side and recommend the fastest numerically sound one.
 
     - ``model``: the user's model (an ``nn.Module``, or a ``DistributedDataParallel`` around one); only copied.
@@ -148,13 +161,15 @@ def profile(model: nn.Module, loss_fn: Callable, batch_or_loader, optimizer_fact
       among the options that beat the baseline.
     - ``steps`` timed steps per variant after ``warmup`` untimed ones; ``check_steps`` batches for the numerical
       check (loss and gradients against the baseline from the same weights).
-    - ``budget``: seconds; no new combination (or single, once over) starts after it. None: no limit.
+    - ``budget``: seconds; no new combination (or single, once over) starts after it. "auto" (default): the
+      command line's, :data:`DEFAULT_BUDGET_S` for the device (90 s on a CPU, 300 s on a GPU). None: no limit.
     - ``batch_sizes``: "auto" (double the batch size until out of memory, flat throughput or the cap), a list,
       or None (no sweep). Off by default under torch.distributed (an OOM on one rank would stall the others).
     - ``device``: where to run (default: the model's device). ``seed``: for dropout in the check.
     - ``top_ops``: profile a few steps of the recommended variant with torch.profiler; ``trace``: a path to
       write their Chrome/Perfetto trace to.
-    - ``log``: called with a line of progress per variant.
+    - ``log``: called with a line of progress per variant; without it, with ``verbose`` (default) the lines go
+      to stderr, prefixed ``cnnperf.profile:``; ``verbose=False`` runs silently.
 
     The process-wide switches (TF32, cudnn.benchmark) and the random states are as before on return; after a
     compiled variant, torch.compile's caches are reset (``torch._dynamo.reset()``), so that a later compile
@@ -164,6 +179,9 @@ def profile(model: nn.Module, loss_fn: Callable, batch_or_loader, optimizer_fact
     ``ValueError``/``TypeError`` for bad arguments, :class:`ProfileInterrupted` on Ctrl-C (with the partial
     result).
     """
+    if log is None and verbose:
+        def log(line: str) -> None:
+            print(f"cnnperf.profile: {line}", file=sys.stderr, flush=True)
     return _Profiler(model, loss_fn, batch_or_loader, optimizer_factory, variants=variants, steps=steps,
                      warmup=warmup, check_steps=check_steps, budget=budget, batch_sizes=batch_sizes, device=device,
                      seed=seed, top_ops=top_ops, trace=trace, log=log, run_info=run_info).run()
@@ -243,9 +261,9 @@ class _Profiler:
         self.steps = _positive_int("steps", steps, 2)
         self.warmup = _positive_int("warmup", warmup, 0)
         self.check_steps = _positive_int("check_steps", check_steps)
-        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
-            raise ValueError(f"budget must be a positive number of seconds or None, got {budget!r}")
-        self.budget = budget
+        if budget is not None and budget != "auto" and not (
+                isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
+            raise ValueError(f"budget must be a positive number of seconds, 'auto' or None, got {budget!r}")
         inner, self.ddp = unwrap_ddp(model)
         self.world, self.rank = ranks.world_and_rank()
         params = list(inner.parameters())
@@ -255,6 +273,8 @@ class _Profiler:
                                                                        torch.device("cpu"))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.budget = (DEFAULT_BUDGET_S["cuda" if self.device.type == "cuda" else "cpu"] if budget == "auto"
+                       else budget)
         self.loader = data if isinstance(data, DataLoader) else None
         if self.loader is None:
             split_batch(data, "batch_or_loader")

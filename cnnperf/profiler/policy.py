@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+# No new variant starts after this many seconds (profile(budget="auto") and the command line's default): on the
+# CPU the default run (with start-up, the confirmation, top ops and the sweep after the search) then ends inside
+# 3 minutes even on a loaded 2-core machine.
+DEFAULT_BUDGET_S = {"cpu": 90.0, "cuda": 300.0}
 MIN_GAIN = 0.03  # a variant (or one more option) must be 3 % faster to be chosen: less is within run-to-run noise
 # A run is noisy when the machine has more runnable threads than cores: this process counts about one, hence the
 # half core of slack before the note.
