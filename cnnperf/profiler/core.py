@@ -69,6 +69,10 @@ MAX_AUTOTUNE_FACTOR = 4.0
 CONFIRM_ROUNDS = 6
 
 CONFIRM_STEPS = 5
+# After every variant of the search the baseline is timed again for this many steps: the variant's speed-up is
+# over the baseline's blocks just before and just after it (B V B V B ...), so that drift and load during the
+# search hit both sides (the baseline once measured 34.9 ms at the start of a run and 840 ms at its end).
+BASELINE_BLOCK_STEPS = 5
 # A variant's timed steps stop early, after at least MIN_TIMED_STEPS, once they have taken TIME_CAP_FACTOR times
 # what the baseline's took (and at least TIME_CAP_MIN_S): bf16 on a CPU without bf16 units is 10x slower, and
 # 20 steps of it would only say so at length.
@@ -300,6 +304,7 @@ class _Profiler:
         self.rows: list[dict] = []
         self.kept: dict[str, tuple[dict, object]] = {}  # "eager" and "best": (row, Prepared) kept for the confirmation
         self.reference = None
+        self.baseline_block_ms = None  # the baseline's latest timing (see _baseline_around)
         self.clock = time.perf_counter()
 
     # -- the whole run ------------------------------------------------------------------------------------
@@ -411,7 +416,7 @@ class _Profiler:
         alone, 2.6-3.6x with bf16 where bf16 alone is 1.2-1.9x), and one noisy measurement of it alone must not
         keep the pair from being tried."""
         singles = sorted((r for r in self.rows if sound(r) and len(r["options"]) == 1),
-                         key=lambda r: r["median_ms"])
+                         key=lambda r: -r["speedup"])
         if len(singles) < 2 or gain(singles[0]) < MIN_GAIN:
             return
         current = singles[0]
@@ -429,7 +434,7 @@ class _Profiler:
                                               reason=f"over the time budget of {self.budget:g} s"))
                         continue
                     row = self._measure(options, "combination")
-                if sound(row) and best["median_ms"] / row["median_ms"] >= 1 + MIN_GAIN:
+                if sound(row) and row["speedup"] / best["speedup"] >= 1 + MIN_GAIN:
                     best = row
             if best is current:
                 return
@@ -489,6 +494,8 @@ class _Profiler:
                 times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
                                             max_seconds=self._time_cap(stage))
             self._fill(row, times, check)
+            if stage != "baseline" and row["status"] == "ok" and BASELINE in self.kept:
+                row["baseline_ms"] = self._baseline_around()
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # recorded, and the run goes on
@@ -496,9 +503,14 @@ class _Profiler:
         finally:
             if source is not None and hasattr(source, "close"):
                 source.close()  # ends the iteration (persistent workers live on with the loader)
+        around = row.pop("baseline_ms", None)
         row = ranks.gather_row(row, self.world)
+        if around is not None and self.world > 1:  # the slowest rank's, as for the variant's own median
+            around = max(ranks.all_gather(around, self.world))
         if row["status"] == "ok":  # on the gathered (slowest rank's) medians; the baseline's is 1
-            row["speedup"] = (self.rows[0]["median_ms"] if self.rows else row["median_ms"]) / row["median_ms"]
+            row["baseline_ms"] = around if around is not None else (
+                self.rows[0]["median_ms"] if self.rows else row["median_ms"])
+            row["speedup"] = row["baseline_ms"] / row["median_ms"]
         self.rows.append(row)
         self._keep(row, prep)
         if prep is not None and all(prep is not kept for _, kept in self.kept.values()):
@@ -509,6 +521,21 @@ class _Profiler:
             torch.cuda.empty_cache()
         self.log(describe(row))
         return row
+
+    def _baseline_around(self) -> float:
+        """The baseline's step time around the variant just measured: the median of its block before the variant
+        (the previous one, or its own measurement) and a block of BASELINE_BLOCK_STEPS steps timed now on its kept
+        copy, under its own switches."""
+        prep = self.kept[BASELINE][1]
+        with global_switches(prep.options, self.device), compile_config(prep.options):
+            source = measure.batch_source(prep, getattr(self, "batch", None))
+            try:
+                now = quantile(measure.timed_steps(prep, self.loss_fn, source, BASELINE_BLOCK_STEPS, 1).steps, 0.5)
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
+        before, self.baseline_block_ms = self.baseline_block_ms, now
+        return (before + now) / 2 if before is not None else now
 
     def _drop_kept(self) -> None:
         """Free the kept copies (and the worker processes of their loaders)."""
@@ -524,9 +551,10 @@ class _Profiler:
             return
         if row["stage"] == "baseline":
             self.kept[BASELINE] = (row, prep)
+            self.baseline_block_ms = row["median_ms"]
             return
         best = self.kept.get("best")
-        if best is None or row["median_ms"] < best[0]["median_ms"]:
+        if best is None or row["speedup"] > best[0]["speedup"]:
             if best is not None:
                 _shut_down_workers(best[1].loader)
             self.kept["best"] = (row, prep)

@@ -27,6 +27,14 @@ def gain(row: dict) -> float:
     return (row.get("speedup") or 0.0) - 1.0
 
 
+def speedup(row: dict, base_ms: float | None) -> float | None:
+    """The row's speed-up over the baseline: its own ``speedup`` (over the baseline timed around it, in the
+    interleaved search), else the baseline's median over its median."""
+    if row.get("speedup"):
+        return row["speedup"]
+    return base_ms / row["median_ms"] if base_ms and row.get("median_ms") else None
+
+
 def data_fraction(row: dict) -> float | None:
     """The share of the step spent waiting for data."""
     phases = row.get("phases_ms")
@@ -54,16 +62,16 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     base = rows[0]
     base_ms = base.get("median_ms")
     measured = [r for r in rows if sound(r) and r.get("median_ms")]
-    fastest = min(measured, key=lambda r: r["median_ms"], default=base)
-    chosen = fastest if (base_ms and base_ms / fastest["median_ms"] >= 1 + MIN_GAIN) else base
+    fastest = max(measured, key=lambda r: speedup(r, base_ms) or 0.0, default=base)
+    chosen = fastest if (speedup(fastest, base_ms) or 0.0) >= 1 + MIN_GAIN else base
     unconfirmed = None
     low = confirmation.get("speedup_p20", confirmation["speedup"]) if confirmation is not None else None
     if confirmation is not None and chosen is not base and low < 1 + MIN_GAIN:
         unconfirmed, chosen = chosen, base
-    speedup = base_ms / chosen["median_ms"] if base_ms and chosen.get("median_ms") else None
+    headline = speedup(chosen, base_ms) if chosen is not base else (1.0 if base_ms else None)
     spread, source = None, "search"
     if confirmation is not None and chosen is not base:  # the headline: measured in turns, with its spread
-        speedup, source = confirmation["speedup"], "confirmed in turns"
+        headline, source = confirmation["speedup"], "confirmed in turns"
         if "speedup_p20" in confirmation:
             spread = [confirmation["speedup_p20"], confirmation["speedup_p80"]]
     not_chosen = []
@@ -72,15 +80,15 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
             continue
         why = _why_not(row, chosen, base)
         if row is unconfirmed:
-            why = (f"{base_ms / row['median_ms']:.2f}x in the search, but {_in_turns(confirmation)} when timed "
+            why = (f"{speedup(row, base_ms):.2f}x in the search, but {_in_turns(confirmation)} when timed "
                    f"again in turns with {base['name']}: " + ("not a gain that holds"
                                                               if confirmation["speedup"] < 1 + MIN_GAIN else
                                                               "not reliably faster (the rounds disagree)"))
         not_chosen.append({"variant": row["name"], "why": why})
     fraction = data_fraction(base)
-    summary = _summary(chosen, base, speedup)
+    summary = _summary(chosen, base, headline)
     if unconfirmed is not None:
-        search = base_ms / unconfirmed["median_ms"]
+        search = speedup(unconfirmed, base_ms)
         if confirmation["speedup"] < 1 + MIN_GAIN:
             summary = (f"Keep {base['name']}: {unconfirmed['name']} measured {search:.2f}x faster in the search but "
                        f"only {_in_turns(confirmation)} when timed again in turns with it; the machine's speed "
@@ -91,7 +99,7 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
                        f"it, but its slowest rounds are within {MIN_GAIN:.0%} of {base['name']}: the timings are "
                        "noisy (a loaded machine?). Profile again on a quiet machine, or with a larger --budget.")
     elif confirmation is not None and chosen is not base:
-        search = base_ms / chosen["median_ms"]
+        search = speedup(chosen, base_ms)
         summary = (f"Use {chosen['name']}: {_in_turns(confirmation)} faster than {base['name']}, timed in turns "
                    f"({confirmation['baseline_ms']:.4g} -> {confirmation['variant_ms']:.4g} ms per step; the search "
                    f"measured {search:.2f}x), within the {(chosen.get('check') or {}).get('precision', 'float32')} "
@@ -99,7 +107,7 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     if data_bound(base):
         summary += (f" The data loader is the bottleneck: the baseline step spends {fraction:.0%} of its time "
                     "waiting for the next batch.")
-    return {"variant": chosen["name"], "speedup": speedup, "speedup_spread": spread, "speedup_source": source,
+    return {"variant": chosen["name"], "speedup": headline, "speedup_spread": spread, "speedup_source": source,
             "summary": summary, "data_bound": data_bound(base), "data_fraction": fraction, "not_chosen": not_chosen,
             "confirmation": confirmation}
 
@@ -125,9 +133,10 @@ def _why_not(row: dict, chosen: dict, base: dict) -> str:
                     f"({check['precision']} tolerance)")
         return (f"numerically off: gradient error {check['grad_err']:.3g} > {check['grad_tol']:g} "
                 f"({check['precision']} tolerance; worst: {check['worst_param']})")
-    ratio = row["median_ms"] / chosen["median_ms"]
-    if chosen is base and row["median_ms"] < base["median_ms"]:
-        return (f"{base['median_ms'] / row['median_ms']:.3f}x over {base['name']}: less than the "
+    base_ms = base["median_ms"]
+    ratio = (speedup(chosen, base_ms) or 1.0) / speedup(row, base_ms)  # the row's step time over the chosen's
+    if chosen is base and speedup(row, base_ms) > 1:
+        return (f"{speedup(row, base_ms):.3f}x over {base['name']}: less than the "
                 f"{MIN_GAIN:.0%} that counts as a real gain")
     if row is base:
         return f"the baseline: {ratio:.2f}x the step time of {chosen['name']}"
@@ -139,9 +148,9 @@ def _summary(chosen: dict, base: dict, speedup: float | None) -> str:
         return (f"Keep {base['name']}: no variant measured was {MIN_GAIN:.0%} or more faster and numerically "
                 f"sound ({base['median_ms']:.4g} ms per step).")
     check = chosen.get("check") or {}
-    return (f"Use {chosen['name']}: {speedup:.2f}x faster than {base['name']} ({base['median_ms']:.4g} -> "
-            f"{chosen['median_ms']:.4g} ms per step), within the {check.get('precision', 'float32')} tolerance "
-            f"of the numerical check.")
+    return (f"Use {chosen['name']}: {speedup:.2f}x faster than {base['name']} "
+            f"({chosen.get('baseline_ms') or base['median_ms']:.4g} -> {chosen['median_ms']:.4g} ms per step), "
+            f"within the {check.get('precision', 'float32')} tolerance of the numerical check.")
 
 
 def busy(load: float | None, cpus: int | None) -> str | None:
