@@ -173,6 +173,29 @@ def test_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("cnnperf profile: error: ") and str(target) in lines[0], lines
 
 
+def test_out_under_a_file_says_what_is_wrong_with_out(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("")
+    assert cli.main([*SHORT, "--out", str(target / "reports")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("cnnperf profile: error: --out ") and "is a file" in line and "Errno" not in line
+
+
+def test_failed_data_loading_leaves_no_empty_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "reports"
+    assert cli.main([*SHORT, "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "error" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_trace_is_named_with_its_folder_and_absent_from_a_run_without_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main([*SHORT, "--variants", "channels_last", "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "<dt>trace</dt>" not in page and "Trace:" not in capsys.readouterr().out
+    assert cli.main([*SHORT, "--variants", "channels_last", "--out", str(out), "--trace"]) == 0
+    assert f"the trace {out / 'trace.json'}" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_a_later_device_overrides_an_earlier_one():
     assert str(cli.parse(["--device", "cuda", "--batch-size", "2", "--device", "cpu"]).device) == "cpu"
 

@@ -23,6 +23,21 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_MODEL = {"cpu": ("convnet", "digits"), "cuda": ("resnet18", "fake")}
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` can be a folder for the reports: an existing, writable folder, or a new one under the nearest
+    existing folder, writable (checked before anything is measured; created once the data loaded)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable" if existing == out
+                         else f"--out {out}: cannot create it under {existing} (not writable)")
+
+
 def _batch_sizes(text: str):
     if text in ("auto", "none"):
         return text if text == "auto" else None
@@ -155,11 +170,7 @@ def _run(args) -> int:
     try:
         torch.manual_seed(args.seed)
         if rank == 0:
-            if out.exists() and not out.is_dir():
-                raise ValueError(f"--out {out} is a file, not a directory")
-            out.mkdir(parents=True, exist_ok=True)
-            if not os.access(out, os.W_OK):
-                raise ValueError(f"--out {out} is not writable")
+            _check_out(out)
         bundle = load_data(data_name, root=args.data_root, batch_size=args.batch_size, seed=args.seed,
                            num_workers=args.workers, pin_memory=False)
         loader = bundle.train_loader
@@ -170,6 +181,11 @@ def _run(args) -> int:
         model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes,
                             image_size=bundle.image_size).to(device)
         make_optimizer(args.optimizer, [torch.zeros(1, requires_grad=True)], lr=args.lr)  # checks --lr now
+        if rank == 0:  # only now: a run that fails before measuring leaves no empty folder behind
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror})") from exc
     except (DataError, ModelError, ValueError, OSError) as exc:
         print(f"cnnperf profile: error: {exc}", file=sys.stderr)
         return 2

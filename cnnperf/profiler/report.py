@@ -694,8 +694,9 @@ def _html_run(record: Mapping) -> list[str]:
                + (", interrupted" if run.get("interrupted") else "")),
               ("started", run.get("started")), ("finished", run.get("finished")),
               ("variants requested", ", ".join(str(v) for v in _list(run.get("variants_requested"))) or None),
-              ("versions", ", ".join(f"{k} {v}" for k, v in _section(run, "versions").items()) or None),
-              ("trace", record.get("trace"))]
+              ("versions", ", ".join(f"{k} {v}" for k, v in _section(run, "versions").items()) or None)]
+    if record.get("trace"):  # (no "trace ?" line in a run without --trace)
+        fields.append(("trace", record.get("trace")))
     return ["<dl>"] + [f"<dt>{_e(k)}</dt><dd>{_e(_text(v))}</dd>" for k, v in fields] + ["</dl>"]
 
 
@@ -822,6 +823,8 @@ def write_reports(record: Mapping, out_dir: str | os.PathLike, console=None) -> 
     write_json_atomic(paths["json"], record)  # first: the record itself is kept if drawing the report fails
     render_html(record, paths["html"])
     if console is not None:
-        render_terminal(record, console)
-        console.print(f"Wrote {paths['json']} and {paths['html']}", style="dim", markup=False, highlight=False)
+        render_terminal({**record, "trace": None}, console)  # said below with its folder
+        trace = f" and the trace {folder / record['trace']}" if record.get("trace") else ""
+        console.print(f"Wrote {paths['json']}, {paths['html']}{trace}", style="dim", markup=False,
+                      highlight=False)
     return paths
