@@ -553,8 +553,15 @@ def test_batch_size_sweep_list():
     for r in sweep["rows"]:
         assert r["status"] == "ok" and r["error"] is None and r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["median_ms"] / 1e3))
+        # the spread of the steps: images/s at the p80 and the p20 step time
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["images_per_s_p20_p80"] == pytest.approx([r["batch_size"] / (r["p80_ms"] / 1e3),
+                                                            r["batch_size"] / (r["p20_ms"] / 1e3)])
     assert sweep["largest_fitting"] is None and sweep["stopped"] == "end of list"  # nothing ran out of memory
     assert sweep["best_batch_size"] in (8, 16)
+    best, other = sorted(sweep["rows"], key=lambda r: -r["images_per_s"])
+    overlap = other["images_per_s_p20_p80"][1] >= best["images_per_s_p20_p80"][0]
+    assert sweep["best_within_noise_of"] == ([other["batch_size"]] if overlap else [])
     assert [r["name"] for r in result.variants] == ["eager"]
 
 

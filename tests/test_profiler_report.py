@@ -242,7 +242,8 @@ def test_html_of_a_minimal_record_has_notes_and_no_plots(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert _pngs(page) == []
     assert page.count('class="note">Not shown:') == 4
-    for note in ("no variant has a measured step time", "no phase split recorded", "no batch sweep in this run",
+    for note in ("no variant has a measured step time", "no phase split recorded",
+                 "no batch-size sweep in this run: not asked for (batch_sizes=None, --batch-sizes none)",
                  "no operator profile in this run", "No variant measured",
                  "No recommendation: the run was interrupted after 0 of 6 variants"):
         assert note in page
@@ -377,3 +378,20 @@ def test_summary_line():
     assert report.summary_line(record) == "keep eager: nothing measured beat it (the fastest, channels_last, was 0.97x)"
     assert report.summary_line(_minimal_record()) == ("no recommendation: the run was interrupted after 0 of 6 "
                                                       "variants")
+
+
+def test_a_sweep_says_its_spread_why_it_stopped_and_when_the_best_is_within_noise():
+    record = _full_record()
+    sweep = record["batch_sweep"]
+    for row in sweep["rows"]:
+        if row["status"] == "ok":
+            row["images_per_s_p20_p80"] = [0.95 * row["images_per_s"], 1.05 * row["images_per_s"]]
+    sweep.update(best_batch_size=512, best_within_noise_of=[256])
+    page = report.html_report(record)
+    assert "best (within the noise of batch 256)" in page and "images/s [p20-p80]" in page
+    text = _terminal(record, width=160)
+    assert "best (within the noise of batch 256)" in text
+    record["batch_sweep"] = {"variant": "eager", "rows": [], "largest_fitting": None, "best_batch_size": None,
+                             "error": "not run: over the time budget of 90 s"}
+    assert "No batch-size sweep: not run: over the time budget of 90 s." in _terminal(record, width=160)
+    assert "no batch-size sweep in this run: not run: over the time budget of 90 s" in report.html_report(record)

@@ -456,9 +456,37 @@ def _sweep_rows(record: Mapping) -> list[Mapping]:
 
 def _sweep_marks(sweep: Mapping, row: Mapping) -> str:
     size = _int(row.get("batch_size"))
-    marks = [m for m, at in (("best", _int(sweep.get("best_batch_size"))),
+    close = [_text(b) for b in _list(sweep.get("best_within_noise_of"))]
+    best = "best" + (f" (within the noise of batch {', '.join(close)})" if close else "")
+    marks = [m for m, at in ((best, _int(sweep.get("best_batch_size"))),
                              ("largest fitting", _int(sweep.get("largest_fitting")))) if at is not None and size == at]
     return ", ".join(marks)
+
+
+def _sweep_rate(row: Mapping) -> str:
+    """images/s with the spread of the steps: ``1,211 [1,150-1,260]``."""
+    spread = _list(row.get("images_per_s_p20_p80"))
+    low, high = (_finite(spread[0]), _finite(spread[1])) if len(spread) == 2 else (None, None)
+    return _rate(row.get("images_per_s")) + (f" [{_rate(low)}-{_rate(high)}]" if low is not None and high is not None
+                                             else "")
+
+
+_SWEEP_STOPPED = {"oom": "stopped: out of memory", "failed": "stopped: a step failed",
+                  "flat": "stopped: two doublings gained under 2 % each", "cap": "stopped at the automatic "
+                  "sweep's largest size", "budget": "stopped: the time budget ran out",
+                  "end of list": "every size asked for"}
+
+
+def _no_sweep_reason(record: Mapping) -> str:
+    """Why a run has no sweep rows, in a few words."""
+    sweep = record.get("batch_sweep")
+    if isinstance(sweep, Mapping) and sweep.get("error"):
+        return _text(sweep.get("error"))
+    if isinstance(sweep, Mapping):
+        return "no size was measured"
+    if (_int(_section(record, "run").get("world_size")) or 1) > 1:
+        return "off under torch.distributed (an out-of-memory on one rank would stall the others)"
+    return "not asked for (batch_sizes=None, --batch-sizes none)"
 
 
 def _terminal_batch_sweep(record: Mapping, console) -> None:
@@ -466,11 +494,10 @@ def _terminal_batch_sweep(record: Mapping, console) -> None:
 
     sweep, rows = _section(record, "batch_sweep"), _sweep_rows(record)
     if not rows:
+        console.print(Text(f"No batch-size sweep: {_no_sweep_reason(record)}.", style="dim"))
         return
     best = _int(sweep.get("best_batch_size"))
-    stopped = {"oom": "stopped: out of memory", "failed": "stopped: a step failed",
-               "flat": "stopped: throughput flat", "cap": "stopped at the automatic sweep's largest size",
-               "budget": "stopped: time budget"}.get(sweep.get("stopped"))
+    stopped = _SWEEP_STOPPED.get(sweep.get("stopped"))
     console.print(Text("Batch sweep", style="bold") + Text(f" of {_text(sweep.get('variant'))}"
                                                            + (f" ({stopped})" if stopped else ""), style="dim"))
     cells, notes = [], []
@@ -478,12 +505,12 @@ def _terminal_batch_sweep(record: Mapping, console) -> None:
         status, size = _text(row.get("status")), _int(row.get("batch_size"))
         marks = _sweep_marks(sweep, row)
         cells.append(([Text(_text(size)), Text(status, style=_STATUS_STYLE.get(status, "bold red")),
-                       Text(_ms(row.get("median_ms"))), Text(_rate(row.get("images_per_s"))),
+                       Text(_ms(row.get("median_ms"))), Text(_sweep_rate(row)),
                        Text(_mib(row.get("peak_memory")))],
                       "bold green" if best is not None and size == best else None))
         notes.append((f"batch {_text(size)}", ("◀ " + marks if marks else "") if status == "ok"
                       else _text(row.get("error"), ""), "" if status == "ok" else "red"))
-    _print_table(console, [("batch", "right"), ("status", "left"), ("ms", "right"), ("img/s", "right"),
+    _print_table(console, [("batch", "right"), ("status", "left"), ("ms", "right"), ("img/s [p20-p80]", "right"),
                            ("peak MiB", "right")], cells, notes)
 
 
@@ -583,7 +610,7 @@ def _plot_phases(record: Mapping):
 def _plot_batch_sweep(record: Mapping):
     sweep, rows = _section(record, "batch_sweep"), _sweep_rows(record)
     if not rows:
-        raise _Skip("no batch sweep in this run")
+        raise _Skip(f"no batch-size sweep in this run: {_no_sweep_reason(record)}")
     ok = [(_int(r.get("batch_size")), _finite(r.get("images_per_s")), _finite(r.get("peak_memory")))
           for r in rows if r.get("status") == "ok"]
     ok = [(b, ips, mem) for b, ips, mem in ok if b is not None and ips is not None]
@@ -760,15 +787,17 @@ def _html_sweep_table(record: Mapping) -> list[str]:
     sweep, rows = _section(record, "batch_sweep"), _sweep_rows(record)
     if not rows:
         return []
-    out = ['<table><tr><th>batch size</th><th class="l">status</th><th>median ms</th><th>images/s</th>'
-           '<th>peak MiB</th><th class="l">note</th></tr>']
+    stopped = _SWEEP_STOPPED.get(sweep.get("stopped"))
+    out = ([f'<p class="note">{_e(stopped[0].upper() + stopped[1:])}.</p>'] if stopped else []) + [
+        '<table><tr><th>batch size</th><th class="l">status</th><th>median ms</th><th>images/s [p20-p80]</th>'
+        '<th>peak MiB</th><th class="l">note</th></tr>']
     best = _int(sweep.get("best_batch_size"))
     for row in rows:
         size, status = _int(row.get("batch_size")), _text(row.get("status"))
         note = _sweep_marks(sweep, row) if status == "ok" else _text(row.get("error"), "")
         out.append(f'<tr{_class("best" if best is not None and size == best else "")}><td>{_e(size)}</td>'
                    f'<td class="l {_e(status)}">{_e(status)}</td><td>{_e(_ms(row.get("median_ms")))}</td>'
-                   f'<td>{_e(_rate(row.get("images_per_s")))}</td><td>{_e(_mib(row.get("peak_memory")))}</td>'
+                   f'<td>{_e(_sweep_rate(row))}</td><td>{_e(_mib(row.get("peak_memory")))}</td>'
                    f'<td class="l">{_e(note)}</td></tr>')
     return out + ["</table>"]
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from cnnperf._timing import quantiles
 from cnnperf.profiler import measure, ranks
 from cnnperf.profiler.variants import Prepared, compile_config, global_switches, variant_name
 
@@ -85,16 +86,24 @@ def batch_sweep(options, make: Callable[[], Prepared], loss_fn: Callable, batch,
     ok = [r for r in rows if r["status"] == "ok"]
     # The largest that fits is known only when a larger one ran out of memory.
     fitting = max((r["batch_size"] for r in ok), default=None) if stopped == "oom" else None
+    best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
     return {"variant": variant_name(options), "rows": rows, "largest_fitting": fitting,
-            "best_batch_size": max(ok, key=lambda r: r["images_per_s"])["batch_size"] if ok else None,
-            "stopped": stopped}
+            "best_batch_size": best["batch_size"] if best else None,
+            "best_within_noise_of": _within_noise(best, ok) if best else [], "stopped": stopped}
+
+
+def _within_noise(best: dict, ok: list[dict]) -> list[int]:
+    """The other sizes whose images/s spread (p20-p80 of the steps) reaches the best's: the best is not clearly
+    better than those."""
+    low = best["images_per_s_p20_p80"][0]
+    return [r["batch_size"] for r in ok if r is not best and r["images_per_s_p20_p80"][1] >= low]
 
 
 def _sweep_one(prep: Prepared, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, size: int, device: torch.device,
                *, steps: int, warmup: int, world: int, log: Callable[[str], None]) -> dict:
     """One size of the sweep: a row of batch_sweep.rows (SCHEMA.md), as all ranks agree on it."""
-    row = {"batch_size": size, "status": "ok", "median_ms": None, "images_per_s": None, "peak_memory": None,
-           "error": None}
+    row = {"batch_size": size, "status": "ok", "median_ms": None, "p20_ms": None, "p80_ms": None,
+           "images_per_s": None, "images_per_s_p20_p80": None, "peak_memory": None, "error": None}
     batch = None
     try:
         repeats = -(-size // x.shape[0])
@@ -102,7 +111,9 @@ def _sweep_one(prep: Prepared, loss_fn: Callable, x: torch.Tensor, y: torch.Tens
         times = measure.timed_steps(prep, loss_fn, measure.batch_source(prep, batch),
                                     min(steps, SWEEP_STEPS), max(warmup, 2))
         median = times.median()
-        row.update(median_ms=median, images_per_s=size * world / (median / 1e3),
+        p20, p80 = quantiles(times.steps, [0.2, 0.8])
+        row.update(median_ms=median, p20_ms=p20, p80_ms=p80, images_per_s=size * world / (median / 1e3),
+                   images_per_s_p20_p80=[size * world / (p80 / 1e3), size * world / (p20 / 1e3)],
                    peak_memory=times.peak_memory)
     except KeyboardInterrupt:
         raise
