@@ -494,8 +494,6 @@ class _Profiler:
                 times = measure.timed_steps(prep, self.loss_fn, source, self.steps, self.warmup,
                                             max_seconds=self._time_cap(stage))
             self._fill(row, times, check)
-            if stage != "baseline" and row["status"] == "ok" and BASELINE in self.kept:
-                row["baseline_ms"] = self._baseline_around()
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # recorded, and the run goes on
@@ -503,10 +501,13 @@ class _Profiler:
         finally:
             if source is not None and hasattr(source, "close"):
                 source.close()  # ends the iteration (persistent workers live on with the loader)
-        around = row.pop("baseline_ms", None)
         row = ranks.gather_row(row, self.world)
-        if around is not None and self.world > 1:  # the slowest rank's, as for the variant's own median
-            around = max(ranks.all_gather(around, self.world))
+        around = None
+        # On the gathered row, so that every rank times the baseline block (its DDP collectives) or none does.
+        if row["status"] == "ok" and stage != "baseline" and BASELINE in self.kept:
+            around = self._baseline_around()
+            if self.world > 1:  # the slowest rank's, as for the variant's own median
+                around = max(ranks.all_gather(around, self.world))
         if row["status"] == "ok":  # on the gathered (slowest rank's) medians; the baseline's is 1
             row["baseline_ms"] = around if around is not None else (
                 self.rows[0]["median_ms"] if self.rows else row["median_ms"])
