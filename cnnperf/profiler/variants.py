@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -345,6 +348,7 @@ def prepare(options: Sequence[str], template: nn.Module, optimizer_factory: Call
 
         model = DistributedDataParallel(module, **ddp)
     if "compile" in options or "max_autotune" in options:
+        _quiet_cpp_extension_import()
         mode = "max-autotune-no-cudagraphs" if "max_autotune" in options else None
         model = torch.compile(model, mode=mode)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -355,6 +359,22 @@ def prepare(options: Sequence[str], template: nn.Module, optimizer_factory: Call
     elif loader is not None:
         loader = rebuild_loader(loader)
     return Prepared(options, module, model, optimizer, scaler, device, memory_format, autocast_dtype, loader)
+
+
+def _quiet_cpp_extension_import() -> None:
+    """torch.compile imports torch.utils.cpp_extension, which logs "No CUDA runtime is found, using
+    CUDA_HOME=..." on a machine that has a CUDA toolkit but no GPU: beside the point in a profile, and it looked
+    like an error in the middle of the run. Imported once here with that logger at ERROR (where CUDA runs, it
+    says nothing of the kind: left as it is)."""
+    if "torch.utils.cpp_extension" in sys.modules or torch.cuda.is_available():
+        return
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        log.setLevel(level)
 
 
 def compile_config(options: Sequence[str]):
