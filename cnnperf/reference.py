@@ -65,8 +65,8 @@ def grad_norm_accumulate(grads: Sequence[torch.Tensor], norm_type: float) -> tor
     layer) and for every order but 2 and inf (``|g|^p`` of an fp32 gradient of 1e20 underflows fp32 at p = -2);
     float32 otherwise (float64 if any gradient is). On the CPU, fp32 gradients of at most
     ``CPU_FP32_NORM_MAX_NUMEL`` elements take torch's fp32 kernel for p = 2 (fp32 accuracy, several times
-    faster: 8 tensors of a small ConvNet 103 -> ~60 us for ``grad_norms``), and every gradient its own dtype
-    for inf (a max is exact in any dtype).
+    faster: ``grad_norms`` on a small ConvNet's 8 gradients 96 -> 83 us), and every gradient its own dtype for
+    inf (a max is exact in any dtype; 287 -> 72 us there).
     :func:`grad_norm_finalize` takes it from there.
     """
     device = grads[0].device
@@ -87,7 +87,8 @@ def grad_norm_accumulate(grads: Sequence[torch.Tensor], norm_type: float) -> tor
                      else torch._foreach_norm(picked, norm_type))
             for i, n in zip(native, norms):
                 results[i] = n
-            rest = [i for i in rest if not _cpu_native(grads[i], norm_type)]
+            taken = set(native)
+            rest = [i for i in rest if i not in taken]
     if rest:
         if norm_type > 0:
             norms = torch._foreach_norm([grads[i] for i in rest], norm_type, dtype=dtype)

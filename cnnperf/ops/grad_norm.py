@@ -462,15 +462,16 @@ def _cached_plan(params, norm_type: float, process_group) -> _Plan | None:
             or plan.table.chunk != _config()["CHUNK"]):  # (the interpreter's chunks are smaller)
         return None
     grads = list(map(_GRAD, params))
-    if not all(map(operator.is_, grads, plan.grads)):
-        if (not all(map(operator.is_, params, plan.params))
-                or not all(map(operator.is_not, grads, itertools.repeat(None)))
-                or list(map(torch.Tensor.data_ptr, grads)) != plan.ptrs
-                or not (all(map(torch.Tensor.is_contiguous, grads)) or all(map(_dense, grads)))):
+    same = all(map(operator.is_, grads, plan.grads))
+    if not same and (not all(map(operator.is_, params, plan.params))
+                     or not all(map(operator.is_not, grads, itertools.repeat(None)))):
+        return None
+    if list(map(torch.Tensor.data_ptr, grads)) != plan.ptrs:
+        return None
+    if not same:
+        if not (all(map(torch.Tensor.is_contiguous, grads)) or all(map(_dense, grads))):
             return None
         plan.grads = grads
-    elif list(map(torch.Tensor.data_ptr, grads)) != plan.ptrs:
-        return None
     return plan
 
 
