@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnperf
-from cnnperf import _cli, _env, _io, _timing
+from cnnperf import _env, _io, _terminal, _timing
 from cnnperf._format import finite, fmt
 from cnnperf.profiler import measure, step, variants
 from cnnperf.profiler.variants import DEFAULT_EXCLUDED_ON_CPU, OPTIONS
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     requested = (default_variants(device) if args.variants is None else
                  None if args.variants == "default" else args.variants)
     log = (lambda line: print(f"  profile: {line}", file=sys.stderr, flush=True)) if args.verbose else None
-    console = _cli.make_console()
+    console = _terminal.make_console()
 
     start = time.perf_counter()
     tiny = bookkeeping(device, TINY_BLOCKS, TINY_BLOCK_STEPS)

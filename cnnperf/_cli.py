@@ -163,14 +163,3 @@ def default_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def make_console(stderr: bool = False, width: int = 160):
-    """A rich Console on stdout (or stderr); ``width`` columns when not a terminal (logs and pipes: wide enough
-    that table rows are not folded)."""
-    from rich.console import Console
-
-    console = Console(stderr=stderr)
-    if not console.is_terminal:
-        console = Console(stderr=stderr, width=width)
-    return console

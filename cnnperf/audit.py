@@ -701,7 +701,7 @@ def _progress(total: int):
     """A progress bar on stderr when it is a terminal (a compile can take 10 s); nothing in CI logs."""
     from rich.progress import Progress
 
-    from cnnperf._cli import make_console
+    from cnnperf._terminal import make_console
 
     console = make_console(stderr=True)
     if not console.is_terminal:
@@ -720,9 +720,10 @@ def main(argv: Sequence[str] | None = None, *, kernels: Sequence[KernelAudit] = 
 
 
 def _audit(args: argparse.Namespace, kernels: Sequence[KernelAudit]) -> int:
-    from cnnperf._cli import UsageError, make_console
+    from cnnperf._cli import UsageError
+    from cnnperf._terminal import make_console
 
-    console = make_console(width=180)  # CI logs: no 80-column wrapping of the table
+    console = make_console()
     if args.model and args.compare:
         raise UsageError("--model and --compare exclude each other (--compare reads the models from the record)")
     if args.model:

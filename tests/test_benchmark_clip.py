@@ -4,12 +4,14 @@ bandwidth arithmetic, the numerical check, the JSON record and the command line.
 These test the harness, not the speed of anything: the end-to-end runs use the 1000 tiny tensors.
 """
 
+import io
 import json
 import math
 import os
 
 import pytest
 import torch
+from rich.console import Console
 
 from cnnperf import cli
 from cnnperf._format import sig
@@ -192,6 +194,9 @@ def test_cli_quick_run_on_the_tiny_case_writes_a_complete_record(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "tiny" in printed and "cnnperf/torch: geomean" in printed
     assert os.listdir(tmp_path) == ["clip.json"]
+    header = [line for line in printed.splitlines() if line.split()[:2] == ["dtype", "case"]]
+    assert len(header) == 1 and "launches" in header[0] and "step x" in header[0]  # piped: every column
+    assert "…" not in printed
 
     record = json.loads(out.read_text())
     assert record["schema"] == bench_clip.SCHEMA and record["complete"] is True and record["argv"] == argv[1:]
@@ -230,6 +235,13 @@ def test_cli_quick_run_on_the_tiny_case_writes_a_complete_record(tmp_path, capsy
     for dtype in ("float32", "bfloat16"):
         assert set(record["summary"]["speedup_vs_torch"][dtype]["tiny"]) == {"loop", "cnnperf"}
         assert record["summary"]["geomean_speedup_vs_torch"][dtype]["cnnperf"] > 0
+    narrow = Console(record=True, width=80, force_terminal=True, file=io.StringIO())
+    bench_clip.print_report(record, narrow)
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80  # a terminal: what fits, and what was left out
+    left_out = " ".join(text.split()).split("(not shown at this width: ")[1].split(")")[0]
+    assert "launches" in left_out and "vs torch" not in left_out
 
 
 def test_cpu_defaults_leave_vgg16_out():

@@ -3,11 +3,13 @@
 These test the harness, not the speed of anything: the end-to-end run uses tiny shapes (batch 1, 32x32).
 """
 
+import io
 import json
 import os
 
 import pytest
 import torch
+from rich.console import Console
 
 from cnnperf import cli
 from cnnperf.benchmarks import conv as bench, harness
@@ -124,7 +126,8 @@ def test_cli_quick_run_writes_a_complete_record(tmp_path, capsys):
     argv = ["bench", "--quick", "--limit", "2", "--no-compile", "--model", "resnet50", "--device", "cpu",
             "--batch", "1", "--image-size", "32", "--out", str(out)]
     assert cli.main(argv) == 0
-    assert "resnet50.conv1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resnet50.conv1" in printed and "cnnperf TFLOP/s" in printed and "…" not in printed  # piped: all
     assert os.listdir(tmp_path) == ["bench.json"]
 
     record = json.loads(out.read_text())
@@ -151,6 +154,14 @@ def test_cli_quick_run_writes_a_complete_record(tmp_path, capsys):
         s = record["summary"][pass_]["resnet50"]["cnnperf"]
         assert s["shapes"] == 2 and s["geomean_speedup"] > 0
         assert s["min_shape"] in {"resnet50.conv1", "resnet50.layer1.1.conv1"}
+    narrow = Console(record=True, width=60, force_terminal=True, file=io.StringIO())
+    bench.print_report(record, narrow)
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 60  # a terminal: what fits, and what was left out
+    left_out = " ".join(text.split()).split("(not shown at this width: ")[1].split(")")[0]
+    assert "cnnperf TFLOP/s" in left_out and "cnnperf/eager" not in left_out
+    assert any(line.split()[:2] == ["resnet50.conv1", "fwd"] and "x" in line.split()[-2] for line in lines)
 
 
 @pytest.mark.parametrize("argv", [

@@ -6,6 +6,7 @@ records have at most one plot.
 """
 
 import base64
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from cnnperf._terminal import LOG_WIDTH
 from cnnperf.doctor import report
 
 NAN = math.nan
@@ -255,7 +257,7 @@ def test_terminal_summary(full):
     assert len(best) == 1 and best[0].split()[:2] == ["3", "0.3"]
     assert any(line.split()[:2] == ["4", "nan"] and "early stop" in line for line in lines)
     assert text.index("Non-finite gradients") < text.index("Overfitting") < text.index("The learning rate")
-    assert "Turn on augmentation" in text and "Add weight decay" not in text  # the first advice only
+    assert "    1. Turn on augmentation" in text and "    2. Add weight decay 5e-4." in text  # every advice, numbered
     assert "accuracy 85.0 %, macro precision 84.0 %, recall 83.0 %, F1 83.5 %" in text
     assert any(line.split() == ["1", "one", "3", "40", "7"] for line in lines)  # confusion matrix row
     assert "No problems found" not in text
@@ -288,6 +290,56 @@ def test_terminal_of_an_interrupted_first_epoch():
     for line in ("No epoch finished", "No findings", "No validation metrics",
                  "No problems found (the run was interrupted after 0 epochs"):
         assert line in text
+
+
+CLIP_ADVICE = ("Clip the gradient norm: cnnperf.clip_grad_norm_(model.parameters(), max_norm=1.0) after "
+               "backward, or --clip 1.0 on the command line.")
+
+
+def _render(record, console) -> str:
+    report.render_terminal(record, console)
+    return console.export_text()
+
+
+def test_terminal_at_80_columns_fits_and_cuts_no_word():
+    record = _full_record()
+    record["findings"].append(_finding("exploding_gradients", "warning", "Exploding gradients",
+                                       "The total gradient norm reached 1.2e4 at step 31, 480x its median.",
+                                       advice=(CLIP_ADVICE,)))
+    text = _render(record, Console(record=True, width=80, force_terminal=True, file=io.StringIO()))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    assert _row(lines, "epoch").split() == ["epoch", "train", "loss", "train", "acc", "val", "loss", "val", "acc",
+                                            "lr", "time", "note"]  # whole headers
+    assert _row(lines, "3").split()[-2:] == ["◀", "best"] and _row(lines, "4").split()[-2:] == ["early", "stop"]
+    words = " ".join(text.split())  # the findings wrap at spaces only: every word is whole
+    assert "1. Clip the gradient norm: cnnperf.clip_grad_norm_(model.parameters()," in words
+    assert "Train accuracy 95.0 % vs validation 85.0 % <b>gap</b>." in words
+    assert "1. Turn on augmentation (--augment). 2. Add weight decay 5e-4. 3. Stop at epoch 3." in words
+    assert any(line.split() == ["1", "one", "3", "40", "7"] for line in lines)
+
+
+def test_terminal_in_a_log_is_plain_lines():
+    record = _full_record()
+    record["findings"].append(_finding("exploding_gradients", "warning", "Exploding gradients", advice=(CLIP_ADVICE,)))
+    text = _render(record, Console(record=True, width=LOG_WIDTH, soft_wrap=True, file=io.StringIO()))
+    lines = [line.rstrip() for line in text.splitlines()]
+    assert "    1. " + CLIP_ADVICE in lines and "    " + ERROR_EVIDENCE in lines  # one line each, whole
+    assert "…" not in text and max(len(line) for line in lines) < 200
+
+
+def test_a_confusion_matrix_wider_than_the_terminal_is_left_to_the_report():
+    record = _empty_record()
+    record["metrics"] = {"accuracy": 0.5, "precision_macro": 0.5, "recall_macro": 0.5, "f1_macro": 0.5,
+                         "confusion_matrix": [[1000] * 18 for _ in range(18)], "classes": [str(i) for i in range(18)]}
+    narrow = _render(record, Console(record=True, width=80, force_terminal=True, file=io.StringIO()))
+    assert "18 classes, too many for the terminal; see report.html" in narrow
+    assert "Confusion matrix (rows" in _render(record, Console(record=True, width=160, file=io.StringIO()))
+
+
+def _row(lines: list[str], first: str) -> str:
+    (line,) = [line for line in lines if line.split()[:1] == [first]]
+    return line
 
 
 def test_terminal_with_null_metric_values_and_many_classes():

@@ -14,6 +14,7 @@ import sys
 import pytest
 from rich.console import Console
 
+from cnnperf._terminal import LOG_WIDTH
 from cnnperf.profiler import report
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -226,12 +227,14 @@ def test_html_recommendation_and_tables(full):
     assert "<li><b>fp16</b>: numerically off: gradient error 0.31 &gt; 0.1</li>" in page
     assert ("<p>Timed again in turns with eager: 41.9 -&gt; 29.9 ms/step, 1.40x (p20-p80 of the rounds: "
             "1.35-1.45), 5 rounds of 10 steps.</p>") in page
-    assert re.search(r'<tr class="best"><td class="l">bf16\+channels_last \(recommended\)</td>', page)
+    assert '<tr class="best"><td class="l">bf16+channels_last ◀</td><td class="l st-ok">ok</td>' in page
+    assert "◀ the recommendation" in page
     assert '<td class="l fail" title="float16 over 3 steps' in page and ">FAIL grad 0.31&gt;0.1</td>" in page
     assert ">ok 0.12</td>" in page  # bf16: gradient error 0.012 of a 0.1 tolerance
     assert "2 ranks, spread 12.0 %" in page
     assert "<dt>parameters</dt><dd>11,689,512</dd>" in page and "3.64 TFLOP" in page
-    assert '<tr class="best"><td>512</td><td class="l ok">ok</td>' in page  # best of the sweep
+    assert '<tr class="best"><td>512</td><td class="l st-ok">ok</td>' in page  # best of the sweep
+    assert '<th class="opt">data/fwd/bwd/opt ms</th>' in page and '<p class="narrow">In a window this narrow' in page
     assert "OutOfMemoryError: CUDA out of memory" in page
     assert "The data loader dominates" not in page
 
@@ -320,6 +323,22 @@ def test_terminal_at_80_columns_keeps_the_key_columns():
     assert compile_note.startswith("  compile: BackendCompilerFailed: inductor raised") and compile_note.endswith("…")
     assert "tf32: TF32 needs an Ampere or newer GPU; this is a T4." in text
     assert _row(lines, "1024").split()[:2] == ["1024", "oom"] and "OutOfMemoryError: CUDA out of" in _row(lines, "1024")
+
+
+def test_terminal_in_a_log_keeps_every_column_and_cuts_nothing():
+    record = _full_record()
+    (tf32,) = [v for v in record["variants"] if v["name"] == "tf32"]
+    tf32["reason"] = "TF32 needs an Ampere or newer GPU; this is a T4. " * 3  # over NOTE_CHARS
+    console = Console(record=True, width=LOG_WIDTH, soft_wrap=True, file=io.StringIO())
+    report.render_terminal(record, console)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert "…" not in text
+    assert "data/fwd/bwd/opt ms" in text and "img/s" in text and "MFU %" in text  # every column
+    assert f"  compile: {COMPILE_ERROR}" in lines  # whole, under the table
+    assert any(line.startswith("  tf32: TF32 needs an Ampere") and line.count("this is a T4.") == 3 for line in lines)
+    recommendation = [line for line in lines if line.startswith("Recommendation: ")]
+    assert len(recommendation) == 1 and recommendation[0].endswith(".")  # one line, not wrapped
 
 
 def test_terminal_says_when_the_data_loader_dominates():

@@ -59,7 +59,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cnnperf import _cli, backend, testing
+from cnnperf import _cli, _terminal, backend, testing
 from cnnperf._env import device_name, versions
 from cnnperf._format import fmt, sig
 from cnnperf._timing import Timing, geomean, time_cuda, time_cuda_with_reset, time_host
@@ -552,18 +552,21 @@ def run(cfg: Config, out: Path | None, argv: Sequence[str],
 # Terminal output.
 # ---------------------------------------------------------------------------------------------------------
 
-def results_table(record: dict):
-    """A rich Table: one line per dtype, case and variant."""
+# The bench-clip columns a narrow terminal drops, the first first (a log keeps them all).
+CLIP_OPTIONAL_COLUMNS = ("launches", "tensors", "MB", "% copy", "GB/s", "p20-p80 ms", "no sync", "host us", "step x")
+
+
+def print_results(record: dict, console) -> None:
+    """The results table, one line per dtype, case and variant, fitted to ``console``."""
     from rich.markup import escape
-    from rich.table import Table
 
     bw = record["copy_bandwidth"]
-    table = Table(title=f"gradient norm + clip on {escape(record['device'])}; copy bandwidth {bw['gbps']:.4g} GB/s "
-                        f"({escape(bw['what'])})")
+    title = (f"gradient norm + clip on {escape(record['device'])}; copy bandwidth {bw['gbps']:.4g} GB/s "
+             f"({escape(bw['what'])})")
     columns = ["dtype", "case", "tensors", "MB", "variant", "median ms", "p20-p80 ms", "GB/s", "% copy",
                "host us", "launches", "no sync", "vs torch", "step x", "check"]
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("dtype", "case", "variant", "check") else "right")
+    heads = [(name, "left" if name in ("dtype", "case", "variant", "check") else "right") for name in columns]
+    rows = []
     for r in record["rows"]:
         if "error" in r:
             timing = ["[red]error[/]", "-", "-", "-"]
@@ -573,19 +576,19 @@ def results_table(record: dict):
         ratio = r.get("speedup_vs_torch")
         free = r.get("host_sync_free")
         check = r.get("check")
-        table.add_row(
+        rows.append(([
             r["dtype"], r["case"], str(r["tensors"]), f"{r['grad_bytes'] / 1e6:.4g}", r["variant"], *timing,
             fmt(r.get("host_us"), ".3g"), fmt(r.get("kernel_launches"), "d"),
             "-" if free is None else ("[green]yes[/]" if free else "[red]NO[/]"),
-            harness.speedup_cell(ratio), fmt(r.get("step_time_over_adamw"), ".3g"), harness.check_cell(check))
-    return table
+            harness.speedup_cell(ratio), fmt(r.get("step_time_over_adamw"), ".3g"), harness.check_cell(check)], None))
+    _terminal.print_table(console, heads, rows, optional=CLIP_OPTIONAL_COLUMNS, title=title)
 
 
 def print_report(record: dict, console) -> None:
     """The results table, then the geomean speed-ups, errors and skipped cases."""
     from rich.markup import escape
 
-    console.print(results_table(record))
+    print_results(record, console)
     for dtype, by_variant in record["summary"].get("geomean_speedup_vs_torch", {}).items():
         cases = ", ".join(record["summary"]["speedup_vs_torch"][dtype])
         for variant, ratio in by_variant.items():

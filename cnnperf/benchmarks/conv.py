@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from cnnperf import _cli, backend, testing
+from cnnperf import _cli, _terminal, backend, testing
 from cnnperf._env import device_name, versions
 from cnnperf._format import dtype_name, fmt, sig
 from cnnperf._timing import Timing, geomean, time_cuda, time_host
@@ -387,42 +387,43 @@ def run(cfg: Config, out: Path | None, argv: Sequence[str],
 
 def print_report(record: dict, console) -> None:
     """The results table, then the summary and anything that did not run."""
-    console.print(results_table(record))
+    print_results(record, console)
     print_summary(record, console)
 
 
-def results_table(record: dict):
-    """A rich Table: one line per shape and pass, the variants side by side."""
+def print_results(record: dict, console) -> None:
+    """The results table, one line per shape and pass with the variants side by side, fitted to ``console``
+    (a narrow terminal keeps shape, pass, the speed-ups and the check)."""
     from rich.markup import escape
-    from rich.table import Table
 
     cfg, peak = record["config"], record["peak"]
     variants = cfg["variants"]
     others = [v for v in variants if v != "eager"]
     fused = "cnnperf" in variants
-    table = Table(title=f"conv2d+bias+ReLU on {escape(record['device'])} ({cfg['dtype']}, {cfg['memory_format']}); "
-                        f"peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} matmul)")
-    columns = (["shape", "pass"] + [f"{v} ms" for v in variants]
-               + (["cnnperf TFLOP/s", "% peak"] if fused else []) + [f"{v}/eager" for v in others]
-               + (["check"] if fused else []))
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("shape", "pass", "check") else "right")
+    title = (f"conv2d+bias+ReLU on {escape(record['device'])} ({cfg['dtype']}, {cfg['memory_format']}); "
+             f"peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} matmul)")
+    times = [f"{v} ms" for v in variants]
+    columns = (["shape", "pass"] + times + (["cnnperf TFLOP/s", "% peak"] if fused else [])
+               + [f"{v}/eager" for v in others] + (["check"] if fused else []))
+    heads = [(name, "left" if name in ("shape", "pass", "check") else "right") for name in columns]
 
     grouped: dict[tuple, dict] = {}
     for row in record["rows"]:
         grouped.setdefault((row["name"], row["pass"]), {})[row["variant"]] = row
+    rows = []
     for (name, pass_), by_variant in grouped.items():
-        rows = [by_variant.get(v, {}) for v in variants]
         cells = [name, pass_]
-        cells += ["[red]error[/]" if "error" in r else fmt(r.get("median_ms"), ".3f") for r in rows]
+        cells += ["[red]error[/]" if "error" in r else fmt(r.get("median_ms"), ".3f")
+                  for r in (by_variant.get(v, {}) for v in variants)]
         if fused:
             cells += [fmt(by_variant["cnnperf"].get("tflops"), ".3g"),
                       fmt(by_variant["cnnperf"].get("pct_peak"), ".3g")]
         cells += [harness.speedup_cell(by_variant.get(v, {}).get("speedup_vs_eager")) for v in others]
         if fused:
             cells.append(harness.check_cell(by_variant["cnnperf"].get("check", "-")))
-        table.add_row(*cells)
-    return table
+        rows.append((cells, None))
+    optional = (["cnnperf TFLOP/s"] if fused else []) + times[::-1] + (["% peak"] if fused else [])
+    _terminal.print_table(console, heads, rows, optional=optional, title=title)
 
 
 def print_summary(record: dict, console) -> None:

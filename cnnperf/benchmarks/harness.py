@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from cnnperf import _cli, backend
+from cnnperf import _cli, _terminal, backend
 from cnnperf._env import device_slug, record_header, utc_now
 from cnnperf._format import sig
 from cnnperf._io import write_json_atomic
@@ -170,7 +170,7 @@ def main(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], obj
     """A benchmark's command: 0 when every row ran and passed its checks, 1 when a row failed, 2 for a bad
     command line (:func:`cnnperf._cli.run`)."""
     def body(parsed) -> int:
-        out, err = _cli.make_console(), _cli.make_console(stderr=True)
+        out, err = _terminal.make_console(), _terminal.make_console(stderr=True)
         record, path = measure(parsed, list(sys.argv[1:] if argv is None else argv),
                                lambda msg: err.print(msg, style="dim", highlight=False))
         report(record, out)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnnperf import _cli
+from cnnperf import _cli, _terminal
 from cnnperf._cli import UsageError
 
 DEFAULT_EPOCHS = 10
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, device) -> int:
     import torch
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -130,7 +129,7 @@ def _run(args, device) -> int:
         print(f"cnnperf doctor: error: {exc}", file=sys.stderr)
         return 2
 
-    console = Console()
+    console = _terminal.make_console()
     quiet = args.quiet
     show_progress = not quiet and console.is_terminal
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -1,8 +1,9 @@
 """The doctor's reports, made from a doctor.json record (a plain dict, see SCHEMA.md) and nothing else.
 
 - :func:`write_json_atomic`: the record as strict JSON (NaN and inf become ``null``), written atomically.
-- :func:`render_terminal`: a rich summary: header, per-epoch table with the best epoch marked, findings by
-  severity with their first advice, validation metrics and a compact confusion matrix, a one-line verdict.
+- :func:`render_terminal`: a rich summary that fits the terminal (plain lines in a log): header, per-epoch
+  table with the best epoch marked, findings by severity with their evidence and advice, validation metrics and
+  a compact confusion matrix, a one-line verdict.
 - :func:`render_html`: one self-contained HTML file (inline CSS, PNG plots embedded as base64, no script, no
   external asset): findings with all their advice, learning curves, per-layer gradient norms (heat map),
   update-to-weight ratios, dead-ReLU fractions, the confusion matrix, the LR range test.
@@ -33,6 +34,7 @@ from cnnperf._format import (
     text as _text,
 )
 from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
+from cnnperf._terminal import print_table as _print_table
 from cnnperf.doctor import findings as _detectors
 from cnnperf.reporting import (
     CSS as _CSS,
@@ -40,6 +42,7 @@ from cnnperf.reporting import (
     escape as _e,
     figure as _figure,
     html_plot as _html_plot,
+    html_table as _html_table,
     section as _section,
 )
 
@@ -123,6 +126,8 @@ def verdict(record: Mapping) -> tuple[str, str]:
 def render_terminal(record: Mapping, console) -> None:
     """Print the summary of ``record`` (a doctor.json dict) to ``console`` (a :class:`rich.console.Console`)."""
     from rich import box
+    from rich.measure import Measurement
+    from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
 
@@ -137,34 +142,41 @@ def render_terminal(record: Mapping, console) -> None:
     epochs = _epochs(record)
     best, stop = _int(record.get("best_epoch")), _int(record.get("early_stop_epoch"))
     if epochs:
-        table = Table(title="Epochs", box=box.SIMPLE_HEAD, title_justify="left")
-        for name in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "time", ""):
-            table.add_column(name, justify="left" if name == "" else "right", no_wrap=True)
+        heads = [("epoch", "right"), ("train loss", "right"), ("train acc", "right"), ("val loss", "right"),
+                 ("val acc", "right"), ("lr", "right"), ("time", "right")]
+        rows, notes = [], []
         for e in epochs:
             n = _int(e.get("epoch"))
             marks = [m for m, at in (("◀ best", best), ("early stop", stop)) if at is not None and n == at]
-            table.add_row(_text(n), _fmt(e.get("train_loss")), _pct(e.get("train_acc")), _fmt(e.get("val_loss")),
-                          _pct(e.get("val_acc")), _fmt(e.get("lr"), ".3g"), _duration(e.get("seconds")),
-                          ", ".join(marks), style="bold green" if n is not None and n == best else None)
-        console.print(table)
+            rows.append(([_text(n), _fmt(e.get("train_loss")), _pct(e.get("train_acc")), _fmt(e.get("val_loss")),
+                          _pct(e.get("val_acc")), _fmt(e.get("lr"), ".3g"), _duration(e.get("seconds"))],
+                         "bold green" if n is not None and n == best else None))
+            notes.append((f"epoch {_text(n)}", ", ".join(marks), ""))
+        _print_table(console, heads, rows, notes, optional=("time", "lr", "train acc"), title="Epochs")
     else:
         console.print("[dim]No epoch finished: no per-epoch history.[/dim]")
 
     findings = _findings(record)
     if findings:
-        table = Table(title="Findings", box=box.SIMPLE_HEAD, title_justify="left", expand=True)
-        table.add_column("severity", no_wrap=True)
-        table.add_column("kind", no_wrap=True)
-        table.add_column("finding", ratio=2, overflow="fold")
-        table.add_column("evidence", ratio=3, overflow="fold")
-        table.add_column("first advice", ratio=2, overflow="fold")
-        for f in findings:
+        console.print("Findings")
+        for f in findings:  # blocks, not a table: evidence and advice are sentences that a column would squeeze
             severity = _text(f.get("severity"))
-            advice = _advice(f)
-            table.add_row(Text(severity, style=_SEVERITY_STYLE.get(severity, "")), Text(_text(f.get("kind"))),
-                          Text(_text(f.get("title"), ""), style="bold"), Text(_text(f.get("evidence"), "")),
-                          Text(advice[0] if advice else "-"))
-        console.print(table)
+            head = Text("  ")
+            head.append(severity, style=_SEVERITY_STYLE.get(severity, ""))
+            head.append("  ")
+            head.append(_text(f.get("title"), ""), style="bold")
+            head.append(f"  ({_text(f.get('kind'))})", style="dim")
+            console.print(head)
+            evidence = _text(f.get("evidence"), "")
+            if evidence:
+                console.print(Padding(Text(evidence), (0, 0, 0, 4), expand=False))
+            advice = Table.grid(padding=(0, 1))  # numbered, wrapped lines hang under their text
+            advice.add_column(justify="right", no_wrap=True)
+            advice.add_column()
+            for i, item in enumerate(_advice(f), 1):
+                advice.add_row(f"{i}.", Text(item))
+            if advice.row_count:
+                console.print(Padding(advice, (0, 0, 0, 4), expand=False))
     else:
         console.print("[dim]No findings.[/dim]")
 
@@ -177,9 +189,9 @@ def render_terminal(record: Mapping, console) -> None:
         classes = [str(c) for c in metrics.get("classes") or []]
         if len(classes) != len(cm):
             classes = [str(i) for i in range(len(cm))]
+        table = None
         if 0 < len(cm) <= CONFUSION_MAX_CLASSES:
-            console.print("Confusion matrix (rows: true class, columns: predicted class):")
-            table = Table(box=box.SIMPLE, padding=(0, 1), pad_edge=False)
+            table = Table(box=box.SIMPLE, padding=(0, 1), pad_edge=False, show_edge=False)
             table.add_column("true \\ pred", no_wrap=True, max_width=18)
             for j in range(len(cm)):
                 table.add_column(str(j), justify="right", no_wrap=True)
@@ -188,7 +200,12 @@ def render_terminal(record: Mapping, console) -> None:
                 for j, count in enumerate(row):
                     style = "bold green" if i == j else ("red" if _num(count) > 0 else "dim")
                     cells.append(Text(_fmt(count, ".0f"), style))
-                table.add_row(Text(f"{i} {classes[i]}"), *cells)
+                table.add_row(Text(str(i) if classes[i] == str(i) else f"{i} {classes[i]}"), *cells)
+            wide = Measurement.get(console, console.options.update(width=10_000), table).maximum
+            if wide > console.width:
+                table = None
+        if table is not None:
+            console.print("Confusion matrix (rows: true class, columns: predicted class):")
             console.print(table)
         elif cm:
             console.print(f"[dim]Confusion matrix: {len(cm)} classes, too many for the terminal; "
@@ -483,18 +500,15 @@ def _html_epochs(record: Mapping) -> list[str]:
     if not epochs:
         return ['<p class="note">No epoch finished: no per-epoch history.</p>']
     best, stop = _int(record.get("best_epoch")), _int(record.get("early_stop_epoch"))
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in ("epoch", "train loss", "train acc", "val loss",
-                                                               "val acc", "lr", "time"))
-           + '<th class="l"></th></tr>']
+    heads = [(h, "") for h in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "time")]
+    rows = []
     for e in epochs:
         n = _int(e.get("epoch"))
         marks = ", ".join(m for m, at in (("best", best), ("early stop", stop)) if at is not None and n == at)
         cells = (n, _fmt(e.get("train_loss")), _pct(e.get("train_acc")), _fmt(e.get("val_loss")),
                  _pct(e.get("val_acc")), _fmt(e.get("lr"), ".3g"), _duration(e.get("seconds")))
-        row_class = ' class="best"' if n is not None and n == best else ""
-        out.append(f"<tr{row_class}>" + "".join(f"<td>{_e(c)}</td>" for c in cells)
-                   + f'<td class="l">{_e(marks)}</td></tr>')
-    return out + ["</table>"]
+        rows.append(([(_text(c), "") for c in cells] + [(marks, "l")], "best" if n is not None and n == best else ""))
+    return _html_table(heads + [("", "l")], rows)
 
 
 def _html_metrics(record: Mapping) -> list[str]:

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cnnperf import _cli
+from cnnperf import _cli, _terminal
 from cnnperf.profiler.policy import DEFAULT_BUDGET_S
 
 DEFAULT_OUT = "profile-out"
@@ -162,7 +162,7 @@ def _run(args) -> int:
     # the first measurement on, profile() keeps what it measured (ProfileInterrupted below).
     device, rank, world, joined = _distributed(args.device or _cli.default_device())
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]
-    console = _cli.make_console()
+    console = _terminal.make_console()
     quiet = args.quiet or rank != 0
     model_name, data_name = DEFAULT_MODEL["cuda" if device.type == "cuda" else "cpu"]
     model_name, data_name = args.model or model_name, args.data or data_name

@@ -135,7 +135,7 @@ class ProfileResult:
 
     def print(self, console=None) -> None:
         """The terminal summary (a rich Console on stdout by default)."""
-        from cnnperf._cli import make_console
+        from cnnperf._terminal import make_console
         from cnnperf.profiler.report import render_terminal
 
         render_terminal(self.record, console or make_console())

@@ -3,8 +3,8 @@
 inline CSS, PNG plots embedded as base64, no script), :func:`write_reports` (profile.json and report.html into a
 folder, and the terminal summary) and :func:`summary_line` (the outcome in one sentence). Every part of the record
 may be missing or null (a run stopped by Ctrl-C): the terminal says so in one line, the HTML replaces a plot by a
-note. Imports no torch: only :mod:`cnnperf._format`, :mod:`cnnperf._io` and :mod:`cnnperf.reporting` (rich and
-matplotlib's Agg canvas when drawing).
+note. Imports no torch: only :mod:`cnnperf._format`, :mod:`cnnperf._io`, :mod:`cnnperf._terminal` and
+:mod:`cnnperf.reporting` (rich and matplotlib's Agg canvas when drawing).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from cnnperf._format import (
     text as _text,
 )
 from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
+from cnnperf._terminal import one_line as _one_line, print_table as _print_table
 from cnnperf.reporting import (
     CSS as _CSS,
     Skip as _Skip,
     escape as _e,
     figure as _figure,
     html_plot as _html_plot,
+    html_table as _html_table,
     section as _section,
 )
 
@@ -41,10 +43,11 @@ PHASES = ("data", "forward", "backward", "optimizer")
 WIDE = 120  # console columns from which the terminal shows every column of the variants table
 TOP_OPS_TERMINAL = 10
 TOP_OPS_PLOT = 15
-NOTE_CHARS = 70  # an error or reason is cut to this many characters in the terminal (the HTML has it whole)
 
 _STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow", "not_applicable": "dim"}
 _STATUS_SHORT = {"not_applicable": "n/a"}
+# Columns of the HTML variants table that go when no variant has a value (peak memory and MFU on the CPU).
+_EMPTY_WHEN_DASHES = ("peak MiB", "compile s", "setup s", "MFU %", "data/fwd/bwd/opt ms", "images/s")
 _PHASE_COLOUR = {"data": "#ffb74d", "forward": "#64b5f6", "backward": "#1565c0", "optimizer": "#9575cd"}
 _BAR_COLOUR = {"baseline": "#78909c", "recommended": "#2e7d32", "other": "#90caf9"}
 
@@ -52,8 +55,8 @@ _PROFILE_CSS = """
 .rec{padding:.6em 1em;border-radius:4px;margin:1em 0}.rec p{margin:.3em 0}.rec ul{margin:.3em 0}
 .rec.better{background:#e8f5e9;color:#1b5e20}.rec.keep{background:#e3f2fd;color:#0d47a1}
 .rec.none{background:#f5f5f5;color:#616161}.databound{background:#fff3e0;color:#bf360c;padding:.4em .8em;
-border-radius:4px}td.failed{color:#b71c1c}td.skipped{color:#e65100}td.not_applicable{color:#757575}
-td.fail,td.oom{color:#b71c1c;font-weight:bold}
+border-radius:4px}td.st-failed{color:#b71c1c}td.st-skipped{color:#e65100}td.st-not_applicable{color:#757575}
+td.fail,td.st-oom{color:#b71c1c;font-weight:bold}
 """
 
 
@@ -133,13 +136,6 @@ def _si(x: Any, unit: str) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
-
-
-def _clip(x: Any, limit: int = NOTE_CHARS) -> str:
-    """The first line of ``x`` with its whitespace collapsed, cut to ``limit`` characters with an ellipsis."""
-    lines = _text(x, "").strip().splitlines()
-    text = " ".join(lines[0].split()) if lines else ""
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def _range(v: Mapping) -> str:
@@ -308,57 +304,6 @@ def _data_bound_sentence(rec: Mapping) -> str | None:
 # Terminal.
 # ---------------------------------------------------------------------------------------------------------
 
-def _print_table(console, heads: list[tuple[str, str]], rows: list[tuple[list, str | None]],
-                 notes: list[tuple[str, str, str]], drop: tuple[str, ...] = (), drop_for_notes: int = 0,
-                 note_min: int = 24) -> None:
-    """Print a table that fits ``console``: ``heads`` are (name, justify), ``rows`` (cells, style) and ``notes``
-    (label, text, style) per row: the text of a last "note" column, cut to the width left, where that leaves at
-    least ``note_min`` columns (or the longest note), once the first ``drop_for_notes`` columns named in ``drop``
-    are gone if need be; else the notes go under the table, one line each, and the columns named in ``drop`` go, in
-    that order, while the table is too wide."""
-    from rich import box
-    from rich.measure import Measurement
-    from rich.table import Table
-    from rich.text import Text
-
-    def build(keep: list[int], note_width: int | None) -> Table:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for i in keep:
-            table.add_column(heads[i][0], justify=heads[i][1], no_wrap=i != 0, overflow="fold")
-        if note_width is not None:
-            table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=note_width)
-        for (cells, style), (_, note, note_style) in zip(rows, notes):
-            extra = [Text(_clip(note, note_width or 1), style=note_style)] if note_width is not None else []
-            table.add_row(*[cells[i] for i in keep], *extra, style=style)
-        return table
-
-    def width(table: Table) -> int:  # measured without the console's limit, which would clamp it
-        return Measurement.get(console, console.options.update(width=10_000), table).maximum
-
-    names = [h for h, _ in heads]
-    wanted = max((len(_clip(note)) for _, note, _ in notes), default=0)
-    need = min(wanted, note_min)
-    keep = list(range(len(heads)))
-    for name in (None, *drop[:drop_for_notes]):  # a note column, at the cost of the first columns in drop?
-        if name is not None:
-            keep.remove(names.index(name))
-        room = console.width - width(build(keep, 1)) + 1
-        if wanted and room >= need:
-            console.print(build(keep, min(room, NOTE_CHARS)))
-            return
-    keep = list(range(len(heads)))  # no: the notes go under the table, which keeps what fits
-    for name in drop:
-        if width(build(keep, None)) <= console.width:
-            break
-        keep.remove(names.index(name))
-    console.print(build(keep, None))
-    for label, note, style in notes:
-        if note:
-            text = Text(f"  {label}: ", style="bold")
-            text.append(_clip(note, max(16, console.width - len(label) - 4)), style=style)
-            console.print(text, no_wrap=True, overflow="ellipsis")
-
-
 def _terminal_variants(record: Mapping, console) -> None:
     from rich.text import Text
 
@@ -395,7 +340,7 @@ def _terminal_variants(record: Mapping, console) -> None:
     console.print(Text("Variants", style="bold") + Text(" in measured order; ms: median step time"
                                                         + (", p20-p80 dim" if wide else ""), style="dim"))
     _print_table(console, [heads[i] for i in keep], [([c[i] for i in keep], s) for c, s in rows], notes,
-                 drop=tuple(h for h in optional if h not in absent), drop_for_notes=2, note_min=40)
+                 optional=[h for h in optional if h not in absent], drop_for_notes=2, note_min=40)
 
 
 def _terminal_recommendation(record: Mapping, console) -> None:
@@ -443,11 +388,10 @@ def _terminal_top_ops(record: Mapping, console) -> None:
     by = _by(top)
     console.print(Text("Top ops", style="bold") + Text(f" of {_text(top.get('variant'))} by {_text(by)}, per step",
                                                        style="dim"))
-    rows = [([Text(_clip(op.get("name"), max(20, console.width - 36))), Text(_ms(op.get("self_ms"))),
+    rows = [([Text(_one_line(op.get("name"), max(20, console.width - 36))), Text(_ms(op.get("self_ms"))),
               Text(_fmt(op.get("calls"), ".0f")), Text(_fmt(op.get("percent"), ".1f"))], None)
             for op in ops[:TOP_OPS_TERMINAL]]
-    _print_table(console, [("op", "left"), ("self ms", "right"), ("calls", "right"), ("% of step", "right")], rows,
-                 [("", "", "")] * len(rows))
+    _print_table(console, [("op", "left"), ("self ms", "right"), ("calls", "right"), ("% of step", "right")], rows)
 
 
 def _sweep_rows(record: Mapping) -> list[Mapping]:
@@ -565,7 +509,7 @@ def _plot_step_times(record: Mapping):
     ax = fig.subplots()
     y = range(len(variants))
     ax.barh(y, medians, xerr=[low, high], color=colours, error_kw={"ecolor": "#424242", "capsize": 3, "lw": 1})
-    ax.set_yticks(y, [_clip(n, 40) for n in names], fontsize=8)
+    ax.set_yticks(y, [_one_line(n, 40) for n in names], fontsize=8)
     ax.invert_yaxis()
     for i, (v, m) in enumerate(zip(variants, medians)):
         speedup = _speedup(record, v)
@@ -598,7 +542,7 @@ def _plot_phases(record: Mapping):
         left += values[:, j]
     medians = [_finite(v.get("median_ms")) for v in variants]
     ax.scatter(medians, y, marker="|", s=260, color="black", linewidths=1.6, label="median step", zorder=3)
-    ax.set_yticks(y, [_clip(v.get("name"), 40) for v in variants], fontsize=8)
+    ax.set_yticks(y, [_one_line(v.get("name"), 40) for v in variants], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, max(max(left), max(medians), 1e-3) * 1.05)
     ax.set_xlabel("ms per step (median of each phase)")
@@ -666,7 +610,7 @@ def _plot_top_ops(record: Mapping):
     values = [_finite(op.get("self_ms")) for op in ops]
     y = range(len(ops))
     ax.barh(y, values, color="#7986cb")
-    ax.set_yticks(y, [_clip(op.get("name"), 48) for op in ops], fontsize=7.5)
+    ax.set_yticks(y, [_one_line(op.get("name"), 48) for op in ops], fontsize=7.5)
     ax.invert_yaxis()
     for i, (op, value) in enumerate(zip(ops, values)):
         percent = _finite(op.get("percent"))
@@ -750,33 +694,36 @@ def _html_recommendation(record: Mapping) -> list[str]:
     return out + ["</div>"]
 
 
-def _class(name: str) -> str:
-    return f' class="{name}"' if name else ""
-
-
 def _html_variants(record: Mapping) -> list[str]:
     variants = _variants(record)
     if not variants:
         return ['<p class="note">No variant measured.</p>']
     baseline, chosen = _baseline_name(record), _recommended(record)
-    heads = ("variant", "stage", "status", "median ms", "p20-p80 ms", "images/s", "speed-up",
-             "data / fwd / bwd / opt ms", "peak MiB", "compile s", "setup s", "MFU %", "check", "note")
-    left = {"variant", "stage", "status", "check", "note"}
-    out = ["<table><tr>" + "".join(f'<th{_class("l" if h in left else "")}>{_e(h)}</th>' for h in heads) + "</tr>"]
+    heads = [("variant", "l"), ("status", "l"), ("median ms", ""), ("p20-p80 ms", "opt"), ("images/s", "opt"),
+             ("speed-up", ""), ("data/fwd/bwd/opt ms", "opt"), ("peak MiB", "opt"), ("compile s", "opt"),
+             ("setup s", "opt"), ("MFU %", "opt"), ("check", "l")]
+    rows = []
     for v in variants:
         name, status = _text(v.get("name")), _text(v.get("status"))
         check, passed = _check(v, baseline)
-        cells = [(name + (" (recommended)" if name == chosen else ""), "l"), (v.get("stage"), "l"),
-                 (status.replace("_", " "), f"l {status}"), (_ms(v.get("median_ms")), ""), (_range(v) or "-", ""),
-                 (_rate(v.get("images_per_s")), ""), (_times(_speedup(record, v)), ""),
-                 (_split(v).replace("/", " / "), ""), (_mib(v.get("peak_memory")), ""),
-                 (_fmt(v.get("compile_s"), ".1f"), ""), (_fmt(v.get("setup_s"), ".1f"), ""), (_mfu(v.get("mfu")), ""),
-                 (check, "l fail" if passed is False else "l"), (_note(v), f"l {status}")]
-        detail = _check_detail(v.get("check"))
-        row = "".join(f"<td{_class(c)}" + (f' title="{_e(detail)}"' if i == 12 and detail else "") + f">{_e(t)}</td>"
-                      for i, (t, c) in enumerate(cells))
-        out.append(f'<tr{_class("best" if name == chosen else "")}>{row}</tr>')
-    out.append("</table>")
+        rows.append(([(name + (" ◀" if name == chosen else ""), "l"),
+                      (_STATUS_SHORT.get(status, status), f"l st-{status}"),
+                      (_ms(v.get("median_ms")), ""), (_range(v) or "-", ""), (_rate(v.get("images_per_s")), ""),
+                      (_times(_speedup(record, v)), ""), (_split(v), ""), (_mib(v.get("peak_memory")), ""),
+                      (_fmt(v.get("compile_s"), ".1f"), ""), (_fmt(v.get("setup_s"), ".1f"), ""),
+                      (_mfu(v.get("mfu")), ""),
+                      (check, "l fail" if passed is False else "l", _check_detail(v.get("check")))],
+                     "best" if name == chosen else "", _note(v)))
+    empty = [i for i, (head, _) in enumerate(heads) if head in _EMPTY_WHEN_DASHES
+             and all(cells[i][0] == "-" for cells, *_ in rows)]  # e.g. no peak memory or MFU on the CPU
+    heads = [h for i, h in enumerate(heads) if i not in empty]
+    rows = [([c for i, c in enumerate(cells) if i not in empty], *rest) for cells, *rest in rows]
+    left_out = ", ".join(h for h, cls in heads if "opt" in cls)
+    out = _html_table(heads, rows, narrow_note=f"In a window this narrow, these columns are left out: {left_out}.")
+    out.append('<p class="note">◀ the recommendation; variants with a "+" combine options. A check cell shows '
+               "its errors and tolerances when the pointer rests on it.</p>" if chosen is not None else
+               '<p class="note">Variants with a "+" combine options. A check cell shows its errors and tolerances '
+               "when the pointer rests on it.</p>")
     failed_checks = [(v, v.get("check")) for v in variants if _check(v, baseline)[1] is False]
     for v, check in failed_checks:
         out.append(f'<p class="note">{_e(v.get("name"))}: numerical check failed, {_e(_check_detail(check))}.</p>')
@@ -788,18 +735,18 @@ def _html_sweep_table(record: Mapping) -> list[str]:
     if not rows:
         return []
     stopped = _SWEEP_STOPPED.get(sweep.get("stopped"))
-    out = ([f'<p class="note">{_e(stopped[0].upper() + stopped[1:])}.</p>'] if stopped else []) + [
-        '<table><tr><th>batch size</th><th class="l">status</th><th>median ms</th><th>images/s [p20-p80]</th>'
-        '<th>peak MiB</th><th class="l">note</th></tr>']
     best = _int(sweep.get("best_batch_size"))
+    cells = []
     for row in rows:
         size, status = _int(row.get("batch_size")), _text(row.get("status"))
-        note = _sweep_marks(sweep, row) if status == "ok" else _text(row.get("error"), "")
-        out.append(f'<tr{_class("best" if best is not None and size == best else "")}><td>{_e(size)}</td>'
-                   f'<td class="l {_e(status)}">{_e(status)}</td><td>{_e(_ms(row.get("median_ms")))}</td>'
-                   f'<td>{_e(_sweep_rate(row))}</td><td>{_e(_mib(row.get("peak_memory")))}</td>'
-                   f'<td class="l">{_e(note)}</td></tr>')
-    return out + ["</table>"]
+        marks, error = (_sweep_marks(sweep, row), "") if status == "ok" else ("", _text(row.get("error"), ""))
+        cells.append(([(_text(size), ""), (status, f"l st-{status}"), (_ms(row.get("median_ms")), ""),
+                       (_sweep_rate(row), ""), (_mib(row.get("peak_memory")), ""), (marks, "l")],
+                      "best" if best is not None and size == best else "", error))
+    heads = [("batch size", ""), ("status", "l"), ("median ms", ""), ("images/s [p20-p80]", ""), ("peak MiB", ""),
+             ("", "l")]
+    return ([f'<p class="note">{_e(stopped[0].upper() + stopped[1:])}.</p>'] if stopped else []) + _html_table(heads,
+                                                                                                            cells)
 
 
 def _html_not_drawn(record: Mapping) -> list[str]:
