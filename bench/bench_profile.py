@@ -4,10 +4,11 @@
     python bench/bench_profile.py --models convnet,resnet18 --device cuda --json bench_profile.json
     python bench/bench_profile.py --models resnet18 --variants channels_last,bf16   # CPU: several minutes
 
-Cases: the doctor's default ConvNet (1x28x28 digits-sized images, batch 64, Adam) and ResNet-18 (CIFAR stem,
-3x32x32, batch 32, Adam), each trained on one fixed random batch (no data loading). ``--models`` chooses; the
-default is both on a GPU and the ConvNet alone on the CPU, where a ResNet-18 step takes seconds and one profile
-of it minutes (ask for it with ``--models convnet,resnet18``).
+Cases: the doctor's default ConvNet (1x28x28 digits-sized images, batch 64, Adam), ResNet-18 (CIFAR stem,
+3x32x32, batch 32, Adam) and VGG-11-BN at a quarter of the channels (``vgg11_small``, 3x32x32, batch 32, Adam),
+each trained on one fixed random batch (no data loading). ``--models`` chooses; the default is the ConvNet and
+ResNet-18 on a GPU and the ConvNet alone on the CPU, where a ResNet-18 step takes seconds and one profile of it
+minutes (ask for the others with ``--models convnet,resnet18,vgg11_small``).
 
 1. Instrumentation overhead. One variant built by ``variants.prepare((), ...)`` (eager float32) trains in
    alternating blocks of ``--block-steps`` steps (the order within a pair alternates too, so that a drift in the
@@ -62,12 +63,15 @@ from cnnperf.zoo.models import build_model
 CASES = {  # name -> (model, in_channels, image_size, batch)
     "convnet": ("convnet", 1, 28, 64),
     "resnet18": ("resnet18", 3, 32, 32),
+    "vgg11_small": ("vgg11_small", 3, 32, 32),
 }
 DEFAULT_MODELS = {"cpu": "convnet", "cuda": "convnet,resnet18"}
 # (case, device type) -> (alternating block pairs, steps per block, timed steps per profiled variant)
 DEFAULTS = {
     ("convnet", "cpu"): (30, 10, 20),
     ("resnet18", "cpu"): (3, 2, 4),
+    ("vgg11_small", "cpu"): (10, 5, 10),
+    ("vgg11_small", "cuda"): (30, 20, 20),
     ("convnet", "cuda"): (30, 20, 20),
     ("resnet18", "cuda"): (30, 20, 20),
 }
