@@ -54,7 +54,8 @@ def test_find_lr_and_options_reach_the_record(tmp_path):
     out = tmp_path / "out"
     code = cli.main(["--data", "fake", *SHORT, "--batch-size", "16", "--find-lr", "--optimizer", "sgd",
                      "--lr", "0.01", "--clip", "1",
-                     "--weight-decay", "0", "--sample-every", "1", "--seed", "3", "--out", str(out), "--quiet"])
+                     "--weight-decay", "0", "--sample-every", "1", "--seed", "3", "--monitor", "val_loss",
+                     "--out", str(out), "--quiet"])
     assert code == 0
     record = read_record(out)
     finder = record["lr_finder"]
@@ -62,6 +63,7 @@ def test_find_lr_and_options_reach_the_record(tmp_path):
     assert finder["lrs"][0] == pytest.approx(1e-7) and len(finder["lrs"]) == len(finder["losses"]) <= 100
     run = record["run"]
     assert (run["optimizer"], run["lr"], run["clip"], run["weight_decay"], run["seed"]) == ("sgd", 0.01, 1.0, 0.0, 3)
+    assert run["interface"] == "cli" and run["monitor"] == "val_loss"  # flags in the advice; best by the loss
     assert record["history"]["layers"]["steps"] == [1, 2, 3]
 
 

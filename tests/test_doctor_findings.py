@@ -12,7 +12,7 @@ from cnnperf.doctor.report import jsonable
 
 SCHEMA_KINDS = ["overfitting", "underfitting", "vanishing_gradients", "exploding_gradients", "nonfinite_gradients",
                 "dead_relu", "diverging_loss", "softmax_before_cross_entropy", "unnormalized_input", "lr_too_low",
-                "slow_data_loading"]
+                "slow_data_loading", "no_signal"]
 
 RUN = {"lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "augment": False, "dropout": False,
        "normalization": False, "saturating_activations": 0, "parameters": 225_034, "train_size": 1438,
@@ -99,11 +99,38 @@ def test_a_healthy_history_gives_no_finding():
 
 def test_early_stopping_counts_patience_epochs_without_a_new_best():
     rows = epochs([1] * 8, [0.9, 0.5, 0.4, 0.45, 0.42, 0.41, 0.43, 0.39])
-    assert early_stopping(rows, patience=3) == (8, 6)  # the best of the run; where patience 3 would have stopped
-    assert F.best_before(rows, 6) == 3  # ... keeping epoch 3's weights
-    assert early_stopping(rows, patience=5) == (8, None)
-    assert early_stopping(epochs([1, 1], [None, None])) == (None, None)
-    assert early_stopping(epochs([1, 1, 1], [0.5, float("nan"), 0.4])) == (3, None)
+    loss = dict(monitor="val_loss")
+    assert early_stopping(rows, patience=3, **loss) == (8, 6)  # the best of the run; where patience 3 stopped
+    assert F.best_before(rows, 6, "val_loss") == 3  # ... keeping epoch 3's weights
+    assert early_stopping(rows, patience=5, **loss) == (8, None)
+    assert early_stopping(epochs([1, 1], [None, None], [0.5, 0.5], [None, None])) == (None, None)
+    assert early_stopping(epochs([1, 1, 1], [0.5, float("nan"), 0.4]), **loss) == (3, None)
+    with pytest.raises(ValueError, match="monitor must be one of val_acc, val_loss"):
+        early_stopping(rows, monitor="accuracy")
+
+
+def test_early_stopping_follows_the_validation_accuracy_by_default():
+    # the loss is lowest at epoch 2 and rises (overconfidence) while the accuracy improves to epoch 7
+    acc = [0.5, 0.7, 0.72, 0.75, 0.74, 0.78, 0.80, 0.79, 0.79, 0.78]
+    rows = epochs([1.0 / (i + 1) for i in range(10)], [0.9, 0.6, 0.65, 0.7, 0.8, 0.85, 0.9, 1.0, 1.1, 1.2],
+                  [0.9] * 10, acc)
+    assert F.monitored(rows) == "val_acc" and F.monitored(rows, "val_loss") == "val_loss"
+    assert early_stopping(rows) == (7, 10) and F.best_before(rows, 10) == 7
+    assert early_stopping(rows, monitor="val_loss") == (2, 5)
+    assert F.monitored(epochs([1, 1], [0.5, 0.4])) == "val_acc"  # (the helper fills in accuracies)
+    assert F.monitored([{"epoch": 1, "val_loss": 0.5}]) == "val_loss" and F.monitored([{"epoch": 1}]) is None
+
+
+def test_early_stopping_never_stops_on_a_chance_level_best():
+    # 100 training images, a big model: chance for 4 epochs, then it learns (issue 15: patience on the loss
+    # stopped at epoch 4 and kept epoch 1's weights, a 9.7 % model)
+    acc = [0.097, 0.10, 0.095, 0.10, 0.11, 0.35, 0.60, 0.72, 0.78, 0.80]
+    rows = epochs([2.3] * 10, [2.30, 2.31, 2.32, 2.33, 2.34, 2.0, 1.6, 1.4, 1.5, 1.6], [0.1] * 10, acc)
+    run = dict(RUN, val_size=359)
+    assert F.chance_level(run) == (0.1, pytest.approx(0.1 + 3 * math.sqrt(0.09 / 359)))
+    assert early_stopping(rows, run=run) == (10, None)
+    assert early_stopping(rows, monitor="val_loss", run=run) == (8, None)  # patience starts once it learned
+    assert early_stopping(rows) == (10, None) and early_stopping(rows, monitor="val_loss")[1] == 4  # no run
 
 
 def test_overfitting_from_validation_loss_rising_while_training_loss_falls():
@@ -112,16 +139,39 @@ def test_overfitting_from_validation_loss_rising_while_training_loss_falls():
     f = F.detect_overfitting(h, RUN)
     assert f is not None and f.severity == "warning"
     assert f.data["best_epoch"] == 3 and f.data["early_stop_epoch"] == 6 and f.data["val_loss_rising"]
+    assert f.data["monitor"] == "val_acc" and f.data["val_loss_best_epoch"] == 3
     assert "epoch 3" in f.evidence and "0.45" in f.evidence and "0.8" in f.evidence
-    # the advice fits the run: stop early first, then what the run lacks, in this order
-    text = " | ".join(f.advice)
-    assert f.advice[0].startswith("Stop at the best epoch: train 3 epochs")
+    assert ("The best epoch by validation accuracy is 3 (validation accuracy 85.0%, validation loss 0.45); the "
+            "last, 7, has validation accuracy 84.0% (-1.0 points) and validation loss 0.8 (+78 %).") in f.evidence
+    # the advice fits the run: stop early first, then what the run lacks, in this order; flags for the command
+    cli = F.detect_overfitting(h, dict(RUN, interface="cli"))
+    text = " | ".join(cli.advice)
+    assert cli.advice[0].startswith("Keep the weights of the best epoch by validation accuracy, 3: train 3 epochs "
+                                    "(--epochs 3), or stop early")
     order = [text.index(s) for s in ("--augment", "weight decay", "dropout", "smaller model", "more training data")]
-    assert order == sorted(order)
+    assert order == sorted(order) and "--optimizer adamw" in text
+    # ... and Python for the API
+    assert f.advice[0].startswith("Keep the weights of the best epoch by validation accuracy, 3: train 3 epochs, or")
+    assert not any("--" in a for a in f.advice) and any("torch.optim.AdamW(" in a for a in f.advice)
     # what the run already has is not advised again
     g = F.detect_overfitting(h, dict(RUN, augment=True, weight_decay=5e-4, dropout=True))
-    assert not any("--augment" in a or "Add dropout" in a for a in g.advice)
+    assert not any("augmentation" in a or "Add dropout" in a for a in g.advice)
     assert any("Raise the weight decay (now 0.0005)" in a for a in g.advice)
+
+
+def test_overfitting_stop_point_is_the_best_accuracy_when_the_loss_rises_from_overconfidence():
+    # VGG-like on 100 images (issue 15): the loss is lowest at epoch 2, the accuracy best at epoch 9
+    acc = [0.2, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.84, 0.886, 0.88]
+    h = history(epochs=epochs([2.0 / (i + 1) for i in range(10)],
+                              [1.6, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0], [1.0] * 10, acc))
+    f = F.detect_overfitting(h, RUN)
+    assert f.data["val_loss_best_epoch"] == 2 and f.data["best_epoch"] == 9 and f.data["early_stop_epoch"] is None
+    assert ("But the validation accuracy kept improving, from 50.0% at epoch 2 to 88.6% at epoch 9: the model "
+            "grew overconfident") in f.evidence
+    assert f.advice[0].startswith("Keep the weights of the best epoch by validation accuracy, 9")
+    by_loss = F.detect_overfitting(h, dict(RUN, monitor="val_loss"))
+    assert by_loss.data["best_epoch"] == 2 and by_loss.advice[0].startswith(
+        "Keep the weights of the best epoch by validation loss, 2")
 
 
 def test_overfitting_from_an_accuracy_gap_alone():
@@ -154,6 +204,51 @@ def test_underfitting_when_the_training_loss_is_flat_at_chance():
     h = history(epochs=epochs([2.31, 2.30, 2.30], [2.31, 2.30, 2.30], [0.1, 0.11, 0.1], [0.1, 0.1, 0.1]))
     f = F.detect_underfitting(h, RUN)
     assert f is not None and any("labels" in a for a in f.advice)
+    assert F.detect_no_signal(h, RUN) is None  # nothing learned on either split: not "no signal"
+
+
+def test_underfitting_advice_follows_the_lr_range_test_and_the_regularisers_that_are_on():
+    h = history(epochs=epochs([2.3, 2.25, 2.24], [2.3, 2.25, 2.24], [0.2, 0.25, 0.26], [0.2, 0.25, 0.26]))
+    finder = {"suggested_lr": 0.0546, "method": "steepest descent"}
+    run = dict(RUN, lr=0.0005, optimizer="sgd", lr_finder=finder)
+    f = F.detect_underfitting(h, run)
+    assert f.advice[0] == "Use the LR range test's suggestion: learning rate 0.0546 (now 0.0005)."
+    assert "The LR range test suggested 0.0546, 109x above the learning rate used (0.0005)." in f.evidence
+    assert not any("Run the LR range test" in a for a in f.advice)  # it ran
+    assert not any("regularisation" in a for a in f.advice)  # none is on
+    near = F.detect_underfitting(h, dict(run, lr=0.03, dropout=True, weight_decay=5e-4))
+    assert not any(a.startswith("Use the LR range test's suggestion") for a in near.advice)
+    assert near.advice[-1] == "Lower the regularisation: weight decay 0.0005, dropout."
+    assert any(a.startswith("Use a bigger model") and "near the range test's suggestion" in a for a in near.advice)
+    without = F.detect_underfitting(h, RUN)
+    assert any(a.startswith("Run the LR range test (cnnperf.doctor.lr_range_test(") for a in without.advice)
+    assert any(a.startswith("Run the LR range test (--find-lr)") for a in
+               F.detect_underfitting(h, dict(RUN, interface="cli")).advice)
+
+
+def test_no_signal_when_the_model_fits_its_training_labels_and_validation_stays_at_chance():
+    shuffled = epochs([2.3, 2.1, 1.6, 1.0, 0.5], [2.3, 2.35, 2.5, 2.8, 3.2], [0.1, 0.2, 0.45, 0.7, 0.9],
+                      [0.1, 0.11, 0.095, 0.12, 0.105])
+    run = dict(RUN, val_size=359)
+    f = F.detect_no_signal(history(epochs=shuffled), run)
+    assert f.severity == "error" and f.data["best_val_acc"] == 0.12 and f.data["train_acc"] == 0.9
+    assert f.data["val_acc_late_median"] == 0.105 and f.data["val_acc_last"] == 0.105
+    assert "labels that do not match their inputs" in f.evidence and "on 359 validation images" in f.evidence
+    found = diagnose(history(epochs=shuffled), run)
+    assert kinds(found) == ["no_signal"]  # not overfitting advice for a data problem
+    learning = epochs([2.3, 1.5, 1.0], [2.3, 1.6, 1.2], [0.1, 0.5, 0.7], [0.1, 0.16, 0.26])
+    assert F.detect_no_signal(history(epochs=learning), run) is None  # 26 % is 16 points above chance
+    # LeNet-5 on shuffled labels: one noisy epoch above the ceiling, the later half at chance
+    noisy = epochs([2.3] * 12, [2.3] * 12, [0.09, 0.1, 0.1, 0.1, 0.11, 0.12, 0.13, 0.13, 0.15, 0.14, 0.16, 0.18],
+                   [0.103, 0.103, 0.159, 0.156, 0.148, 0.134, 0.078, 0.128, 0.139, 0.097, 0.061, 0.092])
+    g = F.detect_no_signal(history(epochs=noisy), run)
+    assert g is not None and g.data["best_val_acc"] == 0.159 and g.data["val_acc_late_median"] == pytest.approx(0.0945)
+    learns_late = [dict(e) for e in noisy]
+    learns_late[-1]["val_acc"] = 0.4  # the last epoch is clearly above chance: it is starting to learn
+    assert F.detect_no_signal(history(epochs=learns_late), run) is None
+    one = epochs([2.3], [2.5], [0.9], [0.1])
+    assert F.detect_no_signal(history(epochs=one), run) is None  # one epoch says little
+    assert F.detect_no_signal(history(epochs=shuffled), dict(RUN, num_classes=None)) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,17 +259,63 @@ def test_vanishing_gradients_in_a_deep_sigmoid_stack():
     rows = [[0.3 * 0.25 ** (9 - i) for i in range(10)] for _ in range(6)]  # 4x less per layer going back
     f = F.detect_vanishing_gradients(history(layers=layers(rows)), dict(RUN, saturating_activations=9))
     assert f is not None and f.severity == "warning"
-    assert f.data["early_layers"] == ["l0.weight", "l1.weight", "l2.weight"]
-    assert f.data["late_layers"] == ["l6.weight", "l7.weight", "l8.weight"]  # the output layer is left out
+    assert f.data["median_growth"] == pytest.approx(4.0 ** 8)  # over the 9 hidden layers: the output one is out
     assert f.advice[0].startswith("Replace the sigmoid/tanh activations (9 in the model)")
+    assert "9 saturating activations (sigmoid/tanh)" in f.evidence and "no normalisation layer" in f.evidence
+
+
+def test_vanishing_gradients_are_not_diluted_by_thirds():
+    # 12 tanh layers (issue 15): flat over the first two thirds, then a steep rise; thirds differed 46x
+    measured = [1.8e-05, 1.1e-04, 1.2e-04, 1.5e-04, 1.8e-04, 2.6e-04, 5.4e-04, 8.5e-04, 1.7e-03, 2.9e-03, 5.7e-03,
+                2.0e-02]
+    rows = [measured + [0.5]] * 8  # + the output layer
+    f = F.detect_vanishing_gradients(history(layers=layers(rows)), dict(RUN, saturating_activations=12))
+    assert f is not None and 200 < f.data["median_growth"] < 1000
+
+
+def test_vanishing_signal_when_the_activations_stop_varying_between_inputs():
+    # a 10-layer tanh MLP with default init: the gradient ratios grow only ~6x, the activations' spread between
+    # inputs shrinks ~180x (measured)
+    rows = [[0.0027, 0.00082, 0.0009, 0.00087, 0.0011, 0.0013, 0.0021, 0.0031, 0.0057, 0.011, 0.05]] * 6
+    spread = [[0.30 * 0.56 ** i for i in range(10)]] * 6
+    acts = {"names": [f"{2 * i + 2}" for i in range(10)], "steps": [1 + 10 * i for i in range(6)], "spread": spread}
+    run = dict(RUN, saturating_activations=10)
+    f = F.detect_vanishing_gradients(history(layers=layers(rows), activations=acts), run)
+    assert f is not None and f.title.startswith("Vanishing signal: the activations vary 185x less")
+    assert f.data["signal_fade"] == pytest.approx(0.56 ** 9) and f.data["median_growth"] < F.VANISHING_GROWTH
+    assert "the signal fades before it reaches the output" in f.evidence
+    healthy = {**acts, "spread": [[0.28, 0.9, 2.2]] * 6, "names": ["a", "b", "c"]}  # the ConvNet: it grows
+    assert F.detect_vanishing_gradients(history(layers=layers(rows), activations=healthy), run) is None
+    once = {**acts, "spread": spread[:2] + [[0.3] * 10] * 4}  # faded on the first steps only (AlexNet-small, Adam)
+    assert F.detect_vanishing_gradients(history(layers=layers(rows), activations=once), run) is None
+
+
+def test_vanishing_gradients_names_an_initialisation_too_small_for_relu():
+    rows = [[1e-5 * 2.4 ** i for i in range(10)] + [0.5]] * 6
+    shapes = [[16, 16, 3, 3]] * 10 + [[10, 16]]
+    lyr = layers(rows, shapes=shapes)
+    fan_in = 16 * 9
+    lyr["weight_norm"] = [[0.577 / math.sqrt(fan_in) * math.sqrt(16 * fan_in)] * 10 + [1.0]] * 6  # default init
+    run = dict(RUN, layer_types={"ReLU": 10, "Conv2d": 10})
+    f = F.detect_vanishing_gradients(history(layers=lyr), run)
+    assert f.data["init_gain"] == pytest.approx(0.577) and f.data["small_init"]
+    assert "median gain of 0.58/sqrt(fan_in)" in f.evidence and "shrinks it about 2.5x" in f.evidence
+    assert f.advice[0].startswith("Initialise the weights for the activation: torch.nn.init.kaiming_normal_(w, "
+                                  "nonlinearity='relu')")
+    lyr["weight_norm"] = [[1.41 * 12] * 10 + [1.0]] * 6  # Kaiming: the init is not the cause
+    g = F.detect_vanishing_gradients(history(layers=lyr), run)
+    assert not g.data["small_init"] and not g.advice[0].startswith("Initialise")
+    lyr["steps"] = [11 + 10 * i for i in range(6)]  # the first sample is not the initialisation: no judgement
+    assert F.detect_vanishing_gradients(history(layers=lyr), run).data["init_gain"] is None
 
 
 def test_no_vanishing_gradients_when_only_the_output_layer_is_large_or_on_few_steps():
     healthy = [[0.012, 0.05, 0.077, 3.3]] * 10  # measured on the ConvNet: output layer ~50x the first
     assert F.detect_vanishing_gradients(history(layers=layers(healthy)), RUN) is None
-    borderline = [[F.VANISHING_RATIO * 1.5, 1.0, 1.0, 1.0]] * 10
+    g = math.sqrt(F.VANISHING_GROWTH)  # three hidden layers growing g per layer: g^2 from the first to the last
+    borderline = [[1.0, g / 1.3, (g / 1.3) ** 2, 1.0]] * 10
     assert F.detect_vanishing_gradients(history(layers=layers(borderline)), RUN) is None
-    vanishing = [[F.VANISHING_RATIO * 0.5, 1.0, 1.0, 1.0]]
+    vanishing = [[1.0, g * 1.3, (g * 1.3) ** 2, 1.0]]
     assert F.detect_vanishing_gradients(history(layers=layers(vanishing * 10)), RUN) is not None
     assert F.detect_vanishing_gradients(history(layers=layers(vanishing * (F.MIN_SAMPLED_STEPS - 1))), RUN) is None
     # on fewer than half the steps: not "most"
@@ -284,7 +425,9 @@ def test_lr_too_low_from_a_flat_loss_and_tiny_updates():
     lyr = layers([[0.03, 0.07, 0.08, 0.06]] * 9, utw_rows=[[1e-8, 4e-8, 5e-8, 2e-8]] * 9)
     f = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), dict(RUN, lr=1e-7))
     assert f is not None and f.severity == "warning" and f.data["update_to_weight"] < F.LR_LOW_MAX_UPDATE
-    assert any("try 1e-05" in a for a in f.advice) and any("--find-lr" in a for a in f.advice)
+    assert any("try 1e-05" in a for a in f.advice) and any("lr_range_test(" in a for a in f.advice)
+    cli = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), dict(RUN, lr=1e-7, interface="cli"))
+    assert any("(--find-lr)" in a for a in cli.advice)
     finder = {"suggested_lr": 2e-3, "method": "steepest descent"}
     g = F.detect_lr_too_low(history(steps=steps(loss=flat), layers=lyr), dict(RUN, lr=1e-7, lr_finder=finder))
     assert g.advice[0].startswith("Raise the learning rate to the LR range test's suggestion, 0.002")
@@ -316,6 +459,11 @@ def test_softmax_before_cross_entropy():
     probs = history(loss_inputs={"steps": [1, 11, 21], "min": [1e-9, 1e-7, 0.0], "prob_rows": [1.0, 1.0, 1.0]})
     f = F.detect_softmax_before_cross_entropy(probs, RUN)
     assert f.severity == "error" and f.data["steps_with_probabilities"] == 3
+    # seen on the model's output (no watch_loss_input call): a warning, worded for what was seen
+    outputs = history(loss_inputs={"steps": [1, 11, 21], "min": [0.0] * 3, "prob_rows": [1.0] * 3,
+                                   "source": ["model_output"] * 3})
+    g = F.detect_softmax_before_cross_entropy(outputs, RUN)
+    assert g.severity == "warning" and g.data["seen_in"] == "model_output" and "the model's output" in g.evidence
     logits = history(loss_inputs={"steps": [1, 11], "min": [-3.0, -9.0], "prob_rows": [0.0, 0.0]})
     assert F.detect_softmax_before_cross_entropy(logits, RUN) is None
     # non-negative scores whose rows happen not to sum to 1 (e.g. after a ReLU) are not probabilities
@@ -345,7 +493,15 @@ def test_slow_data_loading_leaves_out_the_first_step_of_each_epoch():
     slow = steps(data_time=[0.07] * n, step_time=[0.1] * n, loss=[2.0] * n, epoch_of=epoch_of)
     f = F.detect_slow_data_loading(history(steps=slow), RUN)
     assert f is not None and abs(f.data["data_fraction"] - 0.7) < 1e-9 and f.data["steps"] == n - 2
-    assert f.advice[0].startswith("Load in parallel: DataLoader(num_workers=1")
+    assert f.advice[0].startswith("Load in parallel: DataLoader(..., num_workers=1") and f.severity == "warning"
+    # a note from 15 %, a warning from 30 %
+    for share, severity in ((0.14, None), (0.16, "info"), (0.29, "info"), (0.31, "warning")):
+        waits = steps(data_time=[share * 0.1] * n, step_time=[0.1] * n, loss=[2.0] * n, epoch_of=epoch_of)
+        found = F.detect_slow_data_loading(history(steps=waits), RUN)
+        assert (found and found.severity) == severity, share
+    # a tiny model's 1.1 ms step waiting 0.2 ms: the loader's own per-batch cost, not worth a finding
+    tiny = steps(data_time=[0.0002] * n, step_time=[0.0011] * n, loss=[2.0] * n, epoch_of=epoch_of)
+    assert F.detect_slow_data_loading(history(steps=tiny), RUN) is None
     # fast steps, but the first step of each epoch waits for the workers to start: not slow loading
     data = [2.0 if i % 20 == 0 else 0.001 for i in range(n)]
     total = [2.1 if i % 20 == 0 else 0.02 for i in range(n)]

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="augment the training images")
     p.add_argument("--find-lr", action="store_true",
                    help="run the LR range test first (on copies of the model and optimizer) and report its suggestion")
+    p.add_argument("--monitor", choices=("val_acc", "val_loss"), default="val_acc",
+                   help="the metric that picks the best epoch and the early-stopping point (default: val_acc; "
+                        "the validation loss rises from overconfidence while the accuracy still improves)")
     p.add_argument("--device", type=_cli.device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--workers", type=_cli.nonnegative_int, default=0,
@@ -192,7 +195,8 @@ def _run(args, device) -> int:
            "interrupted": interrupted, "seconds": time.perf_counter() - clock, "parameters": parameters,
            "train_size": bundle.train_size, "val_size": bundle.val_size, "weight_decay": weight_decay,
            "num_classes": bundle.num_classes, "num_workers": args.workers, "cpu_count": cpu_count(),
-           "stop_reason": state.stop_reason, "limit_batches": args.limit_batches}
+           "stop_reason": state.stop_reason, "limit_batches": args.limit_batches, "interface": "cli",
+           "monitor": args.monitor}
     findings, record = doctor.report(run, metrics=metrics, lr_finder=finder)
     paths = reports.write_reports(record, out, console=None if quiet else console)
     if quiet:

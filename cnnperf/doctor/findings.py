@@ -21,21 +21,36 @@ from cnnperf._format import finite as _finite
 
 KINDS = ("overfitting", "underfitting", "vanishing_gradients", "exploding_gradients", "nonfinite_gradients",
          "dead_relu", "diverging_loss", "softmax_before_cross_entropy", "unnormalized_input", "lr_too_low",
-         "slow_data_loading")
+         "slow_data_loading", "no_signal")
 SEVERITIES = ("info", "warning", "error")  # least to most severe
 
 # --- per-layer statistics ------------------------------------------------------------------------------
 # Per-layer judgements need a few samples: one sampled step can catch a transient.
 MIN_SAMPLED_STEPS = 3
 
-# Vanishing gradients: the first third of the weight layers (output layer excluded, see below) have a
-# gradient-to-weight ratio at least 100x below the last third's, on at least half of the sampled steps.
-# Healthy CNNs (ConvNet, LeNet-5, VGG-11-BN, ResNet-18) stay within ~10x across their hidden layers; a deep
-# sigmoid stack loses ~4x per layer, 1e4-1e6x over 8-10 layers. The output layer is left out of the
-# comparison: its gradient comes straight from the loss and its weights are small, so its ratio is 10-50x the
-# others' in healthy nets too.
-VANISHING_RATIO = 1e-2
+# Vanishing gradients: the hidden weight layers' gradient-to-weight ratio grows 100x or more from the first
+# to the last along a least-squares line through the log ratios of all of them (so that a collapse spread over
+# many layers is not diluted, as comparing the medians of the first and last thirds did: 46x for a 12-layer
+# tanh stack whose first and last layers differ 1,000x), on at least half of the sampled steps. Measured over
+# 3 epochs on 28x28 digits: healthy nets 0.11-3x (ConvNet 3.0, LeNet-5 0.59, AlexNet-small 1.4, VGG-11-BN 0.11,
+# 10 ReLU convs with BatchNorm 1.4, with Kaiming init 1.9); 12 tanh convs 362x, 10 ReLU convs with default init
+# 948x, 8 sigmoid convs 4.8e6x. The output layer is left out: its gradient comes straight from the loss and
+# its weights are small, so its ratio is 10-50x the others' in healthy nets too.
+VANISHING_GROWTH = 100.0
 VANISHING_STEP_FRACTION = 0.5
+# The forward side of the same collapse: how much each activation layer's output varies between the inputs of
+# a batch shrinks 30x or more from the first activation layer to the last (a line through all of them), on at
+# least half of the sampled steps; the output then hardly depends on the input. Measured over 3 epochs: healthy
+# nets grow or keep it (median 1.6-7.6x: ResNet-18, VGG-11-BN, LeNet-5, ConvNet, AlexNet-small, whose first
+# step shrank 300x before Adam recovered it); a 10-layer tanh MLP with default init shrinks it 180x (its
+# gradient ratios grow only 5-8x: the layers' weights get small gradients alike), 12 tanh convs 1,070x, 10 ReLU
+# convs with default init 5,400x, GELU 1.8e6x, sigmoid 1.6e7x.
+SIGNAL_FADE = 30.0
+# An initialisation is "too small" below these gains (weights' rms x sqrt(fan_in)): Kaiming's 1.41 for ReLU
+# nets, Xavier/LeCun's 1 for tanh; PyTorch's default init gives 0.58, which shrinks the signal 2.4x per ReLU
+# layer (1.7x per tanh layer) without normalisation.
+INIT_GAIN_RELU = 1.0
+INIT_GAIN_TANH = 0.8
 VANISHING_MIN_WEIGHT_LAYERS = 3  # with fewer, there is no "early" and "late" to compare
 
 # Exploding gradients: a spike is a step whose total gradient norm is more than 10x the median of the (up to)
@@ -45,6 +60,9 @@ VANISHING_MIN_WEIGHT_LAYERS = 3  # with fewer, there is no "early" and "late" to
 # 1e-3): that is a new level, not a spike. A spike near the end, with fewer than 3 steps after it, is judged
 # on the steps before it.
 EXPLODING_SPIKE = 10.0
+# ... and larger than the median norm of the run's first 50 steps: late in a run that has fitted its training
+# set the norms are tiny (LeNet-5 on 200 images: a running median of 0.022 at step 160), and a batch that brings
+# 0.36, 16x that, is a spike of the small, not an explosion.
 EXPLODING_WINDOW = 50
 EXPLODING_MIN_HISTORY = 10  # the median of fewer steps before is not a baseline
 EXPLODING_MIN_AFTER = 3
@@ -84,9 +102,18 @@ OVERFIT_VAL_RISE = 0.10
 OVERFIT_MIN_ABS_RISE = 0.01
 OVERFIT_MIN_EPOCHS_AFTER_BEST = 2
 OVERFIT_ACC_GAP = 0.10
-# Early stopping: stop when the validation loss has not improved for this many epochs (Keras/Lightning's
-# usual patience for short runs).
+# Early stopping: stop when the monitored metric (validation accuracy for a classifier, else the validation
+# loss) has not improved for this many epochs (Keras/Lightning's usual patience for short runs). The validation
+# loss is not the default: it rises from overconfidence on the images the model gets wrong while the accuracy
+# still improves (VGG-like on 100 digits: loss lowest at epoch 1 of 60, at chance; accuracy best at epoch 60).
 EARLY_STOP_PATIENCE = 3
+# No signal: the training accuracy rises above chance while the validation accuracy never does by more than 3
+# standard errors of a chance-level classifier on the validation set (sqrt(p (1 - p) / n): 1.6 points for 10
+# classes on 359 images) and at least 2 points. Shuffled labels give chance +-1 point; the weakest real learner
+# among the doctor's tests (lr 20x too low, 6 epochs) reached 26 %, 16 points above chance.
+NO_SIGNAL_SIGMAS = 3.0
+NO_SIGNAL_MIN_MARGIN = 0.02
+NO_SIGNAL_MIN_EPOCHS = 2
 # Underfitting: the accuracy ends below chance + half the way from chance to 100 % (55 % for 10 classes) on
 # both splits, or the training loss fell by less than 10 % from the first epoch to the last while the
 # training accuracy stays below 90 %.
@@ -94,6 +121,9 @@ UNDERFIT_ACC_FRACTION = 0.5
 UNDERFIT_MIN_DROP = 0.10
 UNDERFIT_GOOD_ACC = 0.90
 STILL_LEARNING_DROP = 0.05  # the last epoch lowered the training loss by 5 %+: more epochs would help
+# The lr is "far" from the LR range test's suggestion at 3x either way: the steepest-descent point moves about
+# 2x between repeated range tests on the same model (seeds 0-4 on the ConvNet), so less is within its noise.
+UNDERFIT_LR_OFF = 3.0
 
 # --- the data flowing through -------------------------------------------------------------------------------
 # Softmax before cross_entropy: on at least half the sampled steps 99 % of the rows of the loss input are
@@ -106,9 +136,15 @@ SOFTMAX_MIN_VALUE = -1e-6
 # or all zero).
 UNNORMALIZED_MAX_RMS = 5.0
 UNNORMALIZED_MIN_RMS = 0.01
-# Slow data loading: the training loop waits for data for more than half of the step time (first step of each
-# epoch left out: it starts the loader's workers). Healthy in-memory loaders take 1-5 %.
-SLOW_DATA_FRACTION = 0.5
+# Slow data loading: the training loop waits for data for 15 % of the step time or more (a note), 30 % or more (a
+# warning); the first step of each epoch is left out (it starts the loader's workers). Healthy in-memory loaders
+# take 1-5 % (the doctor's models on digits), so 15 % is 3x the worst healthy share, and a loader that sleeps
+# 50 ms per batch measured 16.5 % and 31 % on two models: a third of the step is worth a warning.
+SLOW_DATA_FRACTION = 0.15
+SLOW_DATA_WARNING = 0.30
+# ... and only from 2 ms of waiting per step: a loader's own per-batch cost (collating 64 in-memory digits) is
+# 0.1-0.3 ms here, 17 % of an 8-layer MLP's 1.1 ms step, which no loader setting would remove.
+SLOW_DATA_MIN_WAIT_S = 0.002
 SLOW_DATA_MIN_STEPS = 5
 
 
@@ -152,9 +188,11 @@ class Finding:
 
 def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | None = None) -> list[Finding]:
     """Every detector over ``history`` and ``run``; the findings ordered error, warning, info, and within a
-    severity by cause before symptom. A symptom whose cause is already named is left out: no underfitting
-    or lr_too_low next to a diverging or NaN loss, no underfitting next to lr_too_low, a dead layer, or a
-    softmax before the loss."""
+    severity by cause before symptom. A symptom whose cause is already named is left out: no lr_too_low,
+    no_signal or underfitting next to a diverging or NaN loss; no lr_too_low next to vanishing gradients (the
+    steps are small because the gradients are); no no_signal or underfitting next to lr_too_low, a softmax
+    before the loss, a dead layer (error) or vanishing gradients; no underfitting or overfitting next to
+    no_signal (the accuracy at chance is the problem, not the fit)."""
     run = dict(run or {})
     if lr_finder:
         run.setdefault("lr_finder", lr_finder)
@@ -164,44 +202,92 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
         if finding is not None:
             found[kind] = finding
     if "diverging_loss" in found or "nonfinite_gradients" in found:
+        for kind in ("lr_too_low", "no_signal", "underfitting"):
+            found.pop(kind, None)
+    if "vanishing_gradients" in found:  # tiny updates from tiny gradients: a higher lr does not fix the collapse
         found.pop("lr_too_low", None)
+    causes = ("lr_too_low", "softmax_before_cross_entropy", "vanishing_gradients")
+    if any(k in found for k in causes) or (found.get("dead_relu") and found["dead_relu"].severity == "error"):
+        found.pop("no_signal", None)
         found.pop("underfitting", None)
-    explained = ("lr_too_low", "softmax_before_cross_entropy")
-    if any(k in found for k in explained) or (found.get("dead_relu") and found["dead_relu"].severity == "error"):
+    if "no_signal" in found:
         found.pop("underfitting", None)
+        found.pop("overfitting", None)
     rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     order = {k: i for i, k in enumerate(DETECTORS)}
     return sorted(found.values(), key=lambda f: (rank[f.severity], order[f.kind]))
 
 
-def early_stopping(epochs: Sequence[Mapping], patience: int = EARLY_STOP_PATIENCE) -> tuple[int | None, int | None]:
-    """(best epoch, early-stopping epoch) from the per-epoch validation losses.
+MONITORS = ("val_acc", "val_loss")
 
-    The best epoch has the lowest validation loss of all the epochs run (the earliest of equals). The
-    early-stopping epoch is where training with ``patience`` would have stopped: the first epoch that ends
-    ``patience`` epochs without a new best (it would have kept the weights of :func:`best_before` it); None if
-    that never happened. Both None without validation losses.
+
+def monitored(epochs: Sequence[Mapping], monitor: str | None = None) -> str | None:
+    """The metric that picks the best epoch: ``monitor`` if given, else the validation accuracy where the epochs
+    have one (what a classifier is judged by), else the validation loss; None without either."""
+    if monitor is not None and monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)} or None; got {monitor!r}")
+    for key in ((monitor,) if monitor else MONITORS):
+        if any(_finite(r.get(key)) is not None for r in epochs):
+            return key
+    return None
+
+
+def _better(key: str, a: float, b: float) -> bool:
+    return a > b if key == "val_acc" else a < b
+
+
+def chance_level(run: Mapping, val_size: Any = None) -> tuple[float, float] | None:
+    """(chance accuracy, the highest validation accuracy still within noise of it) for ``run``'s class count:
+    chance + :data:`NO_SIGNAL_SIGMAS` standard errors of a chance-level classifier on ``val_size`` images (at
+    least :data:`NO_SIGNAL_MIN_MARGIN` above chance); None without a class count."""
+    classes = _finite(run.get("num_classes"))
+    if not classes or classes < 2:
+        return None
+    chance = 1 / classes
+    n = _finite(val_size if val_size is not None else run.get("val_size"))
+    noise = NO_SIGNAL_SIGMAS * math.sqrt(chance * (1 - chance) / n) if n and n > 0 else 0.0
+    return chance, chance + max(noise, NO_SIGNAL_MIN_MARGIN)
+
+
+def early_stopping(epochs: Sequence[Mapping], patience: int = EARLY_STOP_PATIENCE, *, monitor: str | None = None,
+                   run: Mapping | None = None) -> tuple[int | None, int | None]:
+    """(best epoch, early-stopping epoch) by the :func:`monitored` metric (validation accuracy by default).
+
+    The best epoch has the best value of all the epochs run (the earliest of equals). The early-stopping epoch
+    is where training with ``patience`` would have stopped: the first epoch that ends ``patience`` epochs without
+    a new best (it would have kept the weights of :func:`best_before` it); None if that never happened. A best
+    so far that is a chance-level model (validation accuracy within noise of chance, see :func:`chance_level`,
+    when ``run`` gives the class count) starts no patience: stopping there would keep a model that has learned
+    nothing. Both None without the metric.
     """
-    with_val = [r for r in epochs if _finite(r.get("val_loss")) is not None]
-    if not with_val:
+    key = monitored(epochs, monitor)
+    if key is None:
         return None, None
-    best_epoch = int(min(with_val, key=lambda r: _finite(r["val_loss"]))["epoch"])
-    best, wait, seen = math.inf, 0, False
+    rows = [r for r in epochs if _finite(r.get(key)) is not None]
+    best_row = rows[0]
+    for r in rows[1:]:
+        if _better(key, _finite(r[key]), _finite(best_row[key])):
+            best_row = r
+    level = chance_level(run or {})
+    best, wait, seen, learned = None, 0, False, False
     for row in epochs:
-        loss = _finite(row.get("val_loss"))
-        if loss is not None and loss < best:
-            best, wait, seen = loss, 0, True
-        elif seen:
+        value = _finite(row.get(key))
+        acc = _finite(row.get("val_acc"))
+        if level is not None and acc is not None and acc > level[1]:
+            learned = True
+        if value is not None and (best is None or _better(key, value, best)):
+            best, wait, seen = value, 0, True
+        elif seen and (level is None or learned):
             wait += 1
             if wait >= patience:
-                return best_epoch, int(row["epoch"])
-    return best_epoch, None
+                return int(best_row["epoch"]), int(row["epoch"])
+    return int(best_row["epoch"]), None
 
 
-def best_before(epochs: Sequence[Mapping], epoch: int) -> int | None:
-    """The epoch with the lowest validation loss up to ``epoch`` (what early stopping there would keep)."""
-    rows = [r for r in epochs if _finite(r.get("val_loss")) is not None and int(r["epoch"]) <= epoch]
-    return int(min(rows, key=lambda r: _finite(r["val_loss"]))["epoch"]) if rows else None
+def best_before(epochs: Sequence[Mapping], epoch: int, monitor: str | None = None) -> int | None:
+    """The best epoch by the :func:`monitored` metric up to ``epoch`` (what early stopping there would keep)."""
+    rows = [r for r in epochs if int(r["epoch"]) <= epoch]
+    return early_stopping(rows, patience=len(rows) + 1, monitor=monitored(epochs, monitor))[0] if rows else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,8 +325,7 @@ def detect_nonfinite_gradients(history: Mapping, run: Mapping) -> Finding | None
     lr = _finite(run.get("lr"))
     advice = [f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}." if lr else
               "Lower the learning rate 10x: an lr that makes the loss blow up is the usual cause.",
-              "Clip the gradient norm (--clip 1.0, or cnnperf.clip_grad_norm_(model.parameters(), 1.0) after "
-              "backward) so that one bad batch cannot blow the weights up.",
+              _clip_advice(run),
               "Look for log(0), sqrt(0), division by zero or exp overflow in a custom loss or layer; check the "
               "inputs for NaN.",
               "With fp16 mixed precision, use torch.amp.GradScaler (it skips steps with inf/NaN gradients)."]
@@ -255,6 +340,7 @@ def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None
     norms = [_finite(g) for g in steps.get("grad_norm") or []]
     step_ids = steps.get("step") or list(range(1, len(norms) + 1))
     finite = [(i, g) for i, g in enumerate(norms) if g is not None]
+    early = statistics.median(g for _, g in finite[:EXPLODING_WINDOW]) if finite else 0.0
     spikes = []
     for j, (i, g) in enumerate(finite):
         before = [v for _, v in finite[max(0, j - EXPLODING_WINDOW):j]]
@@ -262,7 +348,7 @@ def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None
         if len(before) < EXPLODING_MIN_HISTORY:
             continue
         median = statistics.median(before)
-        if median <= 0 or g <= EXPLODING_SPIKE * median:
+        if median <= 0 or g <= EXPLODING_SPIKE * median or g <= early:
             continue
         if len(after) >= EXPLODING_MIN_AFTER and g <= EXPLODING_SPIKE * statistics.median(after):
             continue  # the norm moved to a new level and stayed there
@@ -281,8 +367,7 @@ def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None
     lr = _finite(run.get("lr"))
     advice = []
     if not clip:
-        advice.append("Clip the gradient norm (--clip 1.0, or cnnperf.clip_grad_norm_(model.parameters(), 1.0) "
-                      "after backward).")
+        advice.append(_clip_advice(run, "so that a spike moves the weights by a bounded step"))
     advice.append(f"Lower the learning rate (now {_g(lr)}) or warm it up over the first few hundred steps."
                   if lr else "Lower the learning rate or warm it up over the first few hundred steps.")
     if not run.get("normalization"):
@@ -295,53 +380,123 @@ def detect_exploding_gradients(history: Mapping, run: Mapping) -> Finding | None
                     "window": EXPLODING_WINDOW})
 
 
+def _depth_growth(values: Sequence[float | None]) -> float | None:
+    """How many times larger the last of ``values`` (positive, in depth order) is than the first, by a
+    least-squares line through their logarithms: a collapse spread over many layers counts in full, one odd
+    layer barely. None with fewer than 2 usable values."""
+    points = [(i, math.log10(v)) for i, v in enumerate(values) if v is not None and v > 0]
+    if len(points) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return 10.0 ** (slope * (points[-1][0] - points[0][0]))
+
+
+def init_gains(layers: Mapping) -> dict[str, float]:
+    """Each weight layer's initial scale as a gain: its first sampled weight norm (taken before the first
+    update) as the weights' root mean square, times sqrt(fan_in). PyTorch's default init gives 0.58 (1/sqrt(3)),
+    Kaiming's for ReLU 1.41, Xavier's about 1."""
+    names, shapes = list(layers.get("names") or []), layers.get("shapes") or []
+    rows = layers.get("weight_norm") or []
+    steps = layers.get("steps") or []
+    if not rows or len(shapes) != len(names) or (steps and steps[0] != 1):
+        return {}
+    gains = {}
+    for i in _weight_layers(layers):
+        norm, shape = _finite(rows[0][i]) if i < len(rows[0]) else None, shapes[i]
+        numel = math.prod(shape) if shape else 0
+        if norm is None or not numel or not shape[0]:
+            continue
+        gains[names[i]] = norm / math.sqrt(numel) * math.sqrt(numel / shape[0])
+    return gains
+
+
 def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None:
-    """The early weight layers' gradient-to-weight ratio orders of magnitude below the late ones'."""
+    """A collapse along depth, on at least :data:`VANISHING_STEP_FRACTION` of the sampled steps: the
+    gradient-to-weight ratio growing :data:`VANISHING_GROWTH` x or more from the first hidden weight layer to
+    the last, or the activations' variation between inputs shrinking :data:`SIGNAL_FADE` x or more from the
+    first activation layer to the last (each a line through all the layers, per sampled step). Names the causes
+    it can see: saturating activations, no normalisation, an initialisation too small for the activations."""
     layers = history.get("layers") or {}
     names = list(layers.get("names") or [])
     rows = layers.get("grad_to_weight") or []
     weight_idx = _weight_layers(layers)
-    if len(weight_idx) < VANISHING_MIN_WEIGHT_LAYERS or len(rows) < MIN_SAMPLED_STEPS:
-        return None
     hidden = weight_idx[:-1]  # the output layer's ratio is large in healthy nets too
-    k = max(1, len(hidden) // 3)
-    early, late = hidden[:k], hidden[-k:]
-    ratios = []
-    for row in rows:
-        early_ratio = _median([_finite(row[i]) for i in early if i < len(row)])
-        late_ratio = _median([_finite(row[i]) for i in late if i < len(row)])
-        if early_ratio is not None and late_ratio is not None and late_ratio > 0:
-            ratios.append((early_ratio / late_ratio, early_ratio, late_ratio))
-    if len(ratios) < MIN_SAMPLED_STEPS:
+    growths = []
+    if len(weight_idx) >= VANISHING_MIN_WEIGHT_LAYERS:
+        growths = [g for g in (_depth_growth([_finite(row[i]) if i < len(row) else None for i in hidden])
+                               for row in rows) if g is not None]
+    steep = [g for g in growths if g >= VANISHING_GROWTH]
+    gradients = len(growths) >= MIN_SAMPLED_STEPS and len(steep) >= VANISHING_STEP_FRACTION * len(growths)
+    acts = history.get("activations") or {}
+    act_names = list(acts.get("names") or [])
+    fades = [g for g in (_depth_growth([_finite(v) for v in row]) for row in acts.get("spread") or [])
+             if g is not None] if len(act_names) >= VANISHING_MIN_WEIGHT_LAYERS else []
+    faded = [g for g in fades if g <= 1 / SIGNAL_FADE]
+    signal = len(fades) >= MIN_SAMPLED_STEPS and len(faded) >= VANISHING_STEP_FRACTION * len(fades)
+    if not gradients and not signal:
         return None
-    low = [r for r in ratios if r[0] <= VANISHING_RATIO]
-    if len(low) < VANISHING_STEP_FRACTION * len(ratios):
-        return None
-    ratio = statistics.median(r[0] for r in ratios)
-    e_med = statistics.median(r[1] for r in ratios)
-    l_med = statistics.median(r[2] for r in ratios)
-    per_layer = {names[i]: _median([_finite(row[i]) for row in rows if i < len(row)]) for i in weight_idx}
-    evidence = (f"On {len(low)} of {len(ratios)} sampled steps the first layers' gradient-to-weight ratio "
-                f"({_names([names[i] for i in early])}: median {_g(e_med)}) was {_g(1 / VANISHING_RATIO)}x or more "
-                f"below the last hidden layers' ({_names([names[i] for i in late])}: median {_g(l_med)}); the median "
-                f"drop is {_g(1 / ratio) if ratio > 0 else 'infinite'}x over {len(hidden)} hidden weight layers. "
-                "The first layers barely learn.")
-    advice = []
-    if run.get("saturating_activations"):
-        advice.append(f"Replace the sigmoid/tanh activations ({run['saturating_activations']} in the model) by "
-                      "ReLU or GELU: a sigmoid passes back at most 1/4 of the gradient per layer.")
+    sentences = []
+    growth = statistics.median(growths) if growths else None
+    per_layer = {names[i]: _median([_finite(row[i]) for row in rows if i < len(row)]) for i in hidden}
+    if gradients:
+        first, last = per_layer[names[hidden[0]]], per_layer[names[hidden[-1]]]
+        sentences.append(
+            f"Along the {len(hidden)} hidden weight layers the gradient-to-weight ratio grows {_g(growth)}x from the "
+            f"first to the last (median over {len(growths)} sampled steps, a line through every layer; {len(steep)} "
+            f"of them {_g(VANISHING_GROWTH)}x or more): {names[hidden[0]]} {_g(first)}, {names[hidden[-1]]} "
+            f"{_g(last)}. The first layers barely learn.")
+    fade = statistics.median(fades) if fades else None
+    spreads = [_median([_finite(row[i]) for row in acts.get("spread") or [] if i < len(row)])
+               for i in range(len(act_names))]
+    if signal:
+        sentences.append(
+            f"How much the activations vary between the images of a batch shrinks {_g(1 / fade)}x from the first "
+            f"activation layer to the last ({act_names[0]}: {_g(spreads[0])}, {act_names[-1]}: {_g(spreads[-1])}; "
+            f"median over {len(fades)} sampled steps, {len(faded)} of them {_g(SIGNAL_FADE)}x or more): the signal "
+            "fades before it reaches the output, which then hardly depends on the input, and every layer's gradient "
+            "is small.")
+    evidence = " ".join(sentences)
+    causes, advice = [], []
+    saturating = run.get("saturating_activations")
+    types = run.get("layer_types") if isinstance(run.get("layer_types"), Mapping) else {}
+    relu_like = any(k in types for k in ("ReLU", "FusedConv2dBiasReLU", "LeakyReLU", "GELU"))
+    gains = init_gains(layers)
+    gain = _median([gains.get(names[i]) for i in hidden])
+    small_init = gain is not None and gain < (INIT_GAIN_RELU if relu_like and not saturating else INIT_GAIN_TANH)
+    if saturating:
+        causes.append(f"{saturating} saturating activation{'s' if saturating > 1 else ''} (sigmoid/tanh), which "
+                      "pass back at most 1/4 (sigmoid) or 1 (tanh) of the gradient per layer and less when they "
+                      "saturate")
+        advice.append(f"Replace the sigmoid/tanh activations ({saturating} in the model) by ReLU or GELU.")
+    if small_init:
+        want, init = ((math.sqrt(2), "torch.nn.init.kaiming_normal_(w, nonlinearity='relu')")
+                      if relu_like and not saturating else (1.0, "torch.nn.init.xavier_normal_(w)"))
+        causes.append(f"an initialisation too small for the activations: the weights start at a median gain of "
+                      f"{gain:.2f}/sqrt(fan_in) (PyTorch's default init: 0.58) where {want:.2f} keeps the signal's "
+                      f"scale, so each layer shrinks it about {want / gain:.1f}x "
+                      f"(~{_g((want / gain) ** len(hidden))}x over {len(hidden)} layers)")
+        advice.append(f"Initialise the weights for the activation: {init} for each convolution/linear weight, "
+                      "zero biases.")
     if not run.get("normalization"):
-        advice.append("Add BatchNorm (or LayerNorm) after each convolution/linear layer.")
+        causes.append("no normalisation layer to restore the scale between layers")
+        advice.append("Add BatchNorm after each convolution (or LayerNorm/GroupNorm), before the activation.")
+    if causes:
+        evidence += " Causes seen in the model: " + "; ".join(causes) + "."
     advice += ["Add residual (skip) connections, as ResNet does, so the gradient has a short path to the first "
                "layers.",
-               "Initialise with torch.nn.init.kaiming_normal_ (ReLU) or xavier_normal_ (tanh/sigmoid).",
                "Use fewer layers, or Adam/AdamW, which rescales each parameter's step (a workaround, not a cure)."]
-    return Finding("vanishing_gradients", "warning",
-                   f"Vanishing gradients: the first layers get {_g(1 / ratio) if ratio > 0 else 'infinitely'}x "
-                   "smaller gradients than the last", evidence, advice,
-                   {"early_layers": [names[i] for i in early], "late_layers": [names[i] for i in late],
-                    "median_ratio": ratio, "steps_below": len(low), "steps": len(ratios),
-                    "threshold": VANISHING_RATIO, "grad_to_weight": per_layer})
+    title = (f"Vanishing gradients: the first layers get {_g(growth)}x smaller gradients (for their weights) than "
+             "the last" if gradients else
+             f"Vanishing signal: the activations vary {_g(1 / fade)}x less between inputs at the last layer than at "
+             "the first")
+    return Finding("vanishing_gradients", "warning", title, evidence, advice,
+                   {"median_growth": growth, "steps_steep": len(steep), "steps": len(growths),
+                    "threshold": VANISHING_GROWTH, "grad_to_weight": per_layer, "signal_fade": fade,
+                    "signal_fade_threshold": SIGNAL_FADE, "activation_spread": dict(zip(act_names, spreads)),
+                    "init_gain": gain, "small_init": small_init, "causes": causes})
 
 
 def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
@@ -405,9 +560,18 @@ def detect_diverging_loss(history: Mapping, run: Mapping) -> Finding | None:
     peak_at = max(range(len(smooth)), key=lambda j: smooth[j]) if smooth else None
     peak = smooth[peak_at] if smooth else None
     lr = _finite(run.get("lr"))
-    lower = (f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}, or run the LR range test (--find-lr)."
-             if lr else "Lower the learning rate 10x, or run the LR range test (--find-lr).")
-    advice = [lower, "Clip the gradient norm (--clip 1.0) and warm the learning rate up over the first steps.",
+    suggested = _suggested_lr(run)
+    if suggested and lr and suggested < lr:
+        lower = (f"Lower the learning rate (now {_g(lr)}) to the LR range test's suggestion, {_g(suggested)}.")
+    elif suggested:
+        lower = (f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}; the LR range test suggested "
+                 f"{_g(suggested)}, but its short run did not see this blow-up." if lr else
+                 "Lower the learning rate 10x.")
+    else:
+        lower = (f"Lower the learning rate (now {_g(lr)}): try {_g(lr / 10)}, or run the LR range test "
+                 f"({_lr_test(run)})." if lr else f"Lower the learning rate 10x, or run the LR range test "
+                 f"({_lr_test(run)}).")
+    advice = [lower, _clip_advice(run, "and warm the learning rate up over the first steps"),
               "Check the data for outliers and wrong labels, and the loss for a wrong reduction (sum instead of "
               "mean makes the steps scale with the batch size)."]
     data = {"start_loss": start, "peak_loss": peak, "nonfinite_step": None}
@@ -468,8 +632,8 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
     if update >= LR_LOW_MAX_UPDATE or drop >= LR_LOW_MAX_DROP or grad <= LR_LOW_MIN_GRAD:
         return None
     lr = _finite(run.get("lr"))
-    finder = run.get("lr_finder") or {}
-    suggested = _finite(finder.get("suggested_lr")) if isinstance(finder, Mapping) else None
+    finder = run.get("lr_finder") if isinstance(run.get("lr_finder"), Mapping) else {}
+    suggested = _suggested_lr(run)
     evidence = (f"Over {len(losses)} steps the training loss went from {_g(first)} to {_g(last)} (median over {w} "
                 f"steps; {_pct(max(drop, 0.0))} lower), while each step changed the weights by a median "
                 f"{_g(update)} of their norm; healthy training moves them by about 1e-3 per step.")
@@ -488,7 +652,7 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
     else:
         advice.append("Raise the learning rate 10-100x.")
     if not suggested:
-        advice.append("Run the LR range test (--find-lr) to see where the loss starts to fall.")
+        advice.append(f"Run the LR range test ({_lr_test(run)}) to see where the loss starts to fall.")
     return Finding("lr_too_low", "warning", "The learning rate is too low: the loss is flat and the weights "
                    "barely move", evidence, advice,
                    {"update_to_weight": update, "grad_to_weight": grad, "start_loss": first, "end_loss": last,
@@ -500,17 +664,17 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
 # ---------------------------------------------------------------------------------------------------------
 
 def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
-    """Validation loss rising while the training loss falls, or a wide train/validation accuracy gap."""
+    """Validation loss rising while the training loss falls, or a wide train/validation accuracy gap; the stop
+    point it advises is the best epoch by the :func:`monitored` metric (validation accuracy by default)."""
     epochs = [e for e in history.get("epochs") or [] if isinstance(e, Mapping)]
     with_val = [e for e in epochs if _finite(e.get("val_loss")) is not None]
     if not with_val:
         return None
-    best_epoch, stop_epoch = early_stopping(epochs)
-    best = next(e for e in with_val if e["epoch"] == best_epoch)
+    lowest = min(with_val, key=lambda e: _finite(e["val_loss"]))  # the earliest of equals
     last = with_val[-1]
-    best_val, last_val = _finite(best["val_loss"]), _finite(last["val_loss"])
-    after = sum(1 for e in with_val if e["epoch"] > best_epoch)
-    train_best, train_last = _finite(best.get("train_loss")), _finite(last.get("train_loss"))
+    best_val, last_val = _finite(lowest["val_loss"]), _finite(last["val_loss"])
+    after = sum(1 for e in with_val if e["epoch"] > lowest["epoch"])
+    train_best, train_last = _finite(lowest.get("train_loss")), _finite(last.get("train_loss"))
     rising = (after >= OVERFIT_MIN_EPOCHS_AFTER_BEST and last_val >= best_val * (1 + OVERFIT_VAL_RISE)
               and last_val - best_val >= OVERFIT_MIN_ABS_RISE
               and (train_best is None or train_last is None or train_last < train_best))
@@ -519,30 +683,44 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     wide = gap is not None and gap >= OVERFIT_ACC_GAP
     if not rising and not wide:
         return None
+    key = monitored(epochs, run.get("monitor"))
+    best_epoch, stop_epoch = early_stopping(epochs, monitor=key, run=run)
+    best = next(e for e in epochs if e["epoch"] == best_epoch)
+    metric = "validation accuracy" if key == "val_acc" else "validation loss"
     sentences = []
     if rising:
         sentences.append(
-            f"The validation loss was lowest at epoch {best_epoch} ({_g(best_val)}) and rose to {_g(last_val)} by "
-            f"epoch {last['epoch']} (+{_pct(last_val / best_val - 1)}), while the training loss kept falling"
+            f"The validation loss was lowest at epoch {lowest['epoch']} ({_g(best_val)}) and rose to {_g(last_val)} "
+            f"by epoch {last['epoch']} (+{_pct(last_val / best_val - 1)}), while the training loss kept falling"
             + (f" ({_g(train_best)} to {_g(train_last)})." if train_best is not None and train_last is not None
                else "."))
+        acc_then, acc_best = _finite(lowest.get("val_acc")), _finite(best.get("val_acc"))
+        if key == "val_acc" and best_epoch > lowest["epoch"] and acc_then is not None and acc_best is not None:
+            sentences.append(f"But the validation accuracy kept improving, from {_pct(acc_then)} at epoch "
+                             f"{lowest['epoch']} to {_pct(acc_best)} at epoch {best_epoch}: the model grew "
+                             "overconfident on the images it gets wrong more than it got worse at classifying.")
     if gap is not None:
         sentences.append(f"At epoch {last['epoch']} the training accuracy is {_pct(train_acc)} and the validation "
                          f"accuracy {_pct(val_acc)}: a {100 * gap:.1f}-point gap.")
+    if best_epoch != last["epoch"]:
+        sentences.append(f"The best epoch by {metric} is {best_epoch} ({_metrics(best)}); the last, "
+                         f"{last['epoch']}, has {_changes(best, last)}.")
     if stop_epoch is not None:
-        sentences.append(f"Early stopping with patience {EARLY_STOP_PATIENCE} would have stopped at epoch "
-                         f"{stop_epoch} and kept the weights of epoch {best_before(epochs, stop_epoch)}.")
+        kept = best_before(epochs, stop_epoch, key)
+        sentences.append(f"Early stopping on the {metric} with patience {EARLY_STOP_PATIENCE} would have stopped at "
+                         f"epoch {stop_epoch} and kept the weights of epoch {kept}"
+                         + (f" ({_metrics(next(e for e in epochs if e['epoch'] == kept))})." if kept else "."))
     advice = []
-    if rising:
-        advice.append(f"Stop at the best epoch: train {best_epoch} epochs (--epochs {best_epoch}), or use early "
-                      f"stopping on the validation loss (patience {EARLY_STOP_PATIENCE}) and keep the best "
-                      "checkpoint.")
+    if best_epoch != last["epoch"]:
+        advice.append(f"Keep the weights of the best epoch by {metric}, {best_epoch}: train {best_epoch} epochs"
+                      f"{_epochs(run, best_epoch)}, or stop early on the {metric} (patience "
+                      f"{EARLY_STOP_PATIENCE}) and keep the best checkpoint.")
     if run.get("augment") is False:
-        advice.append("Turn on data augmentation (--augment): random crops, flips or small affine transforms "
+        advice.append(f"Turn on data augmentation ({_augment(run)}): random crops, flips or small affine transforms "
                       "make every epoch see new images.")
     wd = _finite(run.get("weight_decay"))
     if wd == 0:
-        advice.append("Add weight decay: --optimizer adamw (decoupled decay 0.01), or --weight-decay 5e-4 with SGD.")
+        advice.append(f"Add weight decay: {_weight_decay(run)}.")
     elif wd is not None:
         advice.append(f"Raise the weight decay (now {_g(wd)}) 2-10x.")
     if run.get("dropout") is False:
@@ -554,16 +732,77 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     else:
         advice.append("Use a smaller model (fewer channels or layers).")
     advice.append("Get more training data (or pretrain on a larger data set and fine-tune).")
-    title = (f"Overfitting: validation loss rose {_pct(last_val / best_val - 1)} after epoch {best_epoch}" if rising
-             else f"Overfitting: {100 * gap:.1f}-point gap between training and validation accuracy")
+    title = (f"Overfitting: validation loss rose {_pct(last_val / best_val - 1)} after epoch {lowest['epoch']}"
+             if rising else f"Overfitting: {100 * gap:.1f}-point gap between training and validation accuracy")
     return Finding("overfitting", "warning", title, " ".join(sentences), advice,
-                   {"best_epoch": best_epoch, "early_stop_epoch": stop_epoch, "best_val_loss": best_val,
-                    "last_val_loss": last_val, "val_loss_rising": rising, "train_acc": train_acc, "val_acc": val_acc,
-                    "acc_gap": gap, "patience": EARLY_STOP_PATIENCE})
+                   {"best_epoch": best_epoch, "monitor": key, "early_stop_epoch": stop_epoch,
+                    "val_loss_best_epoch": lowest["epoch"], "best_val_loss": best_val, "last_val_loss": last_val,
+                    "val_loss_rising": rising, "train_acc": train_acc, "val_acc": val_acc, "acc_gap": gap,
+                    "patience": EARLY_STOP_PATIENCE})
+
+
+def _metrics(row: Mapping) -> str:
+    """An epoch's validation accuracy and loss, in words."""
+    parts = [f"validation accuracy {_pct(_finite(row.get('val_acc')))}" if _finite(row.get("val_acc")) is not None
+             else None, f"validation loss {_g(_finite(row.get('val_loss')))}"
+             if _finite(row.get("val_loss")) is not None else None]
+    return ", ".join(p for p in parts if p)
+
+
+def _changes(base: Mapping, row: Mapping) -> str:
+    """How ``row``'s validation accuracy and loss differ from ``base``'s, in words."""
+    parts = []
+    a0, a1 = _finite(base.get("val_acc")), _finite(row.get("val_acc"))
+    if a0 is not None and a1 is not None:
+        parts.append(f"validation accuracy {_pct(a1)} ({100 * (a1 - a0):+.1f} points)")
+    l0, l1 = _finite(base.get("val_loss")), _finite(row.get("val_loss"))
+    if l0 is not None and l1 is not None and l0 > 0:
+        parts.append(f"validation loss {_g(l1)} ({100 * (l1 / l0 - 1):+.0f} %)")
+    return " and ".join(parts) or "no validation metrics"
+
+
+def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
+    """The model fits its training labels while the validation accuracy stays at chance (within noise, see
+    :func:`chance_level`: its median over the later half of the epochs and its last value): what it learns does
+    not carry over, the mark of labels that do not match their inputs. (Both splits at chance is
+    :func:`detect_underfitting`'s: a model that learns nothing yet.)"""
+    epochs = [e for e in history.get("epochs") or [] if isinstance(e, Mapping)]
+    accs = [(e, _finite(e.get("val_acc"))) for e in epochs]
+    accs = [(e, a) for e, a in accs if a is not None]
+    level = chance_level(run)
+    train = [a for a in (_finite(e.get("train_acc")) for e in epochs) if a is not None]
+    if level is None or len(accs) < NO_SIGNAL_MIN_EPOCHS or not train:
+        return None
+    chance, ceiling = level
+    late = [a for _, a in accs[len(accs) // 2:]]
+    typical, last = statistics.median(late), late[-1]
+    if typical > ceiling or last > ceiling or max(train) <= ceiling:
+        return None
+    best_row, best = max(accs, key=lambda p: p[1])
+    n = _finite(run.get("val_size"))
+    evidence = (f"Over the last {len(late)} of {len(epochs)} epochs the validation accuracy was {_pct(typical)} "
+                f"(median; {_pct(last)} at the end, at best {_pct(best)} in epoch {best_row['epoch']}), within noise "
+                f"of chance ({_pct(chance)} for {int(round(1 / chance))} classes; up to {_pct(ceiling)} is"
+                + (f" on {int(n):,} validation images)" if n else ")")
+                + f", while the training accuracy reached {_pct(max(train))}: the model fits the training labels but "
+                "learns nothing that carries over, the mark of labels that do not match their inputs.")
+    advice = ["Check that every input keeps its label: look at a few (image, label) pairs from the training and "
+              "from the validation loader (inputs and labels shuffled separately, a class mapping that differs "
+              "between the splits, or labels off by one all look like this).",
+              "Check that the validation data goes through the same preprocessing as the training data "
+              "(normalisation, channel order, resizing).",
+              "Train on one small batch until its accuracy nears 100 %, then check that a held-out batch of the "
+              "same data rises above chance too."]
+    return Finding("no_signal", "error", f"No signal: the validation accuracy stays at chance ({_pct(typical)})",
+                   evidence, advice, {"val_acc_late_median": typical, "val_acc_last": last, "best_val_acc": best,
+                                      "best_epoch": best_row["epoch"], "chance": chance, "ceiling": ceiling,
+                                      "train_acc": max(train)})
 
 
 def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
-    """Low accuracy on both splits, or a training loss that barely falls while the accuracy stays low."""
+    """Low accuracy on both splits, or a training loss that barely falls while the accuracy stays low. Its
+    advice follows the evidence: more epochs while the loss still falls, the LR range test's suggestion when
+    the lr is far from it, then capacity; a regulariser only where one is on."""
     epochs = [e for e in history.get("epochs") or [] if isinstance(e, Mapping)]
     if not epochs:
         return None
@@ -590,27 +829,39 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
                          f"({_pct(drop)} lower).")
     prev = _finite(epochs[-2].get("train_loss")) if len(epochs) >= 2 else None
     still = prev is not None and t_last is not None and prev > 0 and (prev - t_last) / prev >= STILL_LEARNING_DROP
+    lr, suggested = _finite(run.get("lr")), _suggested_lr(run)
+    off = max(lr / suggested, suggested / lr) if lr and suggested else None
     advice = []
+    if off is not None and off >= UNDERFIT_LR_OFF:
+        sentences.append(f"The LR range test suggested {_g(suggested)}, {_g(off)}x "
+                         f"{'above' if suggested > lr else 'below'} the learning rate used ({_g(lr)}).")
+        advice.append(f"Use the LR range test's suggestion: learning rate {_g(suggested)} (now {_g(lr)}).")
     if still or len(epochs) == 1:
-        advice.append("Train longer: the loss was still falling in the last epoch (--epochs).")
-    if train_acc is not None and chance and train_acc <= chance * 1.5:
-        advice.append("Check the data: accuracy near chance often means labels that do not match the images "
-                      "(shuffled separately, wrong mapping).")
+        last_drop = f" ({_pct((prev - t_last) / prev)} in the last epoch)" if still else ""
+        advice.append(f"Train longer{_epochs(run, None)}: the training loss was still falling{last_drop}.")
+    if off is None and not suggested:
+        advice.append(f"Run the LR range test ({_lr_test(run)}): a learning rate far from the right one trains "
+                      "slowly.")
+    level = chance_level(run)
+    if level is not None and train_acc is not None and train_acc <= level[1]:
+        advice.append("Check the data and the loss: training accuracy at chance can also mean labels that do not "
+                      "match the images, or a loss that does not see this model's outputs.")
     if run.get("saturating_activations"):
         advice.append("Replace sigmoid/tanh activations by ReLU.")
-    advice.append("Run the LR range test (--find-lr): a learning rate far from the right one trains slowly.")
-    advice.append("Use a bigger model (more channels or layers).")
+    if not still:
+        near = off is not None and off < UNDERFIT_LR_OFF
+        advice.append("Use a bigger model (more channels or layers): the training loss has levelled off"
+                      + (" at a learning rate near the range test's suggestion." if near else "."))
     wd = _finite(run.get("weight_decay"))
-    if wd:
-        advice.append(f"Lower the regularisation: weight decay {_g(wd)}" + (", dropout" if run.get("dropout") else "")
-                      + (", augmentation" if run.get("augment") else "") + ".")
-    elif run.get("dropout") or run.get("augment"):
-        advice.append("Lower the regularisation (dropout, augmentation).")
+    on = ([f"weight decay {_g(wd)}"] if wd else []) + (["dropout"] if run.get("dropout") else []) \
+        + (["augmentation"] if run.get("augment") else [])
+    if on:
+        advice.append(f"Lower the regularisation: {', '.join(on)}.")
     return Finding("underfitting", "warning",
                    f"Underfitting: {_pct(train_acc)} training accuracy" if train_acc is not None else
                    "Underfitting: the training loss barely falls", " ".join(sentences), advice,
                    {"train_acc": train_acc, "val_acc": val_acc, "chance": chance, "threshold_acc": low_acc,
-                    "train_loss_drop": drop, "still_learning": still})
+                    "train_loss_drop": drop, "still_learning": still, "lr": lr, "suggested_lr": suggested})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -618,27 +869,37 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
 # ---------------------------------------------------------------------------------------------------------
 
 def detect_softmax_before_cross_entropy(history: Mapping, run: Mapping) -> Finding | None:
-    """Rows of the loss input that are non-negative and sum to 1: probabilities fed to cross_entropy."""
+    """Rows of the loss input that are non-negative and sum to 1: probabilities fed to cross_entropy. The loss
+    input is what ``watch_loss_input`` saw (an error) or else the model's output (a warning: it usually goes
+    into the loss, but a model may output probabilities on purpose)."""
     seen = history.get("loss_inputs") or {}
     rows, mins = seen.get("prob_rows") or [], seen.get("min") or []
-    pairs = [(_finite(r), _finite(m)) for r, m in zip(rows, mins)]
-    pairs = [(r, m) for r, m in pairs if r is not None and m is not None]
+    sources = list(seen.get("source") or [])
+    pairs = [(_finite(r), _finite(m), sources[i] if i < len(sources) else "loss_input")
+             for i, (r, m) in enumerate(zip(rows, mins))]
+    pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
     if not pairs:
         return None
     hits = [p for p in pairs if p[0] >= SOFTMAX_ROW_FRACTION and p[1] >= SOFTMAX_MIN_VALUE]
     if len(hits) < SOFTMAX_STEP_FRACTION * len(pairs):
         return None
-    evidence = (f"On {len(hits)} of {len(pairs)} sampled steps every row of what went into the loss was >= 0 and "
-                f"summed to 1 (within 1e-3): probabilities, not logits. cross_entropy applies log-softmax itself, "
-                "so the softmax is applied twice: the outputs are squeezed into a narrow range and the gradients "
-                "shrink, so training crawls and stalls.")
+    told = any(p[2] == "loss_input" for p in hits)
+    what = "what went into the loss" if told else "the model's output (what a training loop feeds the loss)"
+    evidence = (f"On {len(hits)} of {len(pairs)} sampled steps every row of {what} was >= 0 and summed to 1 "
+                "(within 1e-3): probabilities, not logits. cross_entropy applies log-softmax itself, so the softmax "
+                "is applied twice: the outputs are squeezed into a narrow range and the gradients shrink, so "
+                "training crawls and stalls.")
+    if not told:
+        evidence += " (If these probabilities go to nll_loss through a log instead, that works but loses precision.)"
     advice = ["Remove the softmax at the end of the model (or before the loss) and pass the raw logits to "
               "nn.CrossEntropyLoss / F.cross_entropy.",
               "If you need probabilities, apply softmax only when predicting; if the model must output "
               "log-probabilities, use log_softmax with nll_loss."]
-    return Finding("softmax_before_cross_entropy", "error", "Softmax before cross_entropy: the loss gets "
-                   "probabilities instead of logits", evidence, advice,
-                   {"steps_with_probabilities": len(hits), "steps": len(pairs)})
+    return Finding("softmax_before_cross_entropy", "error" if told else "warning",
+                   "Softmax before cross_entropy: the loss gets probabilities instead of logits" if told else
+                   "Softmax before the loss: the model outputs probabilities instead of logits", evidence, advice,
+                   {"steps_with_probabilities": len(hits), "steps": len(pairs),
+                    "seen_in": "loss_input" if told else "model_output"})
 
 
 def detect_unnormalized_input(history: Mapping, run: Mapping) -> Finding | None:
@@ -690,7 +951,7 @@ def detect_slow_data_loading(history: Mapping, run: Mapping) -> Finding | None:
         return None
     waited, spent = sum(d for d, _ in pairs), sum(t for _, t in pairs)
     fraction = waited / spent if spent > 0 else 0.0
-    if fraction <= SLOW_DATA_FRACTION:
+    if fraction < SLOW_DATA_FRACTION or waited / len(pairs) < SLOW_DATA_MIN_WAIT_S:
         return None
     per_step = spent / len(pairs)
     evidence = (f"The training loop waited for data {_pct(fraction)} of the time: {1000 * waited / len(pairs):.1f} ms "
@@ -701,8 +962,7 @@ def detect_slow_data_loading(history: Mapping, run: Mapping) -> Finding | None:
     advice = []
     if not workers:
         n = min(8, max(1, int(cpus) - 1)) if cpus else 4
-        advice.append(f"Load in parallel: DataLoader(num_workers={n}, persistent_workers=True)"
-                      + (" (--workers N)" if "num_workers" in run else "") + ".")
+        advice.append(f"Load in parallel: {_workers(run, n)}.")
     else:
         advice.append(f"Use more loader workers (now {workers}) with persistent_workers=True.")
     advice += ["Do the expensive work once: decode and resize the images ahead of time and keep them as tensors "
@@ -710,9 +970,59 @@ def detect_slow_data_loading(history: Mapping, run: Mapping) -> Finding | None:
                "Profile the Dataset's __getitem__ (time.perf_counter around it, or torch.profiler) for slow "
                "decoding, file access or Python loops.",
                "On a GPU, use pin_memory=True and non_blocking copies; move augmentation to the GPU."]
-    return Finding("slow_data_loading", "warning", f"Slow data loading: {_pct(fraction)} of each step waits for data",
+    severity = "warning" if fraction >= SLOW_DATA_WARNING else "info"
+    return Finding("slow_data_loading", severity, f"Slow data loading: {_pct(fraction)} of each step waits for data",
                    evidence, advice, {"data_fraction": fraction, "data_time_per_step": waited / len(pairs),
                                       "step_time": per_step, "steps": len(pairs), "threshold": SLOW_DATA_FRACTION})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# how advice names a change: the command's flags to `cnnperf doctor` users (run["interface"] == "cli"), Python
+# to users of the Doctor in their own loop (anything else)
+# ---------------------------------------------------------------------------------------------------------
+
+def _cli(run: Mapping) -> bool:
+    return run.get("interface") == "cli"
+
+
+def _clip_advice(run: Mapping, then: str = "so that one bad batch cannot blow the weights up") -> str:
+    how = ("--clip 1.0" if _cli(run) else
+           "cnnperf.clip_grad_norm_(model.parameters(), 1.0) between loss.backward() and optimizer.step()")
+    return f"Clip the gradient norm ({how}) {then}."
+
+
+def _lr_test(run: Mapping) -> str:
+    """How to run the LR range test, as a parenthesis."""
+    return ("--find-lr" if _cli(run) else
+            "cnnperf.doctor.lr_range_test(model, optimizer, train_loader, device=...) on copies of both; pass its "
+            "result to doctor.report(lr_finder=...)")
+
+
+def _epochs(run: Mapping, n: int | None) -> str:
+    """How to train ``n`` epochs (None: more) as " (--epochs n)" for the command; nothing in Python."""
+    if not _cli(run):
+        return ""
+    return f" (--epochs {n})" if n else " (--epochs)"
+
+
+def _augment(run: Mapping) -> str:
+    return ("--augment" if _cli(run) else
+            "a random transform on the training set only, e.g. v2.RandomResizedCrop or v2.RandomAffine")
+
+
+def _weight_decay(run: Mapping) -> str:
+    return ("--optimizer adamw (decoupled decay 0.01), or --weight-decay 5e-4 with SGD" if _cli(run) else
+            "torch.optim.AdamW(params, lr, weight_decay=0.01), or SGD(..., weight_decay=5e-4)")
+
+
+def _workers(run: Mapping, n: int) -> str:
+    return f"--workers {n}" if _cli(run) else f"DataLoader(..., num_workers={n}, persistent_workers=True)"
+
+
+def _suggested_lr(run: Mapping) -> float | None:
+    """The LR range test's suggested learning rate, if one ran."""
+    finder = run.get("lr_finder")
+    return _finite(finder.get("suggested_lr")) if isinstance(finder, Mapping) else None
 
 
 # cause before symptom: the order findings of one severity are listed in
@@ -725,6 +1035,7 @@ DETECTORS: dict[str, Callable[[Mapping, Mapping], Finding | None]] = {
     "vanishing_gradients": detect_vanishing_gradients,
     "exploding_gradients": detect_exploding_gradients,
     "lr_too_low": detect_lr_too_low,
+    "no_signal": detect_no_signal,
     "overfitting": detect_overfitting,
     "underfitting": detect_underfitting,
     "slow_data_loading": detect_slow_data_loading,

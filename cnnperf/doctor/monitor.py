@@ -6,7 +6,7 @@ Where the calls go (the numbers are the order within one step)::
     for epoch in range(epochs):
         for x, y in doctor.watch_loader(train_loader):      # times the wait for each batch (or doctor.data_wait(s))
             logits = model(x)
-            doctor.watch_loss_input(logits, y)              # 1. what goes into cross_entropy: logits?
+            doctor.watch_loss_input(logits, y)              # 1. optional: what goes into cross_entropy: logits?
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(); loss.backward()
             doctor.after_backward(loss)                     # 2. one cnnperf.grad_norms call; before any clipping
@@ -15,6 +15,7 @@ Where the calls go (the numbers are the order within one step)::
             doctor.after_step(optimizer)                    # 3. update-to-weight ratio, lr, step time
         doctor.end_epoch(train_loss=..., train_acc=..., val_loss=..., val_acc=..., lr=...)
     findings, record = doctor.report(run={"data": "my data", "augment": False, "num_classes": 10})
+    doctor.save("doctor-out", run={...})                     # or: doctor.json and report.html, as the CLI writes
     doctor.close()                                           # removes the hooks (the `with` block does it too)
 
 Variations: ``loss_fn = doctor.wrap_loss(F.cross_entropy)`` calls ``watch_loss_input`` for you. With fp16 and a
@@ -22,7 +23,7 @@ Variations: ``loss_fn = doctor.wrap_loss(F.cross_entropy)`` calls ``watch_loss_i
 and before ``scaler.unscale_``: the norms are unscaled on the device, and the scaler's skipped steps (inf/NaN
 gradients) are not reported as a problem unless they are frequent. ``doctor.report()`` returns
 ``(findings, record)``: the :class:`~cnnperf.doctor.findings.Finding` list and the doctor.json dict
-(``cnnperf.doctor.report.write_reports(record, out_dir)`` writes it with report.html).
+(:meth:`Doctor.save` writes it with report.html).
 
 What each step costs (the doctor never synchronises with the device inside a step):
 
@@ -33,8 +34,13 @@ What each step costs (the doctor never synchronises with the device inside a ste
   ``before_step`` call to measure ``||w_after - w_before|| / ||w_before||`` (the copy lives from
   ``after_backward`` to ``after_step``: one model's worth of memory; ``track_updates=False`` skips it);
   forward hooks armed for that one
-  step only: a pre-hook on the model for the input's mean/std/min/max, and forward hooks on every ``nn.ReLU``
-  and :class:`cnnperf.nn.FusedConv2dBiasReLU` (whose output is post-ReLU) for the dead-unit fraction;
+  step only: a pre-hook on the model for the input's mean/std/min/max, a hook on the model for whether its
+  outputs are probabilities (rows >= 0 summing to 1: a softmax before ``cross_entropy``, checked on what
+  ``watch_loss_input`` is given instead where it is called), and forward hooks on every activation module
+  (``ACTIVATION_TYPES``) for how much its output varies between the batch's inputs (the root mean square over
+  units of the standard deviation over the batch: the signal the layer passes on) and, on
+  every ``nn.ReLU`` and :class:`cnnperf.nn.FusedConv2dBiasReLU` (whose output is post-ReLU), the dead-unit
+  fraction;
 - once per epoch (``end_epoch``) and in ``report()``: everything recorded moves to the host in a few copies.
 
 The hooks only read the tensors they see (in-place ReLUs included: a forward hook sees the output after the
@@ -72,6 +78,9 @@ PROB_ROW_TOLERANCE = 1e-3
 
 RELU_TYPES = (nn.ReLU, FusedConv2dBiasReLU)  # modules whose output is post-ReLU
 SATURATING_TYPES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign)
+# Modules whose output scale is recorded (the signal's size along depth).
+ACTIVATION_TYPES = RELU_TYPES + SATURATING_TYPES + (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+                                                    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -89,7 +98,8 @@ class Doctor:
     ``model``: the ``nn.Module`` being trained (only its trainable parameters are watched; all on one device).
     ``sample_every``: steps 1, 1 + k, 1 + 2k, ... are sampled (per-layer statistics, weight snapshot, hooks).
     ``track_updates``: measure the update-to-weight ratio (costs one copy of the weights on sampled steps).
-    ``watch_relu`` / ``watch_inputs``: arm the dead-ReLU hooks and the model-input pre-hook on sampled steps.
+    ``watch_relu`` / ``watch_inputs``: arm the activation hooks (dead ReLUs, the output scale of every
+    activation module) and the model-input pre-hook on sampled steps.
     """
 
     def __init__(self, model: nn.Module, *, sample_every: int = 10, track_updates: bool = True,
@@ -110,8 +120,11 @@ class Doctor:
         self.track_updates = track_updates
         self.param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        self.relu_names = [n for n, m in model.named_modules() if isinstance(m, RELU_TYPES)] if watch_relu else []
-        self._relu_modules = [m for n, m in model.named_modules() if isinstance(m, RELU_TYPES)] if watch_relu else []
+        acts = [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)] if watch_relu else []
+        self.activation_names = [n for n, _ in acts]
+        self._act_modules = [m for _, m in acts]
+        self._relu_index = [i for i, (_, m) in enumerate(acts) if isinstance(m, RELU_TYPES)]
+        self.relu_names = [self.activation_names[i] for i in self._relu_index]
         self._watch_inputs = watch_inputs
         self._started = _dt.datetime.now(_dt.timezone.utc)
         self._started_clock = time.perf_counter()
@@ -134,9 +147,10 @@ class Doctor:
         self._armed = False
         self._capturing = False  # inside the first training-mode forward after arming
         self._captured = False
-        self._relu_acc: dict[int, list] = {}
+        self._act_acc: dict[int, list] = {}
         self._input_stats: torch.Tensor | None = None
         self._loss_input_stats: torch.Tensor | None = None
+        self._output_stats: torch.Tensor | None = None  # the model's output on a sampled step
         self._closed = False
 
         # device-side buffers, moved to the host by _flush()
@@ -144,18 +158,21 @@ class Doctor:
         self._dev_total: list = []
         self._dev_samples: list[dict] = []
         self._dev_relu: list[tuple[int, torch.Tensor]] = []
+        self._dev_acts: list[tuple[int, torch.Tensor]] = []
         self._dev_inputs: list[tuple[int, torch.Tensor]] = []
-        self._dev_loss_inputs: list[tuple[int, torch.Tensor]] = []
+        self._dev_loss_inputs: list[tuple[int, torch.Tensor, str]] = []
 
         # host-side history
         self.steps: dict[str, list] = {k: [] for k in ("step", "epoch", "loss", "lr", "data_time", "step_time",
                                                        "grad_norm")}
         self.layers: dict[str, Any] = {"names": list(self.param_names),
                                        "shapes": [list(p.shape) for p in self._params], "steps": [],
-                                       "grad_norm": [], "grad_to_weight": [], "update_to_weight": []}
+                                       "grad_norm": [], "grad_to_weight": [], "update_to_weight": [],
+                                       "weight_norm": []}
         self.relu: dict[str, Any] = {"names": list(self.relu_names), "steps": [], "dead_fraction": []}
+        self.activations: dict[str, Any] = {"names": list(self.activation_names), "steps": [], "spread": []}
         self.inputs: dict[str, list] = {"steps": [], "mean": [], "std": [], "min": [], "max": []}
-        self.loss_inputs: dict[str, list] = {"steps": [], "min": [], "prob_rows": []}
+        self.loss_inputs: dict[str, list] = {"steps": [], "min": [], "prob_rows": [], "source": []}
         self.epochs: list[dict] = []
         self._arm()  # step 1 is always sampled
 
@@ -177,13 +194,7 @@ class Doctor:
         that are non-negative and sum to 1 are probabilities, i.e. a softmax before ``cross_entropy``."""
         if not self._is_sampled(self._step + 1) or self._loss_input_stats is not None:
             return
-        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
-            return
-        with torch.no_grad():
-            x = logits.detach().float()
-            rows = x.sum(dim=1)
-            prob_rows = ((rows - 1.0).abs() <= PROB_ROW_TOLERANCE).float().mean()
-            self._loss_input_stats = torch.stack([x.amin(), prob_rows])
+        self._loss_input_stats = _prob_stats(logits)
 
     def wrap_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``loss_fn(input, target, ...)`` that calls :meth:`watch_loss_input` on its input first."""
@@ -307,6 +318,7 @@ class Doctor:
                 "steps": {k: list(v) for k, v in self.steps.items()},
                 "layers": {k: list(v) for k, v in self.layers.items()},
                 "relu": {k: list(v) for k, v in self.relu.items()},
+                "activations": {k: list(v) for k, v in self.activations.items()},
                 "inputs": {k: list(v) for k, v in self.inputs.items()},
                 "loss_inputs": {k: list(v) for k, v in self.loss_inputs.items()}}
 
@@ -317,7 +329,7 @@ class Doctor:
             if isinstance(m, SATURATING_TYPES + RELU_TYPES + DROPOUT_TYPES + NORM_TYPES):
                 counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
         return {"parameters": sum(p.numel() for p in self._params),
-                "dropout": any(isinstance(m, DROPOUT_TYPES) for m in self.model.modules()),
+                "dropout": any(isinstance(m, DROPOUT_TYPES) and getattr(m, "p", 0) > 0 for m in self.model.modules()),
                 "normalization": any(isinstance(m, NORM_TYPES) for m in self.model.modules()),
                 "saturating_activations": sum(isinstance(m, SATURATING_TYPES) for m in self.model.modules()),
                 "layer_types": counts, "sample_every": self.sample_every, "grad_scaler": self._grad_scaler,
@@ -328,9 +340,12 @@ class Doctor:
         """The findings and the doctor.json record (see SCHEMA.md) of what was recorded so far.
 
         ``run``: fields of the record's ``run`` section the doctor cannot know (``data``, ``epochs``,
-        ``batch_size``, ``augment``, ``seed``, ``train_size``, ...); the rest is filled in from the model, the
-        optimizer and the clock. ``metrics``: the validation metrics (see
-        :func:`cnnperf.doctor.train.classification_metrics`). ``lr_finder``: an LR range test's result.
+        ``batch_size``, ``augment``, ``seed``, ``train_size``, ``num_classes``, ``val_size``, ...); the rest is
+        filled in from the model, the optimizer and the clock. ``run["monitor"]``: the metric that picks the
+        best epoch, ``"val_acc"`` (the default where the epochs have it) or ``"val_loss"``;
+        ``run["interface"]``: ``"api"`` (the default: advice in Python) or ``"cli"`` (advice in flags).
+        ``metrics``: the validation metrics (see :func:`cnnperf.doctor.train.classification_metrics`).
+        ``lr_finder``: an LR range test's result.
         """
         history = self.history()
         now = _dt.datetime.now(_dt.timezone.utc)
@@ -344,17 +359,30 @@ class Doctor:
             "augment": None, "seed": None, "started": self._started.isoformat(timespec="seconds"),
             "finished": now.isoformat(timespec="seconds"), "interrupted": False,
             "seconds": time.perf_counter() - self._started_clock, "parameters": facts["parameters"],
-            "train_size": None, "val_size": None, "versions": versions()}
+            "train_size": None, "val_size": None, "interface": "api", "monitor": None, "versions": versions()}
         info.update({k: v for k, v in facts.items() if k not in ("parameters", "lr", "optimizer")})
         info.update(dict(run or {}))
         if interrupted is not None:
             info["interrupted"] = bool(interrupted)
+        info["monitor"] = _findings.monitored(history["epochs"], info.get("monitor"))
         found = _findings.diagnose(history, info, lr_finder)
-        best, stop = _findings.early_stopping(history["epochs"])
+        best, stop = _findings.early_stopping(history["epochs"], monitor=info["monitor"], run=info)
         record = {"schema": SCHEMA, "run": info, "findings": [f.to_dict() for f in found], "history": history,
                   "metrics": dict(metrics) if metrics is not None else None, "best_epoch": best,
                   "early_stop_epoch": stop, "lr_finder": dict(lr_finder) if lr_finder is not None else None}
         return Report(found, record)
+
+    def save(self, out_dir, run: Mapping | None = None, *, metrics: Mapping | None = None,
+             lr_finder: Mapping | None = None, console=None) -> dict:
+        """Write doctor.json and report.html of what was recorded so far into ``out_dir`` (created if missing;
+        each file replaced atomically, the JSON first) and return ``{"json": path, "html": path}``. ``run``,
+        ``metrics``, ``lr_finder``: as for :meth:`report`. ``console``: a :class:`rich.console.Console` to print
+        the terminal summary on (e.g. ``cnnperf._terminal.make_console()``); nothing is printed without one.
+        Call it at the end of training, or after each epoch to keep a report that survives a crash."""
+        from cnnperf.doctor.report import write_reports
+
+        return write_reports(self.report(run, metrics=metrics, lr_finder=lr_finder).record, out_dir,
+                             console=console)
 
     def close(self) -> None:
         """Remove every hook from the model and drop the weight snapshot. The doctor can still report."""
@@ -391,7 +419,7 @@ class Doctor:
             index = torch.tensor([i for i, h in enumerate(has_grad) if h], device=weight.device, dtype=torch.long)
             if index.numel():
                 grad = grad.index_copy(0, index, per_param.float())
-        sample = {"step": step, "grad_norm": grad, "weight": weight,
+        sample = {"step": step, "grad_norm": grad, "weight": weight, "weight_norm": weight,
                   "grad_to_weight": torch.where(weight > 0, grad / weight, math.nan), "update_to_weight": None}
         self._dev_samples.append(sample)
         if self.track_updates:
@@ -403,11 +431,11 @@ class Doctor:
     def _arm(self) -> None:
         if self._armed:
             return
-        self._relu_acc, self._input_stats, self._capturing, self._captured = {}, None, False, False
+        self._act_acc, self._input_stats, self._capturing, self._captured = {}, None, False, False
         self._hooks.append(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
         self._hooks.append(self.model.register_forward_hook(_Hook(self._root_hook)))
-        for i, module in enumerate(self._relu_modules):
-            self._hooks.append(module.register_forward_hook(_Hook(functools.partial(self._relu_hook, i))))
+        for i, module in enumerate(self._act_modules):
+            self._hooks.append(module.register_forward_hook(_Hook(functools.partial(self._act_hook, i))))
         self._armed = True
 
     def _disarm(self) -> None:
@@ -432,36 +460,48 @@ class Doctor:
     def _root_hook(self, module, args, output):
         if module is self.model and self._capturing:
             self._capturing, self._captured = False, True
+            if isinstance(output, torch.Tensor):  # what usually goes into the loss: probabilities?
+                self._output_stats = _prob_stats(output)
 
-    def _relu_hook(self, index: int, module, args, output):
+    def _act_hook(self, index: int, module, args, output):
         if not self._capturing or not isinstance(output, torch.Tensor) or output.dim() < 2:
             return
-        if output.shape[0] < MIN_RELU_BATCH:
-            return
-        with torch.no_grad():  # post-ReLU values are >= 0: a unit is dead when its max over the batch is 0
-            dead = (output.detach().amax(dim=0) <= 0).sum()
-        acc = self._relu_acc.setdefault(index, [0, 0])  # a module called twice per forward adds up
-        acc[0] = acc[0] + dead
-        acc[1] += output[0].numel()
+        acc = self._act_acc.setdefault(index, [0, 0, 0, 0])  # a module called twice per forward adds up
+        with torch.no_grad():
+            x = output.detach()
+            if x.shape[0] > 1:  # how much each unit varies between the batch's inputs: the signal carried
+                acc[2] = acc[2] + x.float().var(dim=0, unbiased=False).sum()
+                acc[3] += x[0].numel()
+            if isinstance(module, RELU_TYPES) and x.shape[0] >= MIN_RELU_BATCH:
+                # post-ReLU values are >= 0: a unit is dead when its max over the batch is 0
+                acc[0] = acc[0] + (x.amax(dim=0) <= 0).sum()
+                acc[1] += x[0].numel()
 
     def _collect(self, step: int) -> None:
         """After a sampled step's backward: keep what the hooks and watch_loss_input saw (device tensors),
         and disarm the hooks."""
-        if self._loss_input_stats is not None:
-            self._dev_loss_inputs.append((step, self._loss_input_stats))
+        if self._loss_input_stats is not None:  # what the user said goes into the loss, else the model's output
+            self._dev_loss_inputs.append((step, self._loss_input_stats, "loss_input"))
+        elif self._output_stats is not None:
+            self._dev_loss_inputs.append((step, self._output_stats, "model_output"))
         if self._captured:
-            if self._relu_modules:
+            if self._act_modules:
                 device = self._params[0].device
-                values = []
-                for i in range(len(self._relu_modules)):
-                    dead, units = self._relu_acc.get(i, (0, 0))
-                    values.append(torch.as_tensor(dead, dtype=torch.float32, device=device) / units if units
-                                  else torch.tensor(math.nan, device=device))
-                self._dev_relu.append((step, torch.stack(values)))
+                nan = torch.tensor(math.nan, device=device)
+                dead, spread = [], []
+                for i in range(len(self._act_modules)):
+                    d, units, var, count = self._act_acc.get(i, (0, 0, 0, 0))
+                    spread.append(torch.sqrt(torch.as_tensor(var, dtype=torch.float32, device=device) / count)
+                                  if count else nan)
+                    if i in self._relu_index:
+                        dead.append(torch.as_tensor(d, dtype=torch.float32, device=device) / units if units else nan)
+                if dead:
+                    self._dev_relu.append((step, torch.stack(dead)))
+                self._dev_acts.append((step, torch.stack(spread)))
             if self._input_stats is not None:
                 self._dev_inputs.append((step, self._input_stats))
         self._disarm()
-        self._relu_acc, self._input_stats, self._loss_input_stats = {}, None, None
+        self._act_acc, self._input_stats, self._loss_input_stats, self._output_stats = {}, None, None, None
 
     def _read_optimizer(self, optimizer) -> None:
         groups = getattr(optimizer, "param_groups", None)
@@ -488,7 +528,7 @@ class Doctor:
         done = [s for s in self._dev_samples if s is not self._sample]  # the pending one waits for after_step
         if done:
             self.layers["steps"].extend(s["step"] for s in done)
-            for key in ("grad_norm", "grad_to_weight"):
+            for key in ("grad_norm", "grad_to_weight", "weight_norm"):
                 self.layers[key].extend(torch.stack([s[key] for s in done]).cpu().tolist())
             nan_row = [math.nan] * len(self.param_names)
             self.layers["update_to_weight"].extend(
@@ -499,6 +539,10 @@ class Doctor:
             self.relu["steps"].extend(s for s, _ in self._dev_relu)
             self.relu["dead_fraction"].extend(torch.stack([v for _, v in self._dev_relu]).cpu().tolist())
             self._dev_relu = []
+        if self._dev_acts:
+            self.activations["steps"].extend(s for s, _ in self._dev_acts)
+            self.activations["spread"].extend(torch.stack([v for _, v in self._dev_acts]).cpu().tolist())
+            self._dev_acts = []
         if self._dev_inputs:
             self.inputs["steps"].extend(s for s, _ in self._dev_inputs)
             for key, column in zip(("mean", "std", "min", "max"),
@@ -506,9 +550,10 @@ class Doctor:
                 self.inputs[key].extend(column)
             self._dev_inputs = []
         if self._dev_loss_inputs:
-            self.loss_inputs["steps"].extend(s for s, _ in self._dev_loss_inputs)
+            self.loss_inputs["steps"].extend(s for s, _, _ in self._dev_loss_inputs)
+            self.loss_inputs["source"].extend(source for _, _, source in self._dev_loss_inputs)
             for key, column in zip(("min", "prob_rows"),
-                                   torch.stack([v for _, v in self._dev_loss_inputs]).cpu().T.tolist()):
+                                   torch.stack([v for _, v, _ in self._dev_loss_inputs]).cpu().T.tolist()):
                 self.loss_inputs[key].extend(column)
             self._dev_loss_inputs = []
 
@@ -555,6 +600,16 @@ class _TimedLoader:
                 return
             doctor.data_wait(time.perf_counter() - t0)
             yield batch
+
+
+def _prob_stats(scores) -> torch.Tensor | None:
+    """(min, fraction of rows summing to 1) of ``(N, C, ...)`` scores, on their device; None for anything else."""
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() < 2:
+        return None
+    with torch.no_grad():
+        x = scores.detach().float()
+        prob_rows = ((x.sum(dim=1) - 1.0).abs() <= PROB_ROW_TOLERANCE).float().mean()
+        return torch.stack([x.amin(), prob_rows])
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
