@@ -225,10 +225,11 @@ class Doctor:
         with torch.no_grad():
             has_grad = [p.grad is not None for p in self._params]
             with_grad = [p for p, h in zip(self._params, has_grad) if h]
-            if self._params[0].device.type != "cpu":  # one fused pass: the total and each norm
+            grads = [p.grad for p in with_grad]
+            if self._params[0].device.type == "cpu" and all(type(g) is torch.Tensor for g in grads):
+                total, per_param = _cpu_norms(grads)
+            else:  # one fused pass (and the all-reduce of sharded DTensor gradients): the total and each norm
                 total, per_param, _ = grad_norms(with_grad)
-            else:
-                total, per_param = _cpu_norms([p.grad for p in with_grad])
             if scaler is not None and scaler.is_enabled():
                 self._grad_scaler = True
                 scale = getattr(scaler, "_scale", None)  # a device tensor; get_scale() would synchronise
