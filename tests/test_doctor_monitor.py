@@ -523,3 +523,74 @@ def test_no_host_synchronisation_on_unsampled_steps():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(doctor.history()["steps"]["loss"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------------------
+
+def _train_watched(doctor, model, loader, steps_per_epoch, epochs):
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        for i, (x, y) in enumerate(doctor.watch_loader(loader)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            doctor.after_backward(loss)
+            opt.step()
+            doctor.after_step(opt)
+            if i + 1 == steps_per_epoch:
+                break
+        doctor.end_epoch(val_acc=0.5)
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars, self.texts, self.flushes = [], [], 0
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars.append((tag, value, global_step))
+
+    def add_text(self, tag, text, global_step):
+        self.texts.append((tag, text, global_step))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_the_writer_gets_each_recorded_value_once(digits):
+    model, writer = tiny_cnn(), FakeWriter()
+    with Doctor(model, sample_every=4, writer=writer) as doctor:
+        _train_watched(doctor, model, digits.train_loader, 8, 2)
+        found, record = doctor.report()
+    h = record["history"]
+    tags = [t for t, _, _ in writer.scalars]
+    assert tags.count("doctor/loss") == tags.count("doctor/grad_norm") == 16  # every step, once
+    assert [s for t, _, s in writer.scalars if t == "doctor/loss"] == list(range(1, 17))
+    loss = dict((s, v) for t, v, s in writer.scalars if t == "doctor/loss")
+    assert [loss[s] for s in range(1, 17)] == h["steps"]["loss"]
+    name = h["layers"]["names"][0]
+    norms = [(s, v) for t, v, s in writer.scalars if t == f"doctor/grad_norm/{name}"]
+    assert norms == [(s, row[0]) for s, row in zip(h["layers"]["steps"], h["layers"]["grad_norm"])]
+    assert tags.count("doctor/dead_relu/1") == tags.count("doctor/activation_spread/8") == len(h["relu"]["steps"])
+    assert [s for t, _, s in writer.scalars if t == "doctor/epoch/val_acc"] == [8, 16] and writer.flushes == 2
+    assert writer.texts and writer.texts[-1][0] == "doctor/findings" and writer.texts[-1][2] == 16
+    with pytest.raises(TypeError, match="writer must have add_scalar and add_text"):
+        Doctor(model, writer=object())
+
+
+def test_a_real_summary_writer_can_be_read_back(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = tiny_cnn()
+    with SummaryWriter(tmp_path) as writer, Doctor(model, sample_every=4, writer=writer) as doctor:
+        _train_watched(doctor, model, digits.train_loader, 8, 1)
+        doctor.report()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "doctor/loss" in scalars and "doctor/grad_norm/0.weight" in scalars
+    assert [e.step for e in events.Scalars("doctor/loss")] == list(range(1, 9))
+    assert "doctor/findings/text_summary" in events.Tags()["tensors"]

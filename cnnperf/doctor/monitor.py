@@ -106,10 +106,16 @@ class Doctor:
     ``track_updates``: measure the update-to-weight ratio (costs one copy of the weights on sampled steps).
     ``watch_relu`` / ``watch_inputs``: arm the activation hooks (dead ReLUs, the output scale of every
     activation module) and the model-input pre-hook on sampled steps.
+    ``writer``: a :class:`torch.utils.tensorboard.SummaryWriter` (or anything with its ``add_scalar(tag, value,
+    global_step)`` and ``add_text(tag, text, global_step)``): each :meth:`end_epoch` writes what was recorded
+    since the last one under ``doctor/`` (per step: ``loss``, ``grad_norm``; per sampled step and layer:
+    ``grad_norm/<parameter>``, ``update_to_weight/<parameter>``, ``dead_relu/<module>``,
+    ``activation_spread/<module>``; per epoch: ``epoch/<metric>``), and :meth:`report` the findings as text
+    (``doctor/findings``). The x axis is the training step.
     """
 
     def __init__(self, model: nn.Module, *, sample_every: int = 10, track_updates: bool = True,
-                 watch_relu: bool = True, watch_inputs: bool = True):
+                 watch_relu: bool = True, watch_inputs: bool = True, writer=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Doctor: model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
@@ -132,6 +138,11 @@ class Doctor:
         self._relu_index = [i for i, (_, m) in enumerate(acts) if isinstance(m, RELU_TYPES)]
         self.relu_names = [self.activation_names[i] for i in self._relu_index]
         self._watch_inputs = watch_inputs
+        if writer is not None and not all(callable(getattr(writer, m, None)) for m in ("add_scalar", "add_text")):
+            raise TypeError(f"Doctor: writer must have add_scalar and add_text (a torch.utils.tensorboard "
+                            f"SummaryWriter), got {type(writer).__name__}")
+        self.writer = writer
+        self._written = {"steps": 0, "layers": 0, "relu": 0, "activations": 0, "epochs": 0}
         self._started = _dt.datetime.now(_dt.timezone.utc)
         self._started_clock = time.perf_counter()
 
@@ -303,6 +314,8 @@ class Doctor:
                "val_loss": _float(val_loss), "val_acc": _float(val_acc),
                "lr": _float(lr) if lr is not None else self._last_lr, "seconds": float(seconds)}
         self.epochs.append(row)
+        if self.writer is not None:
+            self._write()
         self._epoch += 1
         self._epoch_start = None
         self._mark = None  # the next step's clock starts with the next loader iteration (or the next step)
@@ -377,6 +390,8 @@ class Doctor:
             info["interrupted"] = bool(interrupted)
         info["monitor"] = _findings.monitored(history["epochs"], info.get("monitor"))
         found = _findings.diagnose(history, info, lr_finder)
+        if self.writer is not None:
+            self.writer.add_text("doctor/findings", _findings_markdown(found), self._step)
         best, stop = _findings.early_stopping(history["epochs"], monitor=info["monitor"], run=info)
         record = {"schema": SCHEMA, "run": info, "findings": [f.to_dict() for f in found], "history": history,
                   "metrics": dict(metrics) if metrics is not None else None, "best_epoch": best,
@@ -532,6 +547,32 @@ class Doctor:
                                  "weight_decay": _float(group.get("weight_decay", 0.0)),
                                  "momentum": _float(group.get("momentum")) if "momentum" in group else None}
 
+    # TensorBoard -----------------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        """What was recorded since the last call, to the writer (host lists only: after a flush)."""
+        w, done = self.writer, self._written
+        steps = self.steps
+        for i in range(done["steps"], len(steps["loss"])):
+            for key in ("loss", "grad_norm"):
+                _scalar(w, f"doctor/{key}", steps[key][i], steps["step"][i])
+        done["steps"] = len(steps["loss"])
+        for kind, block, tags in (("layers", self.layers, {"grad_norm": "grad_norm",
+                                                            "update_to_weight": "update_to_weight"}),
+                                  ("relu", self.relu, {"dead_fraction": "dead_relu"}),
+                                  ("activations", self.activations, {"spread": "activation_spread"})):
+            for i in range(done[kind], len(block["steps"])):
+                for key, tag in tags.items():
+                    for name, value in zip(block["names"], block[key][i]):
+                        _scalar(w, f"doctor/{tag}/{name}", value, block["steps"][i])
+            done[kind] = len(block["steps"])
+        for row in self.epochs[done["epochs"]:]:
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                _scalar(w, f"doctor/epoch/{key}", row.get(key), self._step)
+        done["epochs"] = len(self.epochs)
+        if callable(getattr(w, "flush", None)):
+            w.flush()
+
     # moving to the host ----------------------------------------------------------------------------------
 
     def _flush(self, pending: bool = False) -> None:
@@ -619,6 +660,22 @@ class _TimedLoader:
                 return
             doctor.data_wait(time.perf_counter() - t0)
             yield batch
+
+
+def _scalar(writer, tag: str, value, step: int) -> None:
+    if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        writer.add_scalar(tag, value, step)
+
+
+def _findings_markdown(found) -> str:
+    """The findings as TensorBoard's text panel shows them (markdown)."""
+    if not found:
+        return "No findings."
+    parts = []
+    for f in found:
+        advice = "\n".join(f"{i}. {a}" for i, a in enumerate(f.advice, 1))
+        parts.append(f"**{f.severity}: {f.title}** (`{f.kind}`)\n\n{f.evidence}\n\n{advice}")
+    return "\n\n---\n\n".join(parts)
 
 
 def _cpu_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
