@@ -163,3 +163,24 @@ def default_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def join_torchrun(device):
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on a GPU, gloo on the CPU; a GPU rank takes
+    cuda:LOCAL_RANK); returns (device, rank, world size, whether it joined here and so must leave)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return device, 0, 1, False
+    joined = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        joined = True
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size(), joined

@@ -3,7 +3,10 @@
 With no arguments: the MNIST tutorial ConvNet on scikit-learn's digits (resized to 28x28, 20 % held out for
 validation), Adam at lr 1e-3 (5 % warm-up, then cosine), batch 64, 10 epochs, on the CPU: about 20 s on 2
 cores, start to finish. The record goes to ``./doctor-out/doctor.json`` and ``./doctor-out/report.html``, a
-summary to the terminal (progress bars while it trains, on a terminal).
+summary to the terminal (progress bars while it trains, on a terminal). Under ``torchrun`` (WORLD_SIZE > 1)
+every rank joins the process group (gloo on the CPU, NCCL on GPUs), trains its shard of the training set in
+DistributedDataParallel with its own Doctor (their records are combined), and rank 0 prints and writes; the LR
+range test runs on rank 0.
 
 Exit status: 0 after a run (whatever it found), 2 for a bad argument or a data set/model that cannot be set up
 (one line on stderr), 130 after Ctrl-C (the report of the epochs that finished is still written).
@@ -102,6 +105,7 @@ def _run(args, device) -> int:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from torch.utils.data import DataLoader, DistributedSampler
 
     from cnnperf._env import cpu_count
     from cnnperf.doctor import report as reports
@@ -115,25 +119,42 @@ def _run(args, device) -> int:
     clock = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    # Under torchrun every rank trains its shard of the data in DistributedDataParallel and runs a Doctor;
+    # their records are combined, and rank 0 prints and writes.
+    device, rank, world, joined = _cli.join_torchrun(device)
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer] if args.weight_decay is None else args.weight_decay
     out = Path(args.out).expanduser()
     try:  # everything that depends on the arguments, before any training
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise ValueError(f"--out {out} is not writable")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK):
+                raise ValueError(f"--out {out} is not writable")
         bundle = load_data(args.data, root=args.data_root, batch_size=args.batch_size, augment=args.augment,
                            seed=args.seed, download=args.download, num_workers=args.workers,
                            pin_memory=device.type == "cuda")
+        train_loader = bundle.train_loader
+        if world > 1:  # the same number of steps on every rank (drop_last), as DDP needs
+            train_loader = DataLoader(train_loader.dataset, batch_size=args.batch_size, drop_last=True,
+                                      sampler=DistributedSampler(train_loader.dataset, seed=args.seed),
+                                      num_workers=args.workers, persistent_workers=args.workers > 0,
+                                      pin_memory=device.type == "cuda")
         model = build_model(args.model, in_channels=bundle.in_channels, num_classes=bundle.num_classes,
                             image_size=bundle.image_size).to(device)
         optimizer = make_optimizer(args.optimizer, model.parameters(), lr=lr, weight_decay=weight_decay)
     except (DataError, ModelError, ValueError, OSError) as exc:
         print(f"cnnperf doctor: error: {exc}", file=sys.stderr)
+        if joined:
+            torch.distributed.destroy_process_group()
         return 2
+    plain = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     console = _terminal.make_console()
-    quiet = args.quiet
+    quiet = args.quiet or rank != 0
     show_progress = not quiet and console.is_terminal
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -142,8 +163,8 @@ def _run(args, device) -> int:
     if not quiet:
         console.print(f"cnnperf doctor: {args.model} ({parameters:,} parameters) on {args.data} "
                       f"({bundle.train_size:,} training / {bundle.val_size:,} validation images), {args.epochs} "
-                      f"epochs, {args.optimizer} lr {lr:g} ({args.schedule}), batch {args.batch_size}, {device}",
-                      highlight=False)
+                      f"epochs, {args.optimizer} lr {lr:g} ({args.schedule}), batch {args.batch_size}"
+                      f"{f' x {world} processes' if world > 1 else ''}, {device}", highlight=False)
 
     def on_epoch(row: dict) -> None:  # printed above the progress bars, or alone in a log
         if not quiet:
@@ -155,19 +176,24 @@ def _run(args, device) -> int:
     interrupted = False
     try:
         with progress:
-            if args.find_lr:  # on copies of the model and the optimizer, before training
-                finder = lr_range_test(model, optimizer, bundle.train_loader, device=device, progress=progress)
+            if args.find_lr:  # on copies of the model and the optimizer, before training (rank 0's, for all)
+                if rank == 0:
+                    finder = lr_range_test(plain, optimizer, bundle.train_loader, device=device, progress=progress)
+                if world > 1:
+                    box = [finder]
+                    torch.distributed.broadcast_object_list(box, src=0)
+                    finder = box[0]
                 if not quiet:
                     suggestion = ("none (the loss never fell)" if finder["suggested_lr"] is None else
                                   f"{finder['suggested_lr']:.3g} ({finder['method']})")
                     console.print(f"LR range test: suggested lr {suggestion}; this run trains at {lr:g}",
                                   highlight=False)
-            batches = len(bundle.train_loader)
+            batches = len(train_loader)
             if args.limit_batches is not None:
                 batches = min(batches, args.limit_batches)
             scheduler = make_scheduler(optimizer, args.schedule, args.epochs * batches)
             doctor = Doctor(model, sample_every=args.sample_every)
-            fit(model, bundle.train_loader, bundle.val_loader, optimizer, doctor, epochs=args.epochs, device=device,
+            fit(model, train_loader, bundle.val_loader, optimizer, doctor, epochs=args.epochs, device=device,
                 clip=args.clip, limit_batches=args.limit_batches, scheduler=scheduler,
                 progress=progress if show_progress else None, on_epoch=on_epoch, state=state)
     except KeyboardInterrupt:
@@ -198,8 +224,12 @@ def _run(args, device) -> int:
            "stop_reason": state.stop_reason, "limit_batches": args.limit_batches, "interface": "cli",
            "monitor": args.monitor}
     findings, record = doctor.report(run, metrics=metrics, lr_finder=finder)
+    if joined:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 130 if interrupted else 0
     paths = reports.write_reports(record, out, console=None if quiet else console)
-    if quiet:
+    if args.quiet:
         level, sentence = reports.verdict(record)
         print(f"cnnperf doctor: {sentence} ({paths['json']})")
     return 130 if interrupted else 0

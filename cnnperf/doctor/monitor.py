@@ -56,6 +56,7 @@ import datetime as _dt
 import functools
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
@@ -112,10 +113,17 @@ class Doctor:
     ``grad_norm/<parameter>``, ``update_to_weight/<parameter>``, ``dead_relu/<module>``,
     ``activation_spread/<module>``; per epoch: ``epoch/<metric>``), and :meth:`report` the findings as text
     (``doctor/findings``). The x axis is the training step.
+    ``process_group``: under torch.distributed (torchrun, DDP), the ranks whose records are combined (default:
+    the default group, when one is initialised). Every rank runs its own Doctor; the per-rank numbers are
+    combined where they are moved to the host (``end_epoch``, ``report``, ``save``: call them on every rank, at
+    the same points): losses, activation and input statistics and the epoch metrics given to ``end_epoch`` are
+    averaged over the ranks, waits and step times take the slowest rank's; gradient norms need nothing (DDP's
+    gradients are the same on every rank; FSDP2's sharded ones are all-reduced by :func:`cnnperf.grad_norms`).
+    So every rank gets the same findings; :meth:`save` writes on rank 0 only.
     """
 
     def __init__(self, model: nn.Module, *, sample_every: int = 10, track_updates: bool = True,
-                 watch_relu: bool = True, watch_inputs: bool = True, writer=None):
+                 watch_relu: bool = True, watch_inputs: bool = True, writer=None, process_group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Doctor: model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
@@ -143,6 +151,14 @@ class Doctor:
                             f"SummaryWriter), got {type(writer).__name__}")
         self.writer = writer
         self._written = {"steps": 0, "layers": 0, "relu": 0, "activations": 0, "epochs": 0}
+        dist = torch.distributed
+        self._group = process_group
+        on = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(process_group) if on else 1
+        self.rank = dist.get_rank(process_group) if on else 0
+        self._timed = 0  # steps whose data and step times are combined over the ranks
+        self._sharded = [_shard_group(p) is not None for p in self._params]  # FSDP2's DTensor parameters
+        self._shard_group = next((_shard_group(p) for p in self._params if _shard_group(p) is not None), None)
         self._started = _dt.datetime.now(_dt.timezone.utc)
         self._started_clock = time.perf_counter()
 
@@ -275,8 +291,8 @@ class Doctor:
         now = time.perf_counter()
         if self._sample is not None and self._snapshot is not None:
             with torch.no_grad():
-                delta = torch._foreach_sub([p.detach() for p in self._params], self._snapshot)
-                update = _norms(delta)
+                delta = torch._foreach_sub([_local(p.detach()) for p in self._params], self._snapshot)
+                update = self._param_norms(delta)
                 weight = self._sample["weight"]
                 self._sample["update_to_weight"] = torch.where(weight > 0, update / weight, math.nan)
             self._snapshot = None
@@ -313,6 +329,11 @@ class Doctor:
         row = {"epoch": epoch, "train_loss": _float(train_loss), "train_acc": _float(train_acc),
                "val_loss": _float(val_loss), "val_acc": _float(val_acc),
                "lr": _float(lr) if lr is not None else self._last_lr, "seconds": float(seconds)}
+        if self.world_size > 1:  # each rank's metrics of its shard: their mean (None stays None everywhere)
+            keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+            mean = self._reduce(torch.tensor([math.nan if row[k] is None else row[k] for k in keys]), "avg")
+            row.update({k: None if math.isnan(v) else v for k, v in zip(keys, mean.tolist())})
+            row["seconds"] = float(self._reduce(torch.tensor([row["seconds"]]), "max"))
         self.epochs.append(row)
         if self.writer is not None:
             self._write()
@@ -383,7 +404,8 @@ class Doctor:
             "augment": None, "seed": None, "started": self._started.isoformat(timespec="seconds"),
             "finished": now.isoformat(timespec="seconds"), "interrupted": False,
             "seconds": time.perf_counter() - self._started_clock, "parameters": facts["parameters"],
-            "train_size": None, "val_size": None, "interface": "api", "monitor": None, "versions": versions()}
+            "train_size": None, "val_size": None, "interface": "api", "monitor": None,
+            "world_size": self.world_size, "versions": versions()}
         info.update({k: v for k, v in facts.items() if k not in ("parameters", "lr", "optimizer")})
         info.update(dict(run or {}))
         if interrupted is not None:
@@ -404,11 +426,16 @@ class Doctor:
         each file replaced atomically, the JSON first) and return ``{"json": path, "html": path}``. ``run``,
         ``metrics``, ``lr_finder``: as for :meth:`report`. ``console``: a :class:`rich.console.Console` to print
         the terminal summary on (e.g. ``cnnperf._terminal.make_console()``); nothing is printed without one.
-        Call it at the end of training, or after each epoch to keep a report that survives a crash."""
+        Call it at the end of training, or after each epoch to keep a report that survives a crash. Under
+        torch.distributed call it on every rank (the records are combined first): rank 0 writes, the others
+        return the same paths without touching the files."""
         from cnnperf.doctor.report import write_reports
 
-        return write_reports(self.report(run, metrics=metrics, lr_finder=lr_finder).record, out_dir,
-                             console=console)
+        record = self.report(run, metrics=metrics, lr_finder=lr_finder).record
+        if self.rank != 0:
+            out = Path(out_dir)
+            return {"json": out / "doctor.json", "html": out / "report.html"}
+        return write_reports(record, out_dir, console=console)
 
     def close(self) -> None:
         """Remove every hook from the model and drop the weight snapshot. The doctor can still report."""
@@ -436,8 +463,8 @@ class Doctor:
         return (step - 1) % self.sample_every == 0
 
     def _sample_layers(self, step: int, per_param: torch.Tensor, has_grad: list[bool]) -> None:
-        weights = [p.detach() for p in self._params]
-        weight = _norms(weights)
+        weights = [_local(p.detach()) for p in self._params]  # a sharded parameter: this rank's shard
+        weight = self._param_norms(weights)
         if all(has_grad):
             grad = per_param.float()
         else:  # parameters without a gradient this step (frozen, unused) are NaN
@@ -575,6 +602,31 @@ class Doctor:
 
     # moving to the host ----------------------------------------------------------------------------------
 
+    def _param_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The norms of tensors shaped like the parameters (their local shards where they are sharded
+        DTensors, FSDP2): each shard's sum of squares is all-reduced over its shard group."""
+        norms = _norms(tensors)
+        if self._shard_group is None:
+            return norms
+        squares = norms.square()
+        mask = torch.tensor(self._sharded, device=squares.device)
+        summed = squares * mask
+        torch.distributed.all_reduce(summed, group=self._shard_group)
+        return torch.where(mask, summed.sqrt(), norms)
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """``t`` combined over the ranks ("avg" or "max"), on the host; ``t`` itself on one process. The
+        collective runs on the parameters' device (NCCL takes CUDA tensors only)."""
+        if self.world_size == 1:
+            return t.cpu()
+        dist = torch.distributed
+        x = t.detach().to(self._params[0].device, torch.float64 if t.dtype == torch.float64 else torch.float32)
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self._group)
+        if op == "avg":
+            x /= self.world_size
+        return x.cpu()
+
     def _flush(self, pending: bool = False) -> None:
         """Move every device-side buffer to the host lists (a few copies; the only synchronisation). The
         sampled step waiting for ``after_step`` stays on the device unless ``pending`` (then it has no update)."""
@@ -582,9 +634,14 @@ class Doctor:
             self._sample, self._snapshot = None, None
         if self._dev_loss:
             losses = [t if isinstance(t, torch.Tensor) else torch.tensor(t) for t in self._dev_loss]
-            self.steps["loss"].extend(_tolist(losses))
-            self.steps["grad_norm"].extend(_tolist(self._dev_total))
+            self.steps["loss"].extend(self._reduce(_stack(losses), "avg").tolist())
+            self.steps["grad_norm"].extend(_stack(self._dev_total).tolist())
             self._dev_loss, self._dev_total = [], []
+        if self.world_size > 1 and self._timed < len(self.steps["step"]):  # the slowest rank's times
+            for key in ("data_time", "step_time"):
+                new = self.steps[key][self._timed:]
+                self.steps[key][self._timed:] = self._reduce(torch.tensor(new, dtype=torch.float64), "max").tolist()
+            self._timed = len(self.steps["step"])
         done = [s for s in self._dev_samples if s is not self._sample]  # the pending one waits for after_step
         if done:
             self.layers["steps"].extend(s["step"] for s in done)
@@ -597,23 +654,24 @@ class Doctor:
             self._dev_samples = [s for s in self._dev_samples if s is self._sample]
         if self._dev_relu:
             self.relu["steps"].extend(s for s, _ in self._dev_relu)
-            self.relu["dead_fraction"].extend(torch.stack([v for _, v in self._dev_relu]).cpu().tolist())
+            self.relu["dead_fraction"].extend(self._reduce(torch.stack([v for _, v in self._dev_relu]), "avg").tolist())
             self._dev_relu = []
         if self._dev_acts:
             self.activations["steps"].extend(s for s, _ in self._dev_acts)
-            self.activations["spread"].extend(torch.stack([v for _, v in self._dev_acts]).cpu().tolist())
+            self.activations["spread"].extend(self._reduce(torch.stack([v for _, v in self._dev_acts]), "avg").tolist())
             self._dev_acts = []
         if self._dev_inputs:
             self.inputs["steps"].extend(s for s, _ in self._dev_inputs)
             for key, column in zip(("mean", "std", "min", "max"),
-                                   torch.stack([v for _, v in self._dev_inputs]).cpu().T.tolist()):
+                                   self._reduce(torch.stack([v for _, v in self._dev_inputs]), "avg").T.tolist()):
                 self.inputs[key].extend(column)
             self._dev_inputs = []
         if self._dev_loss_inputs:
             self.loss_inputs["steps"].extend(s for s, _, _ in self._dev_loss_inputs)
             self.loss_inputs["source"].extend(source for _, _, source in self._dev_loss_inputs)
             for key, column in zip(("min", "prob_rows"),
-                                   torch.stack([v for _, v, _ in self._dev_loss_inputs]).cpu().T.tolist()):
+                                   self._reduce(torch.stack([v for _, v, _ in self._dev_loss_inputs]),
+                                                "avg").T.tolist()):
                 self.loss_inputs[key].extend(column)
             self._dev_loss_inputs = []
 
@@ -660,6 +718,21 @@ class _TimedLoader:
                 return
             doctor.data_wait(time.perf_counter() - t0)
             yield batch
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return t.to_local() if callable(getattr(t, "to_local", None)) else t
+
+
+def _shard_group(p: torch.Tensor):
+    """The process group a DTensor parameter is sharded over (its first sharded mesh dimension); None for a
+    plain or replicated one."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return None
+    dims = [i for i, placement in enumerate(placements) if placement.is_shard()]
+    return p.device_mesh.get_group(dims[0]) if dims else None
 
 
 def _scalar(writer, tag: str, value, step: int) -> None:
@@ -715,8 +788,7 @@ def _float(x) -> float | None:
     return float(x)
 
 
-def _tolist(tensors: list[torch.Tensor]) -> list[float]:
-    if not tensors:
-        return []
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim (or 1-element) tensors as one float vector on the first one's device."""
     device = tensors[0].device
-    return torch.stack([t.to(device).float().reshape(()) for t in tensors]).cpu().tolist()
+    return torch.stack([t.to(device).float().reshape(()) for t in tensors])

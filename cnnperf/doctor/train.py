@@ -116,8 +116,11 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, o
     early when the loss is NaN/inf (checked on the doctor's sampled steps): nothing more can be learned.
     """
     state = FitState() if state is None else state
+    sampler = getattr(train_loader, "sampler", None)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
+        if callable(getattr(sampler, "set_epoch", None)):  # a DistributedSampler: a new shuffle each epoch
+            sampler.set_epoch(epoch)
         total = len(train_loader) if hasattr(train_loader, "__len__") else None
         if limit_batches is not None and total is not None:
             total = min(total, limit_batches)

@@ -128,24 +128,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _distributed(device):
-    """Join the torchrun process group when WORLD_SIZE > 1; returns (device, rank, world, joined_here)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return device, 0, 1, False
-    joined = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        joined = True
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size(), joined
-
-
 def _run(args) -> int:
     import functools
 
@@ -160,7 +142,7 @@ def _run(args) -> int:
 
     # Ctrl-C while loading the data or building the model leaves nothing to write: _cli.run exits 130; from
     # the first measurement on, profile() keeps what it measured (ProfileInterrupted below).
-    device, rank, world, joined = _distributed(args.device or _cli.default_device())
+    device, rank, world, joined = _cli.join_torchrun(args.device or _cli.default_device())
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]
     console = _terminal.make_console()
     quiet = args.quiet or rank != 0
