@@ -793,7 +793,8 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
               "(normalisation, channel order, resizing).",
               "Train on one small batch until its accuracy nears 100 %, then check that a held-out batch of the "
               "same data rises above chance too."]
-    return Finding("no_signal", "error", f"No signal: the validation accuracy stays at chance ({_pct(typical)})",
+    return Finding("no_signal", "error", f"No signal: validation accuracy {_pct(typical)}, no better than chance "
+                   f"({_pct(chance)})",
                    evidence, advice, {"val_acc_late_median": typical, "val_acc_last": last, "best_val_acc": best,
                                       "best_epoch": best_row["epoch"], "chance": chance, "ceiling": ceiling,
                                       "train_acc": max(train)})
