@@ -3,11 +3,9 @@ one tiny CNN (and, separately, an FSDP2-sharded one) on its own shard of the dat
 must get the same record (losses averaged over the ranks, waits the slowest rank's, gradient norms the global
 ones), and only rank 0 writes the report."""
 
-import datetime
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import WORLD, free_port, join
 from torch import nn
 
-WORLD = 2
 STEPS, EPOCHS = 6, 2
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -60,10 +58,8 @@ def _train(model, doctor, rank):
 
 
 def _worker(rank, port, out_dir, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("CNNPERF_BACKEND", "reference")
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    join(rank, port)
     try:
         from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel
@@ -90,17 +86,11 @@ def _worker(rank, port, out_dir, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("doctor") / "out"
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(out), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out), results), nprocs=WORLD, join=True)
     return [results[rank] for rank in range(WORLD)], out
 
 

@@ -106,20 +106,26 @@ def test_a_healthy_run_has_no_finding_and_a_complete_record(digits):
                                                                    h["layers"]["grad_to_weight"][0][0]), rel=1e-5)
 
 
-def test_save_writes_the_reports_from_a_users_loop(digits, tmp_path):
-    model = tiny_cnn()
+def _train_watched(doctor, model, loader, steps_per_epoch, epochs):
+    """A user's loop with the doctor's calls (no watch_loss_input), ``steps_per_epoch`` steps an epoch."""
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    with Doctor(model, sample_every=5) as doctor:
-        for i, (x, y) in enumerate(doctor.watch_loader(digits.train_loader)):
+    for _ in range(epochs):
+        for i, (x, y) in enumerate(doctor.watch_loader(loader)):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             doctor.after_backward(loss)
             opt.step()
             doctor.after_step(opt)
-            if i == 9:
+            if i + 1 == steps_per_epoch:
                 break
-        doctor.end_epoch(val_acc=0.5, val_loss=1.0)
+        doctor.end_epoch(val_acc=0.5)
+
+
+def test_save_writes_the_reports_from_a_users_loop(digits, tmp_path):
+    model = tiny_cnn()
+    with Doctor(model, sample_every=5) as doctor:
+        _train_watched(doctor, model, digits.train_loader, 10, 1)
         paths = doctor.save(tmp_path / "out", run={"data": "digits", "num_classes": 10})
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["doctor.json", "report.html"]
         record = json.loads(paths["json"].read_text())
@@ -133,18 +139,8 @@ def test_save_writes_the_reports_from_a_users_loop(digits, tmp_path):
 
 def test_a_softmax_output_is_caught_without_watch_loss_input(digits):
     model = nn.Sequential(tiny_cnn(), nn.Softmax(dim=1))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
     with Doctor(model, sample_every=2) as doctor:
-        for i, (x, y) in enumerate(doctor.watch_loader(digits.train_loader)):
-            loss = F.cross_entropy(model(x), y)  # no watch_loss_input call
-            opt.zero_grad()
-            loss.backward()
-            doctor.after_backward(loss)
-            opt.step()
-            doctor.after_step(opt)
-            if i == 9:
-                break
-        doctor.end_epoch()
+        _train_watched(doctor, model, digits.train_loader, 10, 1)  # no watch_loss_input call
         found, record = doctor.report()
     assert record["history"]["loss_inputs"]["source"] == ["model_output"] * 5
     f = next(f for f in found if f.kind == "softmax_before_cross_entropy")
@@ -528,21 +524,6 @@ def test_no_host_synchronisation_on_unsampled_steps():
 # ---------------------------------------------------------------------------------------------------------
 # TensorBoard
 # ---------------------------------------------------------------------------------------------------------
-
-def _train_watched(doctor, model, loader, steps_per_epoch, epochs):
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(epochs):
-        for i, (x, y) in enumerate(doctor.watch_loader(loader)):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            doctor.after_backward(loss)
-            opt.step()
-            doctor.after_step(opt)
-            if i + 1 == steps_per_epoch:
-                break
-        doctor.end_epoch(val_acc=0.5)
-
 
 class FakeWriter:
     def __init__(self):

@@ -2,17 +2,15 @@
 the unsharded ones, with FSDP2-style DTensor shards and with plain shards plus ``process_group=``, for every kind
 of order (p > 0, 0, negative, +-inf); with DTensor shards the total is a DTensor, as torch's clip returns."""
 
-import datetime
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import WORLD, free_port, join
 
-WORLD = 2
 # First dims not all divisible by 2: uneven shards; (1, 3) leaves rank 1 an empty shard, whose partial must be
 # the reduce's identity (an error there would leave rank 0 waiting in the all-reduce).
 SIZES = [(6, 5), (7,), (3, 3, 2), (10, 4), (1, 3)]
@@ -29,8 +27,7 @@ NORM_TYPES = {"triton": (2.0, math.inf),  # the kernels' orders; the others take
 
 
 def _worker(rank, port, backend_name, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CNNPERF_BACKEND=backend_name)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    join(rank, port, CNNPERF_BACKEND=backend_name)
     try:
         for mode in MODES:
             for norm_type in NORM_TYPES[backend_name]:
@@ -97,12 +94,6 @@ def _case(rank, mode, norm_type):
             torch_kind)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS = {}
 
 
@@ -111,7 +102,7 @@ def _run(backend_name):
     if backend_name not in _RESULTS:
         manager = mp.Manager()
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), backend_name, results), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), backend_name, results), nprocs=WORLD, join=True)
         _RESULTS[backend_name] = dict(results)
     return _RESULTS[backend_name]
 

@@ -3,11 +3,9 @@ DistributedDataParallel copy of one tiny CNN. Every rank must take the same path
 recommendation, the slowest rank's times), the record must carry the per-rank medians, and the user's DDP model
 must come out untouched. Then ``cnnperf profile`` under torchrun: all ranks measure, rank 0 writes one report."""
 
-import datetime
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,9 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import WORLD, free_port, join
 from torch import nn
-
-WORLD = 2
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -39,11 +36,8 @@ def _sgd(params):
 
 
 def _worker(rank, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("CNNPERF_BACKEND", "reference")
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    # A rank that dies makes mp.spawn end the other; the timeout bounds any collective that waits for it anyway.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    join(rank, port)
     try:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -70,17 +64,11 @@ def _worker(rank, port, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank():
     """Each rank's results, from one pair of processes for the whole module (starting them is the slow part)."""
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     return [results[rank] for rank in range(WORLD)]
 
 
