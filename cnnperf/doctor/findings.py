@@ -849,8 +849,8 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
                       "match the images, or a loss that does not see this model's outputs.")
     if run.get("saturating_activations"):
         advice.append("Replace sigmoid/tanh activations by ReLU.")
-    if not still:
-        near = off is not None and off < UNDERFIT_LR_OFF
+    if not still and (off is None or off < UNDERFIT_LR_OFF):  # (an lr far off is the likelier cause)
+        near = off is not None
         advice.append("Use a bigger model (more channels or layers): the training loss has levelled off"
                       + (" at a learning rate near the range test's suggestion." if near else "."))
     wd = _finite(run.get("weight_decay"))
