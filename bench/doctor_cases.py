@@ -358,7 +358,8 @@ def verdict(case: Case, record: dict) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/doctor_cases.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=None, help="comma list of case names or groups (issue, held_out, healthy)")
+    p.add_argument("--cases", default=None,
+                   help="comma list of case names or groups (issue, held_out, held_out_2, healthy)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record here")
     args = p.parse_args(argv)
     wanted = None if args.cases is None else set(args.cases.split(","))
@@ -366,7 +367,6 @@ def main(argv=None) -> int:
     unknown = (wanted or set()) - {c.name for c in CASES} - {c.group for c in CASES}
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; the cases: {', '.join(c.name for c in CASES)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = load_data("digits", batch_size=64, image_size=SIDE, seed=0)
     console = _terminal.make_console()
     record = {**_env.record_header("bench/doctor_cases.py", torch.device("cpu"), sys.argv[1:] if argv is None
