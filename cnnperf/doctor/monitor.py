@@ -180,7 +180,7 @@ class Doctor:
         self._armed = False
         self._capturing = False  # inside the first training-mode forward after arming
         self._captured = False
-        self._act_acc: dict[int, list] = {}
+        self._act_acc: dict[int, dict] = {}  # per activation module: the hooks' device-side sums
         self._input_stats: torch.Tensor | None = None
         self._loss_input_stats: torch.Tensor | None = None
         self._output_stats: torch.Tensor | None = None  # the model's output on a sampled step
