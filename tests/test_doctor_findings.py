@@ -216,6 +216,9 @@ def test_underfitting_advice_follows_the_lr_range_test_and_the_regularisers_that
     assert "The LR range test suggested 0.0546, 109x above the learning rate used (0.0005)." in f.evidence
     assert not any("Run the LR range test" in a for a in f.advice)  # it ran
     assert not any(a.startswith("Use a bigger model") for a in f.advice)  # the lr far off is the likelier cause
+    assert not any("regularisation" in a for a in F.detect_underfitting(h, dict(run, weight_decay=5e-4)).advice)
+    cli = F.detect_underfitting(h, dict(run, interface="cli"))
+    assert cli.advice[0] == "Use the LR range test's suggestion: --lr 0.0546 (now 0.0005)."
     assert not any("regularisation" in a for a in f.advice)  # none is on
     near = F.detect_underfitting(h, dict(run, lr=0.03, dropout=True, weight_decay=5e-4))
     assert not any(a.startswith("Use the LR range test's suggestion") for a in near.advice)

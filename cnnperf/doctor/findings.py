@@ -836,7 +836,8 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
     if off is not None and off >= UNDERFIT_LR_OFF:
         sentences.append(f"The LR range test suggested {_g(suggested)}, {_g(off)}x "
                          f"{'above' if suggested > lr else 'below'} the learning rate used ({_g(lr)}).")
-        advice.append(f"Use the LR range test's suggestion: learning rate {_g(suggested)} (now {_g(lr)}).")
+        how = f"--lr {_g(suggested)}" if _cli(run) else f"learning rate {_g(suggested)}"
+        advice.append(f"Use the LR range test's suggestion: {how} (now {_g(lr)}).")
     if still or len(epochs) == 1:
         last_drop = f" ({_pct((prev - t_last) / prev)} in the last epoch)" if still else ""
         advice.append(f"Train longer{_epochs(run, None)}: the training loss was still falling{last_drop}.")
@@ -849,14 +850,16 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
                       "match the images, or a loss that does not see this model's outputs.")
     if run.get("saturating_activations"):
         advice.append("Replace sigmoid/tanh activations by ReLU.")
-    if not still and (off is None or off < UNDERFIT_LR_OFF):  # (an lr far off is the likelier cause)
+    # An lr 3x or more from the range test's suggestion is the likelier cause: no capacity or regularisation
+    # advice then.
+    if not still and (off is None or off < UNDERFIT_LR_OFF):
         near = off is not None
         advice.append("Use a bigger model (more channels or layers): the training loss has levelled off"
                       + (" at a learning rate near the range test's suggestion." if near else "."))
     wd = _finite(run.get("weight_decay"))
     on = ([f"weight decay {_g(wd)}"] if wd else []) + (["dropout"] if run.get("dropout") else []) \
         + (["augmentation"] if run.get("augment") else [])
-    if on:
+    if on and (off is None or off < UNDERFIT_LR_OFF):
         advice.append(f"Lower the regularisation: {', '.join(on)}.")
     return Finding("underfitting", "warning",
                    f"Underfitting: {_pct(train_acc)} training accuracy" if train_acc is not None else
