@@ -8,6 +8,7 @@
   while it is too wide, and each row's note is a last column where there is room, else a line under the table
   cut to the width; on a log console every column stays and no note is cut.
 - :func:`one_line`: a note as one line (whitespace collapsed), cut with an ellipsis where a limit is given.
+- :func:`natural_width`: the columns a renderable (a table) takes when nothing limits it.
 
 No torch: the report modules use it without importing torch.
 """
@@ -44,6 +45,14 @@ def one_line(x: Any, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[:max(limit - 1, 0)].rstrip() + "…"
 
 
+def natural_width(console, renderable) -> int:
+    """The columns ``renderable`` takes on ``console`` when nothing limits it (the console's width would clamp
+    the measurement)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(width=10_000), renderable).maximum
+
+
 def print_table(console, heads: Sequence[tuple[str, str]], rows: Sequence[tuple[Sequence, str | None]],
                 notes: Sequence[tuple[str, str, str]] | None = None, *, optional: Sequence[str] = (),
                 drop_for_notes: int = 0, note_min: int = 24, title: str | None = None) -> None:
@@ -59,7 +68,6 @@ def print_table(console, heads: Sequence[tuple[str, str]], rows: Sequence[tuple[
     table. ``title`` is a line above the table, wrapped like any text.
     """
     from rich import box
-    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -83,9 +91,6 @@ def print_table(console, heads: Sequence[tuple[str, str]], rows: Sequence[tuple[
             table.add_row(*[cells[i] for i in keep], *extra, style=style)
         return table
 
-    def width(table: Table) -> int:  # measured without the console's limit, which would clamp it
-        return Measurement.get(console, console.options.update(width=10_000), table).maximum
-
     if title:
         console.print(title)
     keep = list(range(len(heads)))
@@ -98,13 +103,13 @@ def print_table(console, heads: Sequence[tuple[str, str]], rows: Sequence[tuple[
         for name in (None, *optional[:drop_for_notes]):  # a note column, at the cost of the first optional ones?
             if name is not None:
                 keep.remove(names.index(name))
-            room = console.width - width(build(keep, 1)) + 1
+            room = console.width - natural_width(console, build(keep, 1)) + 1
             if room >= min(wanted, note_min):
                 console.print(build(keep, min(room, NOTE_CHARS)))
                 return
         keep = list(range(len(heads)))
     for name in optional if not log else ():  # the notes go under the table, which keeps what fits
-        if width(build(keep, None)) <= console.width:
+        if natural_width(console, build(keep, None)) <= console.width:
             break
         keep.remove(names.index(name))
     console.print(build(keep, None))

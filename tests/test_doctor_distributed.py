@@ -6,8 +6,6 @@ ones), and only rank 0 writes the report."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from gloo import WORLD, free_port, join
+from gloo import WORLD, free_port, join, torchrun_cnnperf
 from torch import nn
 
 STEPS, EPOCHS = 6, 2
@@ -137,14 +135,8 @@ def test_fsdp2_gradient_norms_are_the_global_ones(per_rank):
 @pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun is not available")
 def test_cnnperf_doctor_under_torchrun(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("CNNPERF_BACKEND", "reference")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                           "--standalone", "-m", "cnnperf", "doctor", "--data", "fake", "--epochs", "2",
-                           "--batch-size", "16", "--limit-batches", "4", "--sample-every", "2", "--find-lr",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    proc = torchrun_cnnperf("doctor", "--data", "fake", "--epochs", "2", "--batch-size", "16", "--limit-batches",
+                            "4", "--sample-every", "2", "--find-lr", "--out", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["doctor.json", "report.html"]
     assert proc.stdout.count("doctor.json") == 1 and "x 2 processes" in proc.stdout  # rank 0 alone speaks
     record = json.loads((out / "doctor.json").read_text())

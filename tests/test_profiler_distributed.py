@@ -6,14 +6,12 @@ must come out untouched. Then ``cnnperf profile`` under torchrun: all ranks meas
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from gloo import WORLD, free_port, join
+from gloo import WORLD, free_port, join, torchrun_cnnperf
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -123,15 +121,9 @@ def test_auto_batch_sizes_is_no_sweep_under_ddp(per_rank):
 @pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun is not available")
 def test_cnnperf_profile_under_torchrun(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("CNNPERF_BACKEND", "reference")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                           "--standalone", "-m", "cnnperf", "profile", "--model", "convnet", "--data", "fake",
-                           "--batch-size", "16", "--steps", "3", "--warmup", "1", "--variants", "channels_last",
-                           "--batch-sizes", "none", "--budget", "60", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    proc = torchrun_cnnperf("profile", "--model", "convnet", "--data", "fake", "--batch-size", "16", "--steps",
+                            "3", "--warmup", "1", "--variants", "channels_last", "--batch-sizes", "none",
+                            "--budget", "60", "--out", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["profile.json", "report.html"]  # no stray temporary files
     assert proc.stdout.count("profile.json") == 1, proc.stdout  # rank 0 alone writes (and says so)
 

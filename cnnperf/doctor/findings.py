@@ -236,15 +236,15 @@ def _better(key: str, a: float, b: float) -> bool:
     return a > b if key == "val_acc" else a < b
 
 
-def chance_level(run: Mapping, val_size: Any = None) -> tuple[float, float] | None:
+def chance_level(run: Mapping) -> tuple[float, float] | None:
     """(chance accuracy, the highest validation accuracy still within noise of it) for ``run``'s class count:
-    chance + :data:`NO_SIGNAL_SIGMAS` standard errors of a chance-level classifier on ``val_size`` images (at
-    least :data:`NO_SIGNAL_MIN_MARGIN` above chance); None without a class count."""
+    chance + :data:`NO_SIGNAL_SIGMAS` standard errors of a chance-level classifier on ``run["val_size"]``
+    images (at least :data:`NO_SIGNAL_MIN_MARGIN` above chance); None without a class count."""
     classes = _finite(run.get("num_classes"))
     if not classes or classes < 2:
         return None
     chance = 1 / classes
-    n = _finite(val_size if val_size is not None else run.get("val_size"))
+    n = _finite(run.get("val_size"))
     noise = NO_SIGNAL_SIGMAS * math.sqrt(chance * (1 - chance) / n) if n and n > 0 else 0.0
     return chance, chance + max(noise, NO_SIGNAL_MIN_MARGIN)
 
@@ -832,8 +832,9 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
     still = prev is not None and t_last is not None and prev > 0 and (prev - t_last) / prev >= STILL_LEARNING_DROP
     lr, suggested = _finite(run.get("lr")), _suggested_lr(run)
     off = max(lr / suggested, suggested / lr) if lr and suggested else None
+    lr_far = off is not None and off >= UNDERFIT_LR_OFF  # then the likelier cause: no capacity or regularisation
     advice = []
-    if off is not None and off >= UNDERFIT_LR_OFF:
+    if lr_far:
         sentences.append(f"The LR range test suggested {_g(suggested)}, {_g(off)}x "
                          f"{'above' if suggested > lr else 'below'} the learning rate used ({_g(lr)}).")
         how = f"--lr {_g(suggested)}" if _cli(run) else f"learning rate {_g(suggested)}"
@@ -850,16 +851,13 @@ def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
                       "match the images, or a loss that does not see this model's outputs.")
     if run.get("saturating_activations"):
         advice.append("Replace sigmoid/tanh activations by ReLU.")
-    # An lr 3x or more from the range test's suggestion is the likelier cause: no capacity or regularisation
-    # advice then.
-    if not still and (off is None or off < UNDERFIT_LR_OFF):
-        near = off is not None
+    if not still and not lr_far:
         advice.append("Use a bigger model (more channels or layers): the training loss has levelled off"
-                      + (" at a learning rate near the range test's suggestion." if near else "."))
+                      + (" at a learning rate near the range test's suggestion." if off is not None else "."))
     wd = _finite(run.get("weight_decay"))
     on = ([f"weight decay {_g(wd)}"] if wd else []) + (["dropout"] if run.get("dropout") else []) \
         + (["augmentation"] if run.get("augment") else [])
-    if on and (off is None or off < UNDERFIT_LR_OFF):
+    if on and not lr_far:
         advice.append(f"Lower the regularisation: {', '.join(on)}.")
     return Finding("underfitting", "warning",
                    f"Underfitting: {_pct(train_acc)} training accuracy" if train_acc is not None else

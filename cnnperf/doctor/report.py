@@ -34,7 +34,7 @@ from cnnperf._format import (
     text as _text,
 )
 from cnnperf._io import jsonable, write_json_atomic, write_text_atomic
-from cnnperf._terminal import print_table as _print_table
+from cnnperf._terminal import natural_width as _natural_width, print_table as _print_table
 from cnnperf.doctor import findings as _detectors
 from cnnperf.reporting import (
     CSS as _CSS,
@@ -126,7 +126,6 @@ def verdict(record: Mapping) -> tuple[str, str]:
 def render_terminal(record: Mapping, console) -> None:
     """Print the summary of ``record`` (a doctor.json dict) to ``console`` (a :class:`rich.console.Console`)."""
     from rich import box
-    from rich.measure import Measurement
     from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
@@ -201,8 +200,7 @@ def render_terminal(record: Mapping, console) -> None:
                     style = "bold green" if i == j else ("red" if _num(count) > 0 else "dim")
                     cells.append(Text(_fmt(count, ".0f"), style))
                 table.add_row(Text(str(i) if classes[i] == str(i) else f"{i} {classes[i]}"), *cells)
-            wide = Measurement.get(console, console.options.update(width=10_000), table).maximum
-            if wide > console.width:
+            if _natural_width(console, table) > console.width:
                 table = None
         if table is not None:
             console.print("Confusion matrix (rows: true class, columns: predicted class):")

@@ -720,10 +720,9 @@ def _html_variants(record: Mapping) -> list[str]:
     rows = [([c for i, c in enumerate(cells) if i not in empty], *rest) for cells, *rest in rows]
     left_out = ", ".join(h for h, cls in heads if "opt" in cls)
     out = _html_table(heads, rows, narrow_note=f"In a window this narrow, these columns are left out: {left_out}.")
-    out.append('<p class="note">◀ the recommendation; variants with a "+" combine options. A check cell shows '
-               "its errors and tolerances when the pointer rests on it.</p>" if chosen is not None else
-               '<p class="note">Variants with a "+" combine options. A check cell shows its errors and tolerances '
-               "when the pointer rests on it.</p>")
+    legend = (("◀ the recommendation; variants" if chosen is not None else "Variants") + ' with a "+" combine '
+              "options. A check cell shows its errors and tolerances when the pointer rests on it.")
+    out.append(f'<p class="note">{_e(legend)}</p>')
     failed_checks = [(v, v.get("check")) for v in variants if _check(v, baseline)[1] is False]
     for v, check in failed_checks:
         out.append(f'<p class="note">{_e(v.get("name"))}: numerical check failed, {_e(_check_detail(check))}.</p>')
