@@ -30,16 +30,13 @@ import threading
 from typing import Iterator
 
 import torch
-import torch.autograd.forward_ad as forward_ad
-import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format  # ATen's Tensor.suggest_memory_format, in Python
 
 from cnnperf import backend, perf_model, reference
 from cnnperf.ops import conv_config_cache
+from cnnperf.ops.conv_args import conv_arguments, functorch_active, has_tangent, memory_format, torch_format
 from cnnperf.perf_model import output_hw
 
 OP = "conv2d_bias_relu"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 _GRID_AXIS1_MAX = 65535  # CUDA's limit on a grid's y dimension: the kernels put groups (x stride phases) there
@@ -59,19 +56,8 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias (C_out,).
     Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last memory on CUDA.
     """
-    _check_tensors(input, weight, bias)
-    groups = _check_groups(groups, input, weight)
-    stride = _pair("stride", stride, minimum=1)
-    dilation = _pair("dilation", dilation, minimum=1)
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-
-    if isinstance(padding, str):
-        input, padding = _string_padding(padding, input, weight, stride, dilation)
-    else:
-        padding = _pair("padding", padding, minimum=0)
-    _check_output_size(input, weight, stride, padding, dilation)
+    input, stride, padding, dilation, groups, unbatched = conv_arguments(OP, input, weight, bias, stride, padding,
+                                                                         dilation, groups)
 
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
@@ -79,7 +65,7 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    if input.numel() == 0 or weight.numel() == 0 or _has_tangent(input, weight, bias) or _functorch_active():
+    if input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias) or functorch_active():
         # Nothing to compute, and torch has its own rules for such shapes (zero input channels give zero output
         # channels; zero output channels are an error); or forward-mode AD or a torch.func transform (grad,
         # jacrev, vmap, ...), which the custom op has no formulas for: torch's ops, with their autograd, decide.
@@ -87,118 +73,6 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     else:
         out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
-
-
-def _has_tangent(*tensors) -> bool:
-    """Whether forward-mode AD is active and any of ``tensors`` carries a tangent (a dual tensor)."""
-    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level is open: the common case, checked cheaply
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, hessian, vmap, jvp) is tracing this call."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
-def _check_tensors(input, weight, bias):
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if input.dim() not in (3, 4):
-        raise ValueError(f"{OP}: input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"{OP}: weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(weight.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(bias.shape)}")
-    tensors = [("input", input), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    for name, t in tensors:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{OP}: {name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
-                            f"got {t.dtype} with shape {tuple(t.shape)}")
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} {tuple(t.shape)} on {t.device}" for name, t in tensors)
-        raise RuntimeError(f"{OP}: all tensors must be on one device; got {where}")
-    if not torch.is_autocast_enabled(input.device.type):
-        dtypes = {t.dtype for _, t in tensors}
-        if len(dtypes) > 1:
-            what = ", ".join(f"{name} {t.dtype} {tuple(t.shape)}" for name, t in tensors)
-            raise TypeError(f"{OP}: input, weight and bias must have one dtype; got {what}")
-
-
-def _check_groups(groups, input, weight) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{OP}: groups must be a positive int, got {groups!r}")
-    c_in = input.shape[-3]
-    c_out, c_in_g = weight.shape[0], weight.shape[1]
-    if c_in != c_in_g * groups:
-        raise ValueError(f"{OP}: input has {c_in} channels (shape {tuple(input.shape)}) but weight "
-                         f"{tuple(weight.shape)} with groups={groups} expects {c_in_g * groups}")
-    if c_out % groups:
-        raise ValueError(f"{OP}: weight has {c_out} output channels (shape {tuple(weight.shape)}), "
-                         f"not divisible by groups={groups}")
-    return groups
-
-
-def _pair(name: str, value, minimum: int) -> list[int]:
-    if isinstance(value, torch.Size):
-        value = tuple(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 1:
-        value = (value[0], value[0])
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ValueError(f"{OP}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{OP}: {name} must be >= {minimum}, got {tuple(value)}")
-    return [int(value[0]), int(value[1])]
-
-
-def _string_padding(padding: str, input, weight, stride, dilation):
-    """'valid' is no padding; 'same' pads so that OH == H (stride 1 only), asymmetric as torch does it."""
-    if padding == "valid":
-        return input, [0, 0]
-    if padding != "same":
-        raise ValueError(f"{OP}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
-    if stride != [1, 1]:
-        raise ValueError(f"{OP}: padding='same' is not supported for strided convolutions (stride={tuple(stride)})")
-    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-    symmetric = [t // 2 for t in totals]
-    extra = [t % 2 for t in totals]
-    if any(extra):
-        # Odd total padding: torch puts the extra row/column at the bottom/right. Pad it explicitly.
-        input = F.pad(input, (0, extra[1], 0, extra[0]))
-    return input, symmetric
-
-
-def _check_output_size(input, weight, stride, padding, dilation):
-    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"{OP}: output would be empty ({oh}x{ow}): input {tuple(input.shape)}, weight "
-                         f"{tuple(weight.shape)}, stride={tuple(stride)}, padding={tuple(padding)}, "
-                         f"dilation={tuple(dilation)}")
-
-
-def _torch_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """torch's rule for a convolution's results (ATen's mkldnn/thnn/cudnn ``*_use_channels_last``):
-    channels_last when the input's or the weight's strides suggest it."""
-    if any(suggest_memory_format(t) == torch.channels_last for t in (input, weight)):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The memory format of the output and of the input's gradient: channels_last on CUDA, always (the kernels
-    write NHWC; a contiguous result would cost a copy); on the CPU :func:`_torch_format`, so that the fused op
-    returns what ``relu(conv2d(...))`` returns. (The weight's gradient follows :func:`_torch_format` on every
-    device: a parameter's ``.grad`` takes the parameter's own layout in any case.)"""
-    return torch.channels_last if input.device.type == "cuda" else _torch_format(input, weight)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +96,7 @@ def _unsupported(input, weight, output_numel: int, groups: int = 1, stride=(1, 1
 def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    fmt = _memory_format(input, weight)
+    fmt = memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
@@ -247,7 +121,7 @@ def _reference_forward(input, weight, bias, stride, padding, dilation, groups, f
 def _(input, weight, bias, stride, padding, dilation, groups):
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
-    return out.contiguous(memory_format=_memory_format(input, weight))
+    return out.contiguous(memory_format=memory_format(input, weight))
 
 
 @torch.library.custom_op("cnnperf::conv2d_bias_relu_backward", mutates_args=())
@@ -273,8 +147,8 @@ def _backward_results(grads, input, weight, output_mask):
     """The three gradients as the custom op returns them: one tensor each, an empty one (its own: outputs of a
     custom op may not alias each other) for a gradient not asked for."""
     gi, gw, gb = grads
-    gi = gi.contiguous(memory_format=_memory_format(input, weight)) if output_mask[0] else input.new_empty((0,))
-    gw = gw.contiguous(memory_format=_torch_format(input, weight)) if output_mask[1] else input.new_empty((0,))
+    gi = gi.contiguous(memory_format=memory_format(input, weight)) if output_mask[0] else input.new_empty((0,))
+    gw = gw.contiguous(memory_format=torch_format(input, weight)) if output_mask[1] else input.new_empty((0,))
     gb = gb.contiguous() if output_mask[2] else input.new_empty((0,))
     return gi, gw, gb
 
@@ -677,7 +551,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device)
         # The slices' sum, cast and laid out as the custom op returns it (_backward_results), in one pass.
         grad_weight = torch.empty(weight.shape, device=g.device, dtype=weight.dtype,
-                                  memory_format=_torch_format(input, weight))
+                                  memory_format=torch_format(input, weight))
         _split_k_sum(partial_w, partial_w, grad_weight, c_out, kh * kw * c_in_g, False, relu=False,
                      weight_layout=(c_in_g, kw, *grad_weight.stride()))
         if bias_grad:
