@@ -103,6 +103,8 @@ class KernelAudit:
     - ``divisible_by_16``: int arguments a typical launch passes as multiples of 16 (see the module docstring).
     - ``tensor_cores``: the kernel calls ``tl.dot``: a row without any tensor-core instruction is a problem.
     - ``arch_constexprs``: arch -> constexprs that the launcher sets per architecture (``MASK_Y``).
+    - ``variant``: names a second entry of the same kernel with other constexprs (``STATS``); it is appended
+      to the rows' config labels.
     """
     module: str
     kernel: str
@@ -113,6 +115,7 @@ class KernelAudit:
     divisible_by_16: Sequence[str] = ()
     tensor_cores: bool = False
     arch_constexprs: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    variant: str = ""
 
 
 def _by_width(list_16: str, list_32: str) -> dict[str, str]:
@@ -129,6 +132,7 @@ _MASK_BY_ARCH = {arch: dict.fromkeys(("MASK_Y", "BIAS_GRAD"), arch >= pm.MASK_IN
 _CONV_CHANNELS = ("C_in", "C_out", "C_in_g", "C_out_g")
 _NHWC_STRIDES = ("sxn", "sxh", "sxw")
 _GRAD_NORM = "cnnperf.kernels.grad_norm"
+_BN = "cnnperf.kernels.batch_norm_relu"
 
 
 def _types(triton_type: str, *names: str) -> dict[str, str]:
@@ -146,9 +150,15 @@ _GRAD_TABLE = _types("*i64", "addr_ptr", "numel_ptr", "meta_ptr", "chunk_tensor_
 KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
                 constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
-                            "SPLIT_K": 1},
-                dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32"},
+                            "SPLIT_K": 1, "STATS": False},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
+    # The forward of FusedConv2dBatchNormReLU: z and its per-tile BatchNorm statistics in the epilogue, no ReLU.
+    KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
+                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
+                            "SPLIT_K": 1, "STATS": True},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
+                divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, variant="STATS"),
     KernelAudit(_CONV, "_relu_mask_bias_grad_kernel",
                 {"float16": "MASK_CONFIG", "bfloat16": "MASK_CONFIG", "float32": "MASK_CONFIG"},
                 constexprs={"COMPUTE_BIAS": True}, arg_types={"partial_ptr": "*fp32"},
@@ -166,6 +176,12 @@ KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
                 constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False}, arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=("C", "s_r")),
+    KernelAudit(_BN, "_batch_norm_relu_kernel", _by_width("CONFIG", "CONFIG"), arg_types={"chan_ptr": "*fp32"},
+                divisible_by_16=("C",)),
+    KernelAudit(_BN, "_batch_norm_relu_grad_sums_kernel", _by_width("CONFIG", "CONFIG"),
+                arg_types={"chan_ptr": "*fp32", "partial_ptr": "*fp32"}, divisible_by_16=("C", "sgn", "sgp")),
+    KernelAudit(_BN, "_batch_norm_relu_grad_kernel", _by_width("CONFIG", "CONFIG"), arg_types={"chan_ptr": "*fp32"},
+                divisible_by_16=("C", "sgn", "sgp")),
     KernelAudit(_GRAD_NORM, "_grad_norm_partial_kernel", {ANY_DTYPE: _grad_norm_chunk_config},
                 constexprs={"NORM_INF": False}, arg_types={**_GRAD_TABLE, "partial_ptr": "*fp32"}),
     KernelAudit(_GRAD_NORM, "_grad_norm_reduce_kernel", {ANY_DTYPE: lambda k: {"BLOCK_C": k.REDUCE_BLOCK_C}},
@@ -279,7 +295,7 @@ def plan(kernels: Sequence[KernelAudit] = KERNELS, archs: Sequence[int] = tuple(
             if dtypes is not None and dtype not in dtypes and dtype != ANY_DTYPE:
                 continue
             for params, options in _normalize_configs(resolve_configs(entry.module, configs)):
-                label = config_label(params, options)
+                label = config_label(params, options) + (f" {entry.variant}" if entry.variant else "")
                 if config_filter and config_filter not in label:
                     continue
                 constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params}

@@ -1,4 +1,6 @@
-"""``fuse(model)``: each ``Conv2d -> ReLU`` of a model becomes one :class:`cnnperf.nn.FusedConv2dBiasReLU`.
+"""``fuse(model)``: each ``Conv2d -> ReLU`` of a model becomes one :class:`cnnperf.nn.FusedConv2dBiasReLU`, each
+``Conv2d -> BatchNorm2d -> ReLU`` one :class:`cnnperf.nn.FusedConv2dBatchNormReLU` (training) or a
+``FusedConv2dBiasReLU`` with the BatchNorm folded in (eval).
 
 Two ways of finding the pattern, tried from the model down:
 
@@ -11,9 +13,12 @@ Two ways of finding the pattern, tried from the model down:
   submodules it calls, so the ``state_dict`` keys stay the same. A module that cannot be traced is left as it
   is and its children are fused one by one.
 
-In eval mode ``Conv2d -> BatchNorm2d -> ReLU`` is fused too, with the BatchNorm folded into the conv's weight
-and bias. A ``Conv2d -> BatchNorm2d`` without a ReLU after it is left as it is (folding it would not give a
-fused layer; :func:`torch.fx.experimental.optimization.fuse` does that).
+``Conv2d -> BatchNorm2d -> ReLU``: in training mode the conv becomes a ``FusedConv2dBatchNormReLU`` and the
+BatchNorm2d a :class:`cnnperf.nn.BatchNorm2dInFusedConv` sharing its parameters and running statistics (so the
+``state_dict`` keeps its keys; the ReLU becomes ``nn.Identity`` or leaves the graph); in eval mode the BatchNorm
+is folded into the conv's weight and bias for good. A ``Conv2d -> BatchNorm2d`` without a ReLU after it (a
+ResNet block's last conv, whose ReLU comes after the residual add) and ``SyncBatchNorm`` are left as they are,
+with the reason in the report.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from cnnperf.nn import FusedConv2dBiasReLU
+from cnnperf.nn import BatchNorm2dInFusedConv, FusedConv2dBatchNormReLU, FusedConv2dBiasReLU
 
 __all__ = ["fuse", "FuseReport", "REPORT_ATTRIBUTE"]
 
@@ -49,20 +54,24 @@ _HOOK_STATE = _HOOK_DICTS + ("_is_full_backward_hook", "_forward_hooks_with_kwar
 class FuseReport:
     """What :func:`fuse` did. Names are qualified module names in the input model (``""`` is the model itself).
 
-    fused: the convs that are now ``FusedConv2dBiasReLU`` layers (under the same name in the returned model).
-    folded_bn: the BatchNorm2d layers folded into them (gone from the returned model).
+    fused: the convs that are now fused layers (under the same name in the returned model).
+    folded_bn: the BatchNorm2d layers folded into them (eval mode; gone from the returned model).
+    batch_norm: the BatchNorm2d layers that fused layers compute (training mode; a ``BatchNorm2dInFusedConv``
+        in their place holds their state).
     skipped: ``(name, reason)`` for each ``nn.Conv2d`` left as it is.
     untraced: ``(name, error)`` for each module ``torch.fx`` could not trace (its children were fused instead).
     """
 
     fused: list[str] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
+    batch_norm: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     untraced: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"cnnperf.fuse: {len(self.fused)} Conv2d+ReLU fused ({len(self.folded_bn)} with BatchNorm2d "
-                 f"folded), {len(self.skipped)} Conv2d left as they are"]
+        lines = [f"cnnperf.fuse: {len(self.fused)} Conv2d+ReLU fused ({len(self.batch_norm)} with BatchNorm2d in "
+                 f"training mode, {len(self.folded_bn)} with BatchNorm2d folded), {len(self.skipped)} Conv2d left "
+                 f"as they are"]
         lines += [f"  fused     {name}" for name in self.fused]
         lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  untraced  {name or '(model)'}: {error}" for name, error in self.untraced]
@@ -70,13 +79,17 @@ class FuseReport:
 
 
 def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """``model`` with each ``Conv2d -> ReLU`` as one :class:`~cnnperf.nn.FusedConv2dBiasReLU` layer.
+    """``model`` with each ``Conv2d -> ReLU`` as one :class:`~cnnperf.nn.FusedConv2dBiasReLU` layer and each
+    ``Conv2d -> BatchNorm2d -> ReLU`` as one fused layer.
 
     Only exact ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.ReLU`` layers are fused, and only when the conv's
-    output goes to the ReLU alone (through the BatchNorm2d alone, if there is one). With ``model`` in eval mode,
-    ``Conv2d -> BatchNorm2d -> ReLU`` is fused as well, the BatchNorm folded into the conv's weight and bias
-    (computed in float64, stored in the conv's dtype; a bias is created if the conv had none). In training mode
-    no BatchNorm is folded. Layers with hooks are not fused (the hooks would no longer see what they expect).
+    output goes to the ReLU alone (through the BatchNorm2d alone, if there is one). With ``model`` in training
+    mode a ``Conv2d -> BatchNorm2d -> ReLU`` becomes a :class:`~cnnperf.nn.FusedConv2dBatchNormReLU` (batch
+    statistics, running statistics updated as BatchNorm2d does; it follows the BatchNorm's own mode later), the
+    BatchNorm2d a :class:`~cnnperf.nn.BatchNorm2dInFusedConv` that keeps its state and keys. With ``model`` in
+    eval mode the BatchNorm is folded into the conv's weight and bias (computed in float64, stored in the conv's
+    dtype; a bias is created if the conv had none): a model for inference. Layers with hooks are not fused (the
+    hooks would no longer see what they expect).
 
     Modules rewritten through ``torch.fx`` come back as ``GraphModule``: their Python control flow is fixed as
     it was when traced (branches on ``self.training`` included), so fuse a model in the mode it will run in.
@@ -169,7 +182,8 @@ class _Tracer(torch.fx.Tracer):
     then call its children without it, so its hooks would never fire again."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, FusedConv2dBiasReLU) or _has_hooks(m)
+        return (isinstance(m, (FusedConv2dBiasReLU, FusedConv2dBatchNormReLU, BatchNorm2dInFusedConv))
+                or _has_hooks(m)
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -193,6 +207,9 @@ def _fuse_sequential(seq: nn.Sequential, name: str, fold: bool, report: FuseRepo
             if seq[i] is layer:  # not a ReLU or BatchNorm2d already replaced by Identity
                 seq[i] = _fuse_module(layer, qualified, fold, report)
             continue
+        if isinstance(layers[i + 1], nn.SyncBatchNorm):
+            report.skipped.append((qualified, _sync_batch_norm(_join(name, children[i + 1][0]))))
+            continue
         bn = layers[i + 1] if type(layers[i + 1]) is nn.BatchNorm2d else None
         relu = layers[i + 2] if bn is not None else layers[i + 1]
         if type(relu) is not nn.ReLU:
@@ -205,6 +222,8 @@ def _fuse_sequential(seq: nn.Sequential, name: str, fold: bool, report: FuseRepo
         seq[i] = fused
         for j in range(i + 1, i + (3 if bn is not None else 2)):
             seq[j] = nn.Identity()
+        if isinstance(fused, FusedConv2dBatchNormReLU):
+            seq[i + 1] = fused.bn  # the BatchNorm's state, under its own index
 
 
 def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseReport) -> bool:
@@ -213,6 +232,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     read_directly = {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
     seen = set()
+    kept = {}  # BatchNorm2dInFusedConv by target: not called by the graph, but their state stays there
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules[node.target]) is not nn.Conv2d or node.target in seen:
@@ -239,6 +259,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
             continue
         # gm's containers are its own (GraphModule builds them), so the traced module is not touched.
         gm.set_submodule(node.target, fused)
+        if isinstance(fused, FusedConv2dBatchNormReLU):
+            kept[bn_node.target] = fused.bn
         relu_node.replace_all_uses_with(node)
         gm.graph.erase_node(relu_node)
         if bn_node is not None:
@@ -246,7 +268,13 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         changed = True
     if changed:
         gm.graph.lint()
+        order = {path: list(m._modules) for path, m in gm.named_modules()}
         gm.delete_all_unused_submodules()  # drops folded BatchNorms (and their state_dict keys)
+        for target, holder in kept.items():  # back where they were, in their parent's order
+            gm.add_submodule(target, holder)
+            path = target.rpartition(".")[0]
+            parent = gm.get_submodule(path)
+            parent._modules = {k: parent._modules[k] for k in order[path] if k in parent._modules}
         gm.recompile()
     return changed
 
@@ -257,6 +285,8 @@ def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module]):
     if user is None:
         return f"its output has {len(conv_node.users)} users; only a ReLU as the one user can be fused"
     bn_node = None
+    if user.op == "call_module" and isinstance(modules[user.target], nn.SyncBatchNorm):
+        return _sync_batch_norm(user.target)
     if user.op == "call_module" and type(modules[user.target]) is nn.BatchNorm2d:
         bn_node, user = user, _sole_user(user)
         if user is None:
@@ -287,13 +317,18 @@ def _is_relu_node(node: torch.fx.Node, producer: torch.fx.Node, modules: dict[st
 # ---------------------------------------------------------------------------------------------------------
 
 def _fused_layer(name: str, conv: nn.Conv2d, bn_name: str | None, bn: nn.BatchNorm2d | None,
-                 relu: nn.ReLU | None, fold: bool, report: FuseReport) -> FusedConv2dBiasReLU | None:
-    """The fused layer for ``conv [-> bn] -> relu`` (``relu`` None: a functional ReLU), or None if not fusable."""
+                 relu: nn.ReLU | None, fold: bool, report: FuseReport) -> nn.Conv2d | None:
+    """The fused layer for ``conv [-> bn] -> relu`` (``relu`` None: a functional ReLU), or None if not fusable:
+    a ``FusedConv2dBiasReLU`` (no BatchNorm, or one folded in eval mode) or a ``FusedConv2dBatchNormReLU``
+    (training mode) whose ``bn`` is the ``BatchNorm2dInFusedConv`` to put in the BatchNorm's place."""
     if any(getattr(m, hooks) for m in (conv, bn, relu) if m is not None for hooks in _HOOK_DICTS):
         report.skipped.append((name, "it or a layer after it has hooks, which the fused layer would bypass"))
         return None
     if bn is None:
         fused = FusedConv2dBiasReLU.from_conv(conv)
+    elif not fold:
+        fused = FusedConv2dBatchNormReLU.from_modules(conv, BatchNorm2dInFusedConv.from_batch_norm(bn))
+        report.batch_norm.append(bn_name)
     else:
         reason = _why_not_foldable(bn, fold)
         if reason is not None:
@@ -305,9 +340,12 @@ def _fused_layer(name: str, conv: nn.Conv2d, bn_name: str | None, bn: nn.BatchNo
     return fused
 
 
+def _sync_batch_norm(name: str) -> str:
+    return (f"followed by SyncBatchNorm {name}, whose statistics are reduced over all processes: the fused layer "
+            f"would normalise with each process's own")
+
+
 def _why_not_foldable(bn: nn.BatchNorm2d, fold: bool) -> str | None:
-    if not fold:
-        return "BatchNorm is folded only in eval mode"
     if bn.training:
         return "it is in training mode although the model is in eval mode"
     if not bn.track_running_stats or bn.running_mean is None:

@@ -49,6 +49,72 @@ def conv2d_bias_relu_backward(
     return grad_input, grad_weight, grad_bias
 
 
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of batch-norm statistics for activations in ``dtype``: float32, float64 for float64 (as ATen's
+    batch norm accumulates)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, None]
+
+
+def batch_norm_scale(var: torch.Tensor, bn_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """gamma / sqrt(var + eps) per channel, in ``var``'s dtype (gamma is 1 without ``bn_weight``)."""
+    invstd = torch.rsqrt(var + eps)
+    return invstd if bn_weight is None else invstd * bn_weight.to(var.dtype)
+
+
+def conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps: float, stride, padding, dilation,
+                           groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode ``relu(batch_norm(conv2d(input, weight, bias, ...)))`` with batch statistics.
+
+    input (N, C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias, bn_weight (gamma), bn_bias (beta):
+    (C_out,) or None. Returns ``(output, z, mean, var)``: the output and ``z = conv2d(...)`` in the input's dtype
+    and memory format, the per-channel batch mean and biased variance of ``z`` (what BatchNorm2d normalises
+    with) in :func:`statistics_dtype`. The normalisation computes ``(z - mean) * scale + beta`` in that dtype.
+    """
+    z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    zs = z.to(statistics_dtype(z.dtype))
+    var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
+    out = (zs - _channel(mean)) * _channel(batch_norm_scale(var, bn_weight, eps))
+    if bn_bias is not None:
+        out = out + _channel(bn_bias.to(zs.dtype))
+    return torch.relu(out).to(z.dtype), z, mean, var
+
+
+def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps: float,
+                                    stride, padding, dilation, groups, output_mask: Sequence[bool]):
+    """Gradients of :func:`conv2d_batch_norm_relu` from ``z`` and the batch statistics (the output is not kept):
+    ``(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)``, None where ``output_mask`` is False.
+
+    With xhat = (z - mean) / sqrt(var + eps), g = grad_output where gamma * xhat + beta > 0 (the ReLU's mask),
+    and M = N * OH * OW: grad_bn_bias = sum g, grad_bn_weight = sum g * xhat, and the convolution's output gets
+    dz = gamma / sqrt(var + eps) * (g - sum g / M - xhat * sum (g * xhat) / M), computed in the statistics'
+    dtype and rounded to z's, whose convolution gradients torch's ``convolution_backward`` takes.
+    """
+    dtype = mean.dtype
+    invstd = torch.rsqrt(var + eps)
+    xhat = (z.to(dtype) - _channel(mean)) * _channel(invstd)
+    pre = xhat if bn_weight is None else xhat * _channel(bn_weight.to(dtype))
+    if bn_bias is not None:
+        pre = pre + _channel(bn_bias.to(dtype))
+    g = torch.where(pre > 0, grad_output.to(dtype), 0)
+    sum_g = g.sum((0, 2, 3))
+    sum_gx = (g * xhat).sum((0, 2, 3))
+    count = z.numel() // z.shape[1]
+    scale = batch_norm_scale(var, bn_weight, eps)
+    dz = _channel(scale) * (g - _channel(sum_g / count) - xhat * _channel(sum_gx / count))
+    bias_sizes = [weight.shape[0]] if output_mask[2] else None
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        dz.to(z.dtype), input, weight, bias_sizes, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2])],
+    )
+    grad_gamma = sum_gx.to(bn_weight.dtype) if output_mask[3] else None
+    grad_beta = sum_g.to(bn_bias.dtype) if output_mask[4] else None
+    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta
+
+
 # The largest piece of an fp32 gradient whose norm the CPU takes with torch's fp32 foreach kernel (its fast path;
 # the float64 one, ``dtype=``, runs tensor by tensor: 52 vs 18 us on a small ConvNet's 8 gradients). Measured on
 # this CPU (torch 2.14), relative error of torch's fp32 norm against float64, worst of 5 draws: 6.5e-7 at 2**16

@@ -168,6 +168,7 @@ def _conv_bias_relu_fwd_kernel(
     b_ptr,  # bias (C_out,), read only if HAS_BIAS
     y_ptr,  # output, contiguous NHWC (N*OH*OW, C_out)
     ws_ptr,  # fp32 workspace (SPLIT_K, N*OH*OW, C_out) when SPLIT_K > 1: partial sums, no bias or ReLU yet
+    stats_ptr,  # STATS: fp32 (2, cdiv(N*OH*OW, BLOCK_M), C_out): per row tile, sum and rows^2 x squared deviations
     N, H, W, C_in,  # input sizes (C_in: all groups)
     OH, OW, C_out,  # output sizes (C_out: all groups)
     sxn, sxh, sxw,  # input strides in elements; the channel stride is 1
@@ -176,6 +177,7 @@ def _conv_bias_relu_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
     SPLIT_K: tl.constexpr,  # slices of the K loop (the grid's second axis is groups x SPLIT_K); 1: bias, ReLU here
     HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,  # no ReLU: store z = conv + bias and its BatchNorm statistics per tile (SPLIT_K == 1)
     EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
     EVEN_N: tl.constexpr,  # C_out_g is a multiple of BLOCK_N: no column mask on the weight loads and stores
     FOLD_C: tl.constexpr,  # 0, or C_in_g when it is small: K runs over (kh, (kw, c)) (see _fold_loop)
@@ -262,8 +264,26 @@ def _conv_bias_relu_fwd_kernel(
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        acc = tl.maximum(acc, 0.0)
-        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if STATS:
+            # The BatchNorm's batch statistics of the values stored (rounded to z's dtype), per channel: this
+            # tile's sum and its rows' squared deviations from the tile's mean, times rows^2 (rows * z - sum:
+            # no division here, whose slow path costs a stack frame on sm_80), combined over the tiles with
+            # Chan's formula on the host (no E[z^2] - mean^2 cancellation).
+            z = acc.to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + y_offs, z, mask=mask_m[:, None] & mask_n[None, :])
+            zf = tl.where(mask_m[:, None], z.to(tl.float32), 0.0)
+            tile_sum = tl.sum(zf, axis=0)
+            # The tile's statistics row from offs_m, not pid_m * C_out: that one, kept across the K loop, spilled
+            # a register on sm_80 (64x64x32 w4 s5; `cnnperf audit`, which checks every variant of this epilogue).
+            first_row = tl.min(offs_m, axis=0)
+            rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            dev = tl.where(mask_m[:, None], zf * rows - tile_sum[None, :], 0.0)
+            stats = stats_ptr + (first_row // BLOCK_M) * C_out + co
+            tl.store(stats, tile_sum, mask=mask_n)
+            tl.store(stats + tl.cdiv(M, BLOCK_M) * C_out, tl.sum(dev * dev, axis=0), mask=mask_n)
+        else:
+            acc = tl.maximum(acc, 0.0)
+            tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit

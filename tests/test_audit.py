@@ -182,11 +182,15 @@ def test_every_kernel_has_an_audit_entry():
 def test_full_plan_covers_every_config_and_builds_a_signature():
     jobs = audit.plan()
     conv = importlib.import_module(_entry(FWD).module)
-    fwd = [j for j in jobs if j.kernel == FWD]
+    fwd = [j for j in jobs if j.kernel == FWD and not j.config.endswith("STATS")]
     assert len(fwd) == (2 * len(conv.FWD_CONFIGS_16) + len(conv.FWD_CONFIGS_32)) * len(audit.ARCHS)
-    for entry in audit.KERNELS:
+    expected = {}
+    for entry in audit.KERNELS:  # a kernel may have several entries (variants)
         n = sum(len(audit._normalize_configs(audit.resolve_configs(entry.module, c))) for c in entry.configs.values())
-        assert n > 0 and sum(j.kernel == entry.kernel for j in jobs) == n * len(audit.ARCHS), entry.kernel
+        assert n > 0, entry.kernel
+        expected[entry.kernel] = expected.get(entry.kernel, 0) + n * len(audit.ARCHS)
+    for kernel, n in expected.items():
+        assert sum(j.kernel == kernel for j in jobs) == n, kernel
     assert {j.arch for j in jobs} == {80, 90} and set(audit.DTYPES) <= {j.dtype for j in jobs}
     signatures = {}
     for job in jobs:

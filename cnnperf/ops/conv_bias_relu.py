@@ -79,7 +79,7 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
 # The custom ops (registered with torch.library so that torch.compile traces them without graph breaks).
 # ---------------------------------------------------------------------------------------------------------
 
-def _unsupported(input, weight, output_numel: int, groups: int = 1, stride=(1, 1)) -> str | None:
+def unsupported(input, weight, output_numel: int, groups: int = 1, stride=(1, 1)) -> str | None:
     """Why the Triton kernels cannot take this call, or None when they can."""
     if input.dtype not in _TRITON_DTYPES:
         return f"dtype {input.dtype} is not covered by the Triton kernels (float16, bfloat16, float32 are)"
@@ -98,7 +98,7 @@ def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
-                          _unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
+                          unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = _auto_pick(("fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
                            tuple(padding), tuple(dilation), groups),
@@ -130,7 +130,7 @@ def _conv2d_bias_relu_backward_op(grad_output: torch.Tensor, input: torch.Tensor
                                   dilation: list[int], groups: int,
                                   output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); an entry not asked for in ``output_mask`` is an empty tensor."""
-    path = backend.choose(OP, input.device.type, _unsupported(input, weight, output.numel(), groups, stride))
+    path = backend.choose(OP, input.device.type, unsupported(input, weight, output.numel(), groups, stride))
     args = (grad_output, input, weight, output, stride, padding, dilation, groups, output_mask)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = _auto_pick(("bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
@@ -167,7 +167,7 @@ def _setup_context(ctx, inputs, output):
     # The backward runs on autograd's own thread for CUDA tensors, where this thread's backend.override and
     # pinned_configs are not seen: they travel with the node.
     ctx.backend = backend.requested()
-    ctx.pinned = {kind: getattr(_pinned, kind, None) for kind in KINDS}
+    ctx.pinned = current_pinned_configs()
 
 
 def _backward(ctx, grad_output):
@@ -262,6 +262,11 @@ def pinned_configs(**configs) -> Iterator[None]:
     finally:
         for kind, config in previous.items():
             setattr(_pinned, kind, config)
+
+
+def current_pinned_configs() -> dict:
+    """This thread's :func:`pinned_configs`, by kernel (None: not pinned): a backward takes them along."""
+    return {kind: getattr(_pinned, kind, None) for kind in KINDS}
 
 
 def autotuning() -> bool:
@@ -458,9 +463,9 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     config = _config("fwd", conv, x.dtype, x.device)
     split_k = _split_k(config, m * c_out, groups)
     ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32) if split_k > 1 else _unused(x.device)
-    args = (x, w, b, y, ws, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
+    args = (x, w, b, y, ws, _unused(x.device), n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
-    const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+    const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None, STATS=False,
                  EVEN_K=_even("fwd", c_in_g, config, x.dtype, "BLOCK_K"),
                  EVEN_N=_even("fwd", c_out_g, config, x.dtype, "BLOCK_N"), FOLD_C=perf_model.fold_channels(c_in_g),
                  INPUT_PRECISION=_input_precision(x.dtype))
@@ -479,12 +484,10 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
     the wgrad sums the bias gradient as it goes); a separate mask pass only when they cannot read grad_output
     and output directly (:func:`_masks_in_gemms`)."""
     K = _kernels()
-    n, c_in, h, wd = input.shape
-    c_out, c_in_g, kh, kw = weight.shape
+    n = input.shape[0]
+    c_out = weight.shape[0]
     _, _, oh, ow = output.shape
     m = n * oh * ow
-    c_out_g = c_out // groups
-    prec = _input_precision(input.dtype)
     conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
     grad_bias = None
     if _masks_in_gemms(grad_output, output, output_mask, conv):
@@ -503,7 +506,24 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
             COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"])
         grad_bias = partial_b.sum(0).to(weight.dtype) if output_mask[2] else None
+    grad_input, grad_weight, wgrad_bias = conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding,
+                                                             dilation, groups, output_mask, bias_in_wgrad=y is not None)
+    return grad_input, grad_weight, grad_bias if wgrad_bias is None else wgrad_bias
+
+
+def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, groups, output_mask,
+                       bias_in_wgrad: bool):
+    """The convolution's gradients from the gradient of its output ``g`` (contiguous NHWC rows (N*OH*OW, C_out),
+    or with ``y`` the raw grad_output whose ReLU mask ``y > 0`` the GEMMs apply as they load it, ``y`` of the
+    same layout): (grad_input, grad_weight, grad_bias), None where not computed. The bias gradient is summed by
+    the wgrad as it goes with ``bias_in_wgrad`` (and a weight gradient asked for), else left to the caller."""
+    n, c_in, h, wd = input.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    c_out_g = c_out // groups
+    prec = _input_precision(input.dtype)
+    conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
     mask_y = y is not None
+    grad_bias = None
 
     w = _weight_khwc(weight) if output_mask[0] else None
     grad_input = grad_weight = None
@@ -535,7 +555,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         config = _config("wgrad", conv, input.dtype, g.device)
         split = _wgrad_split(conv, config, input.dtype, g.device, mask_y)
         partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
-        bias_grad = mask_y and bool(output_mask[2])
+        bias_grad = bias_in_wgrad and bool(output_mask[2])
         partial_b = (torch.empty((split, c_out), device=g.device, dtype=torch.float32) if bias_grad
                      else _unused(g.device))
         args = (g, y if mask_y else g, x, partial_w, partial_b, n, h, wd, c_in, oh, ow, c_out,

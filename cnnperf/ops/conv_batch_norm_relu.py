@@ -1,0 +1,382 @@
+"""conv2d -> BatchNorm2d -> ReLU for training: argument checks, the custom ops, their autograd, the Triton launchers.
+
+One path through the layers::
+
+    cnnperf.functional.conv2d_batch_norm_relu / cnnperf.nn.FusedConv2dBatchNormReLU
+      -> conv2d_batch_norm_relu() here: checks once, autocast, the BatchNorm's modes and running statistics
+         - batch statistics (training, or no running statistics):
+           torch.ops.cnnperf.conv2d_batch_norm_relu (custom op: fake impl for torch.compile, autograd below)
+             -> Triton kernels (kernels/conv_bias_relu.py's forward with the statistics in its epilogue,
+                kernels/batch_norm_relu.py) or cnnperf.reference, per cnnperf.backend
+         - running statistics (eval): the BatchNorm folded into the convolution's weight and bias (torch ops,
+           differentiable, so frozen-BN fine-tuning trains the conv, gamma and beta) -> conv2d_bias_relu
+
+The custom op returns ``(output, z, mean, var)``: ``z = conv2d(...)`` is what the backward needs (the output is
+not saved: the ReLU's mask is recomputed from z), mean and var the batch statistics (float32; float64 for float64
+inputs) from which the running statistics are updated here, outside the op, as ``nn.BatchNorm2d`` does.
+
+Saved for the backward, per element of the block's output: z only (its dtype's bytes), against eager's z (the
+BatchNorm's input) and the ReLU's output; per channel: mean and var. So the fused block keeps no more
+activation memory than eager Conv2d + BatchNorm2d + ReLU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cnnperf import backend, reference
+from cnnperf.ops import conv_bias_relu as cbr
+from cnnperf.ops.conv_args import conv_arguments, functorch_active, has_tangent, memory_format, torch_format
+from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
+from cnnperf.perf_model import output_hw
+
+OP = "conv2d_batch_norm_relu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry.
+# ---------------------------------------------------------------------------------------------------------
+
+def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                           running_mean=None, running_var=None, bn_weight=None, bn_bias=None, training=False,
+                           momentum=0.1, eps=1e-5):
+    """``relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean,
+    running_var, bn_weight, bn_bias, training, momentum, eps))`` as one fused op.
+
+    The convolution's arguments are those of :func:`torch.nn.functional.conv2d`, the BatchNorm's (keyword-only)
+    those of :func:`torch.nn.functional.batch_norm`, with the same meaning: with ``training=True`` (or without
+    running statistics) the output is normalised with the batch's statistics (biased variance) and
+    ``running_mean`` / ``running_var``, if given, are updated in place with ``momentum`` (unbiased variance);
+    with ``training=False`` the running statistics normalise. Under :func:`torch.autocast` the convolution
+    computes in the autocast dtype and the statistics in float32.
+
+    Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias and the
+    BatchNorm's tensors (C_out,). Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last on CUDA.
+    """
+    input, stride, padding, dilation, groups, unbatched = conv_arguments(OP, input, weight, bias, stride, padding,
+                                                                         dilation, groups)
+    _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
+    if not training and running_mean is None:
+        raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
+                         f"running_var are None (pass training=True to use the batch's statistics)")
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+
+    if not training:
+        out = _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean,
+                                  running_var, bn_weight, bn_bias, eps)
+    elif input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias, bn_weight, bn_bias) \
+            or functorch_active():
+        # As conv2d_bias_relu: torch's ops, with their own rules and autograd, for what the custom op has no
+        # formulas for (empty problems, forward-mode AD, torch.func transforms).
+        z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        out = torch.relu(torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True,
+                                                        momentum, eps))
+    else:
+        oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+        _check_batch_size(input.shape[0], weight.shape[0], oh, ow)
+        out, _, mean, var = torch.ops.cnnperf.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias,
+                                                                     float(eps), stride, padding, dilation, groups)
+        if running_mean is not None:
+            _update_running_statistics(running_mean, running_var, mean, var, input.shape[0] * oh * ow, momentum)
+    return out.squeeze(0) if unbatched else out
+
+
+def _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps):
+    channels = weight.shape[0]
+    named = (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
+             ("bn_bias", bn_bias))
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != (channels,):
+            raise ValueError(f"{OP}: {name} must have shape ({channels},), one value per output channel of weight "
+                             f"{tuple(weight.shape)}; got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{OP}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != weight.device:
+            raise RuntimeError(f"{OP}: {name} is on {t.device} but weight {tuple(weight.shape)} on {weight.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{OP}: running_mean and running_var go together; got "
+                         f"running_mean {'None' if running_mean is None else 'a tensor'} and running_var "
+                         f"{'None' if running_var is None else 'a tensor'}")
+    # Under torch.compile the layer's cumulative momentum (momentum=None: 1 / num_batches_tracked) is a symbolic
+    # float that cannot be checked without a graph break (FusedConv2dBatchNormReLU computes it from its counter).
+    numbers = (("eps", eps),) if torch.compiler.is_compiling() else (("momentum", momentum), ("eps", eps))
+    for name, value in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{OP}: {name} must be a finite number, got {value!r}")
+    if eps < 0:
+        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+
+
+def _check_batch_size(n: int, channels: int, oh: int, ow: int) -> None:
+    """BatchNorm's own error for one value per channel (torch.nn.functional._verify_batch_size)."""
+    if n * oh * ow == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size((n, channels, oh, ow))}")
+
+
+@torch.no_grad()
+def _update_running_statistics(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance (ATen's rule)."""
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_(running_mean * (1 - momentum) + mean * momentum)
+    running_var.copy_(running_var * (1 - momentum) + unbiased * momentum)
+
+
+def _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
+                        bn_weight, bn_bias, eps):
+    """Eval mode: the BatchNorm folded into the convolution (in float32, or float64 for float64 weights) and
+    one conv2d_bias_relu. Differentiable in weight, bias, bn_weight and bn_bias."""
+    dtype = reference.statistics_dtype(weight.dtype)
+    scale = reference.batch_norm_scale(running_var.to(dtype), bn_weight, eps)
+    folded_bias = -running_mean.to(dtype) * scale
+    if bias is not None:
+        folded_bias = folded_bias + bias.to(dtype) * scale
+    if bn_bias is not None:
+        folded_bias = folded_bias + bn_bias.to(dtype)
+    folded_weight = (weight.to(dtype) * scale[:, None, None, None]).to(weight.dtype)
+    return conv2d_bias_relu(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The custom ops.
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("cnnperf::conv2d_batch_norm_relu", mutates_args=())
+def _conv2d_batch_norm_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
+                               stride: list[int], padding: list[int], dilation: list[int],
+                               groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    fmt = memory_format(input, weight)
+    path = backend.choose(OP, input.device.type,
+                          cbr.unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
+    if path == "triton":
+        out, z, mean, var = conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
+                                           dilation, groups)
+    else:
+        if fmt == torch.channels_last:
+            input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+        out, z, mean, var = reference.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps, stride,
+                                                             padding, dilation, groups)
+    return out.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt), mean, var
+
+
+@_conv2d_batch_norm_relu_op.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups):
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    fmt = memory_format(input, weight)
+    shape = (input.shape[0], weight.shape[0], oh, ow)
+    stats = input.new_empty((weight.shape[0],), dtype=reference.statistics_dtype(input.dtype))
+    return (input.new_empty(shape).contiguous(memory_format=fmt), input.new_empty(shape).contiguous(memory_format=fmt),
+            stats, torch.empty_like(stats))
+
+
+@torch.library.custom_op("cnnperf::conv2d_batch_norm_relu_backward", mutates_args=())
+def _conv2d_batch_norm_relu_backward_op(
+        grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+        var: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
+        stride: list[int], padding: list[int], dilation: list[int], groups: int,
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); an entry not asked for in
+    ``output_mask`` is an empty tensor."""
+    path = backend.choose(OP, input.device.type, cbr.unsupported(input, weight, z.numel(), groups, stride))
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
+            output_mask)
+    if path == "triton":
+        grads = conv_batch_norm_relu_backward(*args)
+    else:
+        grads = reference.conv2d_batch_norm_relu_backward(*args)
+    return _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask)
+
+
+def _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask):
+    gi, gw, gb, g_gamma, g_beta = grads
+    empty = input.new_empty((0,))
+    return (gi.contiguous(memory_format=memory_format(input, weight)) if output_mask[0] else empty,
+            gw.contiguous(memory_format=torch_format(input, weight)) if output_mask[1] else empty.clone(),
+            gb.contiguous() if output_mask[2] else empty.clone(),
+            g_gamma.contiguous() if output_mask[3] else empty.clone(),
+            g_beta.contiguous() if output_mask[4] else empty.clone())
+
+
+@_conv2d_batch_norm_relu_backward_op.register_fake
+def _(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
+      output_mask):
+    channels = (weight.shape[0],)
+    grads = (input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(channels),
+             bn_weight.new_empty(channels) if bn_weight is not None else None,
+             bn_bias.new_empty(channels) if bn_bias is not None else None)
+    return _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.save_for_backward(input, weight, z, mean, var, bn_weight, bn_bias, bias)
+    ctx.args = (eps, stride, padding, dilation, groups)
+    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)
+    ctx.backend = backend.requested()  # the backward may run on autograd's thread (see conv_bias_relu)
+    ctx.pinned = cbr.current_pinned_configs()
+
+
+def _backward(ctx, grad_output, _grad_z, _grad_mean, _grad_var):
+    input, weight, z, mean, var, bn_weight, bn_bias, bias = ctx.saved_tensors
+    eps, stride, padding, dilation, groups = ctx.args
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], ctx.has[0] and needs[2], ctx.has[1] and needs[3], ctx.has[2] and needs[4]]
+    nothing = (None,) * 5
+    if not any(mask):
+        return (*nothing, *nothing)
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
+            mask)
+    if torch.is_grad_enabled():
+        grads = _recomputed_grads(grad_output, (input, weight, bias, bn_weight, bn_bias), eps, stride, padding,
+                                  dilation, groups, mask)
+    else:
+        with backend.override(ctx.backend), cbr.pinned_configs(**ctx.pinned):
+            grads = torch.ops.cnnperf.conv2d_batch_norm_relu_backward(*args)
+    return (*(g if m else None for g, m in zip(grads, mask)), *nothing)
+
+
+def _recomputed_grads(grad_output, inputs, eps, stride, padding, dilation, groups, mask):
+    """create_graph=True (double backward, gradient penalties): the gradients will be differentiated again, also
+    through z and the batch statistics, which the op's outputs do not carry. So the forward runs again with
+    torch's ops from the saved inputs, and its gradients are taken with a graph of their own."""
+    input, weight, bias, bn_weight, bn_bias = inputs
+    z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    zs = z.to(reference.statistics_dtype(z.dtype))
+    out = torch.relu(torch.nn.functional.batch_norm(zs, None, None, bn_weight, bn_bias, True, 0.0, eps)).to(z.dtype)
+    wanted = [t for t, m in zip(inputs, mask) if m]
+    grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True))
+    return [next(grads) if m else None for m in mask]
+
+
+_conv2d_batch_norm_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton launchers (NHWC). Shapes are checked above; inside, the values are trusted.
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from cnnperf.kernels import batch_norm_relu as K
+    return K
+
+
+def _pass_config(device: torch.device) -> dict:
+    K = _kernels()
+    return K.INTERPRET_CONFIG if device.type != "cuda" else K.CONFIG
+
+
+def _channel_table(mean, var, bn_weight, bn_bias, eps: float, grad_b=None, grad_k=None) -> torch.Tensor:
+    """The kernels' fp32 (6, C) table: mean, invstd, scale = gamma * invstd, beta (0 without), b, k."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * bn_weight.float() if bn_weight is not None else invstd
+    beta = bn_bias.float() if bn_bias is not None else torch.zeros_like(mean)
+    zeros = torch.zeros_like(mean)
+    rows = (mean, invstd, scale, beta, zeros if grad_b is None else grad_b, zeros if grad_k is None else grad_k)
+    return torch.stack(rows).contiguous()
+
+
+def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups):
+    """Triton forward: the conv kernel stores z and its per-tile statistics (``STATS``), the tiles are combined
+    (Chan's formula, float64 on (tiles, C) values), and one pass writes relu((z - mean) * scale + beta).
+    Returns (output, z, mean, var), channels_last, the statistics in float32."""
+    x = cbr._nhwc(input)
+    w = cbr._weight_khwc(weight)
+    n, c_in, h, wd = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    oh, ow = output_hw((h, wd), (kh, kw), stride, padding, dilation)
+    m = n * oh * ow
+    c_out_g = c_out // groups
+    conv = cbr._problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
+    # The statistics need the row tile before the launch: a fixed config (the model's pick where it would
+    # autotune), and no K split (its epilogue is the split-K sum's).
+    config = cbr._config("fwd", conv, x.dtype, x.device)
+    if config is None:
+        config = cbr.model_config("fwd", conv, x.dtype, cbr._device_index(x.device))
+    block_m = cbr.perf_model.config_dict(config)["BLOCK_M"]
+    tiles_m = -(-m // block_m)
+    z = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
+    stats = torch.empty((2, tiles_m, c_out), device=x.device, dtype=torch.float32)
+    b = bias.contiguous() if bias is not None else w
+    args = (x, w, b, z, cbr._unused(x.device), stats, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2),
+            x.stride(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
+    const = dict(SPLIT_K=1, KH=kh, KW=kw, HAS_BIAS=bias is not None, STATS=True,
+                 EVEN_K=cbr._even("fwd", c_in_g, config, x.dtype, "BLOCK_K"),
+                 EVEN_N=cbr._even("fwd", c_out_g, config, x.dtype, "BLOCK_N"),
+                 FOLD_C=cbr.perf_model.fold_channels(c_in_g), INPUT_PRECISION=cbr._input_precision(x.dtype))
+
+    def grid(meta):
+        return (tiles_m * -(-c_out_g // meta["BLOCK_N"]), groups)
+
+    with backend.quiet_interpreter():
+        cbr._launch("fwd", x.dtype, config, grid, args, const, conv, x.device)
+    mean, var = _combine_tiles(stats, m, block_m)
+    chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
+    y = torch.empty_like(z)
+    K, cfg = _kernels(), _pass_config(x.device)
+    with backend.quiet_interpreter():
+        K._batch_norm_relu_kernel[(-(-m // cfg["BLOCK_M"]), -(-c_out // cfg["BLOCK_C"]))](
+            z, chan, y, m, c_out, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    return y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, var
+
+
+def _combine_tiles(stats: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel, float32, from the row tiles' (sum, n_i^2 x squared deviations from
+    the tile's mean) with Chan's parallel formula: M2 = sum M2_i + sum n_i (mean_i - mean)^2. In float64:
+    (tiles, C) values, a few KB."""
+    tiles = stats.shape[1]
+    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64, device=stats.device)
+    counts[-1] = rows - block_m * (tiles - 1)
+    sums, scaled_m2 = stats.double()
+    m2 = scaled_m2 / counts**2
+    mean = sums.sum(0) / rows
+    var = (m2.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)) / rows
+    return mean.float(), var.float()
+
+
+def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride,
+                                  padding, dilation, groups, output_mask):
+    """Triton backward: one pass sums g and g * xhat per channel (the BatchNorm's gamma and beta gradients),
+    one pass writes dz, and the convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's
+    gradient as it goes)."""
+    K, cfg = _kernels(), _pass_config(z.device)
+    n, c, oh, ow = z.shape
+    m = n * oh * ow
+    go = grad_output if cbr._flat_spatial(grad_output) else cbr._nhwc(grad_output)
+    zz = cbr._nhwc(z)
+    grid = (-(-m // cfg["BLOCK_M"]), -(-c // cfg["BLOCK_C"]))
+    strides = (go.stride(0), go.stride(3), go.stride(1))
+    chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
+    partial = torch.empty((2, grid[0], c), device=z.device, dtype=torch.float32)
+    launch = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    with backend.quiet_interpreter():
+        K._batch_norm_relu_grad_sums_kernel[grid](go, zz, chan, partial, m, c, oh * ow, *strides, **launch)
+    sum_g, sum_gx = partial.sum(1)
+    scale = chan[K.SCALE]
+    chan[K.GRAD_B] = scale * sum_g / m
+    chan[K.GRAD_K] = scale * chan[K.INVSTD] * sum_gx / m
+    dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
+    with backend.quiet_interpreter():
+        K._batch_norm_relu_grad_kernel[grid](go, zz, chan, dz, m, c, oh * ow, *strides, **launch)
+        grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
+            dz, None, input, weight, oh, ow, stride, padding, dilation, groups, output_mask[:3],
+            bias_in_wgrad=bool(output_mask[1]))
+    if output_mask[2] and grad_bias is None:
+        grad_bias = dz.float().sum(0).to(weight.dtype)
+    # Copies: the two sums are views of one tensor, and a custom op's outputs may not alias each other.
+    grad_gamma = sum_gx.to(bn_weight.dtype, copy=True) if output_mask[3] else None
+    grad_beta = sum_g.to(bn_bias.dtype, copy=True) if output_mask[4] else None
+    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta
