@@ -842,6 +842,8 @@ def _audit_model(args: argparse.Namespace, console) -> int:
                                               f"({len(compiled)} kernels compiled)")
         records.append({"arch": arch, "gpu": dataclasses.asdict(am.pm.GPUS[arch]),
                         "summary": stats, "targets": am.targets(stats), "rows": model_rows})
+    blocks = am.batch_norm_blocks(args.model, args.batch, dtype)
+    console.print(am.batch_norm_blocks_line(blocks), markup=False)
     for r in bad:
         for problem in r.problems:
             console.print(f"  {r.kernel} [{r.config}] {r.dtype} sm_{r.arch}: {problem}", markup=False)
@@ -850,7 +852,7 @@ def _audit_model(args: argparse.Namespace, console) -> int:
 
         write_json_atomic(args.json, {"versions": versions(), "model": args.model, "batch": args.batch,
                                       "dtype": dtype, "seconds": round(time.perf_counter() - start, 1),
-                                      "archs": records})
+                                      "archs": records, "batch_norm_blocks": blocks})
     return 1 if bad else 0
 
 

@@ -554,6 +554,33 @@ def min_hbm_bytes(kind: str, conv: Conv) -> int:
             "wgrad": 2 * s["y"] + s["x"] + s["w"] + s["b"]}[kind]
 
 
+# Conv -> BatchNorm2d -> ReLU in training: HBM bytes of one step of the block, fused
+# (cnnperf/ops/conv_batch_norm_relu.py) and as eager PyTorch runs it (the convolution, BatchNorm's statistics and
+# normalisation kernels, the ReLU; backward: the ReLU's, BatchNorm's reduction and elementwise kernels). Both
+# count the convolution's three GEMMs at their minimum (each operand read once), so the difference is what the
+# fusion changes: the passes over the conv output's size Z (z, the output, its gradient, dz all have it).
+BN_PASS_BLOCK_M = 64  # the BatchNorm + ReLU passes' row block (kernels/batch_norm_relu.py CONFIG)
+
+
+def batch_norm_block_kernels(conv: Conv, fused: bool, block_m: int = 128) -> list[tuple[str, str, int]]:
+    """``(direction, kernel, HBM bytes)`` of one training step of ``conv -> BatchNorm2d -> ReLU``; ``block_m``:
+    the forward's row tile (the statistics' tiles). Per-channel fp32 vectors are counted where read."""
+    s = conv.sizes()
+    x, w, b, z = s["x"], s["w"], s["b"], s["y"]
+    vector = 4 * conv.c_out
+    rows = conv.n * conv.oh * conv.ow
+    gemms = [("bwd", "dgrad", z + w + x), ("bwd", "wgrad", z + x + w + b)]
+    if fused:
+        return [("fwd", "conv + statistics epilogue", x + w + b + z + 2 * _cdiv(rows, block_m) * vector),
+                ("fwd", "normalise + ReLU", 2 * z + 6 * vector),
+                ("bwd", "gradient sums (dY, z)", 2 * z + 6 * vector + 2 * _cdiv(rows, BN_PASS_BLOCK_M) * vector),
+                ("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector), *gemms]
+    return [("fwd", "conv", x + w + b + z), ("fwd", "BN statistics (z)", z + 2 * vector),
+            ("fwd", "BN normalise (z -> out)", 2 * z + 4 * vector), ("fwd", "ReLU", 2 * z),
+            ("bwd", "ReLU backward (dY, Y -> g)", 3 * z), ("bwd", "BN backward sums (g, z)", 2 * z + 4 * vector),
+            ("bwd", "BN backward dz (g, z -> dz)", 3 * z + 6 * vector), *gemms]
+
+
 def pass_row(kind: str, conv: Conv, gpu: GPU, kernels: Sequence[KernelCost]) -> dict[str, Any]:
     """One JSON row of the model: the pass's kernels summed, the GEMM's launch figures."""
     seconds = sum(k.seconds for k in kernels)

@@ -292,6 +292,32 @@ def test_audit_model_end_to_end(tmp_path):
     assert 0 < arch["summary"]["geomean_fwd"] < 1
 
 
+@pytest.mark.parametrize("batch", [32, 128])
+def test_resnet50_conv_batchnorm_relu_blocks_move_at_least_25_percent_fewer_bytes_fused(batch):
+    """Issue 16's goal, on the static model: ResNet-50's Conv-BN-ReLU blocks (the stem and each bottleneck's
+    first two convs: 33 of 53; the third feeds the residual add) in a bf16 training step."""
+    blocks = audit_model.batch_norm_blocks("resnet50", batch, "bfloat16")
+    assert blocks["blocks"] == 33 and blocks["convs"] == 53
+    assert {r["layer"] for r in blocks["rows"]} >= {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer4.2.conv2"}
+    assert not any(r["layer"].endswith("conv3") or "downsample" in r["layer"] for r in blocks["rows"])
+    assert blocks["fused_over_unfused"] <= 0.75
+    assert "33 of 53 convs" in audit_model.batch_norm_blocks_line(blocks)
+
+
+def test_batch_norm_block_bytes_count_passes_over_the_conv_output():
+    conv = pm.Conv(8, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, 2, False)
+    s = conv.sizes()
+    fused = pm.batch_norm_block_kernels(conv, fused=True)
+    eager = pm.batch_norm_block_kernels(conv, fused=False)
+    extra = sum(b for *_, b in eager) - sum(b for *_, b in fused)
+    # eager: BN stats 1, normalise 2, ReLU 2, ReLU backward 3, BN backward 2 + 3; fused: normalise 2, sums 2, dz 3;
+    # less the fused passes' fp32 partial sums (2 x 4 B per channel per 128-row tile, and per 64-row block)
+    rows, c = 8 * 56 * 56, 64
+    workspace = 2 * 4 * c * (-(-rows // 128) + -(-rows // 64))
+    assert abs(extra - (6 * s["y"] - workspace)) < 64 * c * 4
+    assert [k for d, k, _ in fused if d == "bwd"][-2:] == ["dgrad", "wgrad"]
+
+
 def _bench_record(path, device="NVIDIA H200", rows=2):
     shapes = conv_shapes("vgg16", 2)[:rows]
     record = {"config": {"models": ["vgg16"], "batch": 2, "image_size": 224, "dtype": "bfloat16"}, "rows": []}

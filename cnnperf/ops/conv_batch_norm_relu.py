@@ -160,15 +160,20 @@ def _conv2d_batch_norm_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: 
     fmt = memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           cbr.unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
-    if path == "triton":
-        out, z, mean, var = conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
-                                           dilation, groups)
-    else:
-        if fmt == torch.channels_last:
-            input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-        out, z, mean, var = reference.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps, stride,
-                                                             padding, dilation, groups)
+    args = (input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups)
+    if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
+        path = cbr._auto_pick(("bn_fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
+                               tuple(padding), tuple(dilation), groups),
+                              lambda: conv_batch_norm_relu_forward(*args), lambda: _reference_forward(*args, fmt))
+    out, z, mean, var = (conv_batch_norm_relu_forward(*args) if path == "triton" else _reference_forward(*args, fmt))
     return out.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt), mean, var
+
+
+def _reference_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, fmt):
+    if fmt == torch.channels_last:  # cuDNN then writes channels_last directly
+        input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    return reference.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation,
+                                            groups)
 
 
 @_conv2d_batch_norm_relu_op.register_fake
@@ -192,6 +197,11 @@ def _conv2d_batch_norm_relu_backward_op(
     path = backend.choose(OP, input.device.type, cbr.unsupported(input, weight, z.numel(), groups, stride))
     args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
             output_mask)
+    if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
+        path = cbr._auto_pick(("bn_bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
+                               tuple(dilation), groups, tuple(output_mask)),
+                              lambda: conv_batch_norm_relu_backward(*args),
+                              lambda: reference.conv2d_batch_norm_relu_backward(*args))
     if path == "triton":
         grads = conv_batch_norm_relu_backward(*args)
     else:

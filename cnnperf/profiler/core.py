@@ -681,8 +681,8 @@ def _no_op(prep) -> tuple[str, str] | None:
 
         report = getattr(prep.module, REPORT_ATTRIBUTE, None)
         if report is not None and not report.fused:
-            return "fuse", ("fuse() found no Conv2d followed by a ReLU to fuse in this model (0 layers; in train "
-                            "mode a BatchNorm2d between them is not folded): the step would be the same")
+            return "fuse", ("fuse() found no Conv2d followed by a ReLU (or by a BatchNorm2d and a ReLU) to fuse in "
+                            "this model (0 layers): the step would be the same")
     return None
 
 

@@ -48,7 +48,7 @@ OPTIONS = {o.name: o for o in (
     Option("bf16", "torch.autocast to bfloat16", precision="bfloat16", group="precision"),
     Option("fp16", "torch.autocast to float16 with a GradScaler", precision="float16", group="precision"),
     Option("channels_last", "model and inputs in channels_last (NHWC) memory format"),
-    Option("fuse", "cnnperf.fuse: Conv2d -> ReLU pairs as one fused layer"),
+    Option("fuse", "cnnperf.fuse: Conv2d [-> BatchNorm2d] -> ReLU as one fused layer"),
     Option("compile", "torch.compile, default mode", group="compile", compiles=True),
     Option("max_autotune", "torch.compile, mode max-autotune-no-cudagraphs", group="compile", compiles=True),
 )}
