@@ -15,6 +15,8 @@
 #                          config of every list, the shape cases, the autotuned path, grad norm + clip
 #   bench-conv             the fused conv (--backend triton: our kernels themselves) against eager cuDNN on
 #                          ResNet-50 and VGG-16 shapes, bf16, fwd and fwd+bwd
+#   train-step             ResNet-50 training steps (bf16, channels_last, batch 64): the fused Conv-BN-ReLU blocks
+#                          (cnnperf.fuse) against eager cuDNN + BatchNorm and torch.compile, interleaved rounds
 #   bench-clip             cnnperf.clip_grad_norm_ against torch's foreach clip and a loop; the clip folded into a
 #                          fused AdamW step against clip-then-step and the step alone
 #   profile-resnet50       cnnperf profile, ResNet-50 at batch 128, every GPU option incl. torch.compile
@@ -40,7 +42,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
-STEPS_KNOWN=(kernel-tests bench-conv bench-clip profile-resnet50 other-tests doctor profile-resnet18 bench-compile)
+STEPS_KNOWN=(kernel-tests bench-conv train-step bench-clip profile-resnet50 other-tests doctor profile-resnet18 bench-compile)
 MODE=gpu
 ONLY=""
 INSTALL=1
@@ -152,9 +154,11 @@ if rehearsing; then
     CLIP_R=(--device cpu --quick --case tiny --repeat 3)
     PROFILE_R=(--device cpu --batch-size 2 --steps 2 --warmup 1 --budget 5 --batch-sizes none)
     DOCTOR_R=(--device cpu --epochs 1)
+    TRAIN_R=(--device cpu --models resnet18 --image-size 32 --batch-size 2 --rounds 2 --block-steps 1
+             --variants eager,fused)
 else
     PYTEST_JOBS=8
-    KERNEL_TESTS_R=() OTHER_TESTS_R=() BENCH_R=() CLIP_R=() PROFILE_R=() DOCTOR_R=()
+    KERNEL_TESTS_R=() OTHER_TESTS_R=() BENCH_R=() CLIP_R=() PROFILE_R=() DOCTOR_R=() TRAIN_R=()
 fi
 
 step env 20 30 "$PY" - "$RUN" "$MODE" <<'EOF'
@@ -201,6 +205,8 @@ if [[ -z ${LEFT_OUT:-} ]]; then
     # The benchmark stops starting new shapes 20 s before its cap and rewrites its record after every shape.
     step bench-conv 110 120 "$PY" -m cnnperf bench --model resnet50,vgg16 --pass all --variants eager,cnnperf \
         --backend triton --dtype bfloat16 --limit 8 --time-budget 85 --out "$RUN/bench_conv.json" "${BENCH_R[@]}"
+    step train-step 120 120 "$PY" bench/bench_train_step.py --models resnet50 --batch-size 64 \
+        --variants eager,fused,compile --json "$RUN/bench_train_step.json" "${TRAIN_R[@]}"
     step bench-clip 60 90 "$PY" -m cnnperf bench-clip --case all --out "$RUN/bench_clip.json" "${CLIP_R[@]}"
     step profile-resnet50 100 150 "$PY" -m cnnperf profile --model resnet50 --data fake --batch-size 128 \
         --variants tf32,bf16,fp16,channels_last,cudnn_benchmark,fuse,compile --budget 75 --batch-sizes none \

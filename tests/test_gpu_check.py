@@ -83,24 +83,25 @@ def test_help_lists_every_step():
     proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0
-    for name in ("kernel-tests", "bench-conv", "bench-clip", "profile-resnet50", "other-tests", "doctor",
+    for name in ("kernel-tests", "bench-conv", "train-step", "bench-clip", "profile-resnet50", "other-tests", "doctor",
                  "profile-resnet18", "bench-compile", "--rehearse", "tar -xzf"):
         assert name in proc.stdout, name
 
 
 @pytest.mark.slow
-def test_rehearsal_of_the_doctor_and_profile_steps(tmp_path):
+def test_rehearsal_of_the_train_step_doctor_and_profile_steps(tmp_path):
     """The GPU run's own command lines, followed by the rehearsal's tiny sizes, parse and run here (a --device
     cuda that a later --device cpu overrides once failed the parse), and what is left under $OUT comes back."""
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run(["bash", str(SCRIPT), "--rehearse", "--no-install", "--steps", "doctor,profile-resnet18"],
+    proc = subprocess.run(["bash", str(SCRIPT), "--rehearse", "--no-install", "--steps",
+                           "train-step,doctor,profile-resnet18"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHON": sys.executable, "OUT": str(out)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     record = json.loads(next(out.glob("gpu_check_*.json")).read_text())
-    assert [(s["step"], s["exit"]) for s in record["steps"]] == [("env", 0), ("import", 0), ("doctor", 0),
-                                                                 ("profile-resnet18", 0)]
-    assert record["mode"] == "rehearsal" and {"doctor/doctor.json", "profile_resnet18_b128/profile.json"} <= set(
-        record["files"])
+    assert [(s["step"], s["exit"]) for s in record["steps"]] == [("env", 0), ("import", 0), ("train-step", 0),
+                                                                 ("doctor", 0), ("profile-resnet18", 0)]
+    assert record["mode"] == "rehearsal" and {"doctor/doctor.json", "profile_resnet18_b128/profile.json",
+                                              "bench_train_step.json"} <= set(record["files"])
     assert len(list(out.iterdir())) == 3
