@@ -876,16 +876,26 @@ def test_saved_trace_path_is_relative_to_the_record(tmp_path):
 
 
 def test_fuse_that_fuses_nothing_is_not_applicable():
-    """A Conv2d -> BatchNorm2d -> ReLU model in train mode: fuse() fuses nothing, so "fuse" is the baseline's
-    step under another name: not applicable, and no combination with it is measured or recommended."""
+    """A Conv2d -> BatchNorm2d -> Sigmoid model: fuse() fuses nothing, so "fuse" is the baseline's step under
+    another name: not applicable, and no combination with it is measured or recommended."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     result = run(model=model, variants=["fuse", "channels_last", "fuse+channels_last"])
     fuse = result.row("fuse")
     assert fuse["status"] == "not_applicable" and "0 layers" in fuse["reason"] and fuse["median_ms"] is None
     with_fuse = [r for r in result.variants if "fuse" in r["options"]]
     assert all(r["status"] == "not_applicable" for r in with_fuse) and len(with_fuse) == 2
     assert "fuse" not in result.recommended
+
+
+def test_fuse_measures_conv_batchnorm_relu_in_training():
+    """A Conv2d -> BatchNorm2d -> ReLU model in train mode: fuse() fuses the block (FusedConv2dBatchNormReLU), so
+    "fuse" is measured and checked like any option (it once fused 0 layers here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    result = run(model=model, variants=["fuse"])
+    fuse = result.row("fuse")
+    assert fuse["status"] == "ok" and fuse["median_ms"] > 0, fuse
 
 
 def test_an_option_that_pays_only_with_another_is_still_paired(monkeypatch):
