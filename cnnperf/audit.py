@@ -154,7 +154,7 @@ KERNELS: tuple[KernelAudit, ...] = (
                 dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
     # The forward of FusedConv2dBatchNormReLU: z and its per-tile BatchNorm statistics in the epilogue, no ReLU.
-    KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
+    KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_STATS_CONFIGS_16", "FWD_STATS_CONFIGS_32"),
                 constexprs={"KH": 3, "KW": 3, "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
                             "SPLIT_K": 1, "STATS": True},
                 dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},

@@ -49,6 +49,16 @@ FWD_CONFIGS_16 = _configs([
 FWD_CONFIGS_32 = _configs([
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 16, 4, 4),
 ])
+# The forward with STATS (FusedConv2dBatchNormReLU: BatchNorm statistics in the epilogue), whose reductions
+# need more registers: under triton 3.6, 128x64x64 w4 (16-bit) and 128x128x16 w4 (fp32) spilled on sm_80 there
+# (`cnnperf audit`). So 128-row tiles run 8 warps.
+def _stats_configs(configs):
+    return [triton.Config(c.kwargs, num_warps=8 if c.kwargs["BLOCK_M"] >= 128 else c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
+
+
+FWD_STATS_CONFIGS_16 = _stats_configs(FWD_CONFIGS_16)
+FWD_STATS_CONFIGS_32 = _stats_configs(FWD_CONFIGS_32)
 # dgrad: M = input pixels of a stride phase, N = C_in/groups, K = (taps, C_out/groups). The forward's tiles, except
 # where the dgrad's extra index math spills on sm_80 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8 16-bit,
 # 64x128x32 w4 and 128x128x16 w4 fp32, under triton 3.6 or 3.8; 64x64x32 w4 fp32, 24 B under 3.8 once the

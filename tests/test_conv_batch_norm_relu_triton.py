@@ -44,3 +44,26 @@ def test_nchw_grad_output_and_input():
     layer = randomize(FusedConv2dBatchNormReLU(3, 4, 3, padding=1, device=DEVICE))
     with backend.override("triton"):
         compare_training(layer, (2, 3, 5, 5), steps=1, eval_step=False)
+
+
+def test_stats_config_is_pinned_or_the_models_pick_from_the_stats_list(monkeypatch):
+    """The forward with the statistics epilogue never autotunes (the row tile must be known before the launch)
+    and picks from its own list (8 warps for 128-row tiles: the epilogue's registers)."""
+    from cnnperf import perf_model as pm
+    from cnnperf.kernels import conv_bias_relu as kernels
+    from cnnperf.ops import conv_batch_norm_relu as op, conv_bias_relu as cbr
+
+    conv = pm.Conv(32, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, 2, False)
+    pinned = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+    with cbr.pinned_configs(fwd=pinned):
+        assert op._stats_config(conv, torch.bfloat16, torch.device("cuda", 0)) is pinned
+    monkeypatch.setattr(backend, "interpret", lambda: False)
+    monkeypatch.setattr(cbr, "_gpu", lambda index: pm.H200)
+    monkeypatch.setattr(cbr, "_device_index", lambda device: 0)
+    monkeypatch.setenv("CNNPERF_AUTOTUNE", "1")  # not for this kernel
+    op._model_stats_config.cache_clear()
+    picked = op._stats_config(conv, torch.bfloat16, torch.device("cuda", 0))
+    labels = [pm.config_label(pm.config_dict(c)) for c in kernels.FWD_STATS_CONFIGS_16]
+    assert pm.config_label(picked) in labels
+    assert all(c.num_warps == 8 for c in kernels.FWD_STATS_CONFIGS_16 + kernels.FWD_STATS_CONFIGS_32
+               if c.kwargs["BLOCK_M"] >= 128)

@@ -22,6 +22,7 @@ activation memory than eager Conv2d + BatchNorm2d + ReLU.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -311,11 +312,7 @@ def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, s
     m = n * oh * ow
     c_out_g = c_out // groups
     conv = cbr._problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
-    # The statistics need the row tile before the launch: a fixed config (the model's pick where it would
-    # autotune), and no K split (its epilogue is the split-K sum's).
-    config = cbr._config("fwd", conv, x.dtype, x.device)
-    if config is None:
-        config = cbr.model_config("fwd", conv, x.dtype, cbr._device_index(x.device))
+    config = _stats_config(conv, x.dtype, x.device)
     block_m = cbr.perf_model.config_dict(config)["BLOCK_M"]
     tiles_m = -(-m // block_m)
     z = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
@@ -341,6 +338,26 @@ def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, s
         K._batch_norm_relu_kernel[(-(-m // cfg["BLOCK_M"]), -(-c_out // cfg["BLOCK_C"]))](
             z, chan, y, m, c_out, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, var
+
+
+def _stats_config(conv, dtype: torch.dtype, device: torch.device):
+    """The forward's config with the statistics epilogue: the pinned one (``conv_bias_relu.pinned_configs``), the
+    interpreter's, else the performance model's pick from the STATS list (kernels/conv_bias_relu.py). Never the
+    autotuner's or a stored one: the statistics need the row tile before the launch, and that list's own
+    configs (the epilogue needs registers); no K split either (its epilogue is the split-K sum's)."""
+    pinned = cbr.current_pinned_configs()["fwd"]
+    if pinned is not None:
+        return pinned
+    if backend.interpret():
+        return cbr._kernels().INTERPRET_FWD_CONFIG
+    return _model_stats_config(conv, dtype, cbr._device_index(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_stats_config(conv, dtype: torch.dtype, device_index: int) -> dict:
+    K = cbr._kernels()
+    configs = K.FWD_STATS_CONFIGS_32 if dtype.itemsize == 4 else K.FWD_STATS_CONFIGS_16
+    return cbr.perf_model.choose_config("fwd", conv, configs, cbr._gpu(device_index))
 
 
 def _combine_tiles(stats: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
