@@ -140,22 +140,22 @@ def test_bad_arguments_name_the_argument(kwargs, exc, words):
         conv2d_batch_norm_relu(x, torch.randn(5, 2, 3, 3), training=True)
 
 
-def test_autocast_bfloat16_statistics_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_statistics_in_float32(dtype):
     layer = randomize(FusedConv2dBatchNormReLU(4, 8, 3, padding=1))
     conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
     conv.load_state_dict({"weight": layer.weight.detach()})
     bn.load_state_dict(layer.bn.state_dict())
     x = torch.randn(4, 4, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got = layer(x)
         expected = torch.relu(bn(conv(x)))
-    assert got.dtype == expected.dtype == torch.bfloat16
+    assert got.dtype == expected.dtype == dtype
     assert layer.bn.running_mean.dtype == torch.float32
-    # The oracle: float64 from the same bf16-rounded operands.
-    z64 = F.conv2d(x.bfloat16().double(), layer.weight.detach().bfloat16().double(), padding=1)
-    assert_close(got, torch.relu(F.batch_norm(z64, None, None, bn.weight.double(), bn.bias.double(), True)),
-                 torch.bfloat16)
-    assert_close(layer.bn.running_var, bn.running_var.double(), torch.bfloat16)
+    # The oracle: float64 from the same rounded operands.
+    z64 = F.conv2d(x.to(dtype).double(), layer.weight.detach().to(dtype).double(), padding=1)
+    assert_close(got, torch.relu(F.batch_norm(z64, None, None, bn.weight.double(), bn.bias.double(), True)), dtype)
+    assert_close(layer.bn.running_var, bn.running_var.double(), dtype)
     got.float().sum().backward()
     assert layer.weight.grad.dtype == layer.bn.weight.grad.dtype == torch.float32
 

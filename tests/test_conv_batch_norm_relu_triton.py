@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("one_thread"),
     (dict(in_channels=8, out_channels=16, kernel_size=1, momentum=None), (2, 8, 5, 5)),
     (dict(in_channels=3, out_channels=4, kernel_size=3, affine=False, track_running_stats=False), (2, 3, 6, 6)),
     (dict(in_channels=2, out_channels=3, kernel_size=2), (1, 2, 3, 2)),  # two values per channel
-], ids=["3x3", "strided-groups-bias", "1x1-momentum-none", "bare", "batch1"])
+    (dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4), (2, 4, 5, 5)),  # depthwise
+], ids=["3x3", "strided-groups-bias", "1x1-momentum-none", "bare", "batch1", "depthwise"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_trains_as_conv_batchnorm_relu(kwargs, shape, dtype):
     layer = randomize(FusedConv2dBatchNormReLU(**kwargs, device=DEVICE))

