@@ -251,6 +251,11 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
             report.skipped.append((qualified, found))
             continue
         bn_node, relu_node = found
+        if bn_node is not None and not fold and calls[bn_node.target] > 1:
+            # Its place would hold the fused layer's BatchNorm2dInFusedConv, an identity, at every call site.
+            report.skipped.append((qualified, f"followed by BatchNorm2d {_join(name, bn_node.target)}, which is "
+                                              f"called {calls[bn_node.target]} times in forward"))
+            continue
         bn = modules[bn_node.target] if bn_node is not None else None
         relu = modules[relu_node.target] if relu_node.op == "call_module" else None
         bn_name = _join(name, bn_node.target) if bn_node is not None else None

@@ -501,6 +501,36 @@ def test_graph_fuses_batchnorm_in_training_and_keeps_its_state():
     testing.assert_close(fused.bn1.running_var, model.bn1.running_var)
 
 
+class SharedBN(nn.Module):
+    """One BatchNorm2d called after two convs: in training, fusing it into the first would leave an identity at
+    its second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.bn = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv2(F.relu(self.bn(self.conv1(x))))))
+
+
+def test_batchnorm_called_twice_is_not_fused_in_training():
+    model = SharedBN().double().train()
+    fused = cnnperf.fuse(model)
+    skipped = dict(report(fused).skipped)
+    assert report(fused).fused == [] and "called 2 times in forward" in skipped["conv1"]
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    testing.assert_close(fused(x), model(x))
+
+
+def test_fused_model_compiles_fullgraph():
+    model = randomize_batchnorm(vgg_net(batchnorm=True)).train()
+    fused = cnnperf.fuse(model)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    testing.assert_close(compiled(x), model(x).double(), torch.float32)
+    testing.assert_close(fused[0][1].running_var, model[0][1].running_var.double(), torch.float32)
+
+
 def test_sync_batchnorm_is_left_with_a_reason():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU()).train()
     fused = cnnperf.fuse(model)
