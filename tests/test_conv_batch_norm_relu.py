@@ -156,6 +156,13 @@ def test_autocast_statistics_in_float32(dtype):
     z64 = F.conv2d(x.to(dtype).double(), layer.weight.detach().to(dtype).double(), padding=1)
     assert_close(got, torch.relu(F.batch_norm(z64, None, None, bn.weight.double(), bn.bias.double(), True)), dtype)
     assert_close(layer.bn.running_var, bn.running_var.double(), dtype)
+    layer.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        got = layer(x)
+    assert got.dtype == dtype
+    oracle = F.batch_norm(z64, layer.bn.running_mean.double(), layer.bn.running_var.double(), bn.weight.double(),
+                          bn.bias.double(), False)
+    assert_close(got, torch.relu(oracle), dtype)
     got.float().sum().backward()
     assert layer.weight.grad.dtype == layer.bn.weight.grad.dtype == torch.float32
 

@@ -47,11 +47,11 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     running_var, bn_weight, bn_bias, training, momentum, eps))`` as one fused op.
 
     The convolution's arguments are those of :func:`torch.nn.functional.conv2d`, the BatchNorm's (keyword-only)
-    those of :func:`torch.nn.functional.batch_norm`, with the same meaning: with ``training=True`` (or without
-    running statistics) the output is normalised with the batch's statistics (biased variance) and
-    ``running_mean`` / ``running_var``, if given, are updated in place with ``momentum`` (unbiased variance);
-    with ``training=False`` the running statistics normalise. Under :func:`torch.autocast` the convolution
-    computes in the autocast dtype and the statistics in float32.
+    those of :func:`torch.nn.functional.batch_norm`, with the same meaning: with ``training=True`` the output is
+    normalised with the batch's statistics (biased variance) and ``running_mean`` / ``running_var``, if given,
+    are updated in place with ``momentum`` (unbiased variance); with ``training=False`` the running statistics
+    normalise (folded into the convolution's weight and bias, in float32). Under :func:`torch.autocast` the
+    convolution computes in the autocast dtype and the statistics in float32.
 
     Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias and the
     BatchNorm's tensors (C_out,). Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last on CUDA.
@@ -59,19 +59,22 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     input, stride, padding, dilation, groups, unbatched = conv_arguments(OP, input, weight, bias, stride, padding,
                                                                          dilation, groups)
     _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
-    if not training and running_mean is None:
-        raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
-                         f"running_var are None (pass training=True to use the batch's statistics)")
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
+                             f"running_var are None (pass training=True to use the batch's statistics)")
+        # Folded from the weights as they are (float32 parameters under autocast): conv2d_bias_relu then computes
+        # in the autocast dtype.
+        out = _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean,
+                                  running_var, bn_weight, bn_bias, eps)
+        return out.squeeze(0) if unbatched else out
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    if not training:
-        out = _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean,
-                                  running_var, bn_weight, bn_bias, eps)
-    elif input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias, bn_weight, bn_bias) \
+    if input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias, bn_weight, bn_bias) \
             or functorch_active():
         # As conv2d_bias_relu: torch's ops, with their own rules and autograd, for what the custom op has no
         # formulas for (empty problems, forward-mode AD, torch.func transforms).
