@@ -293,14 +293,14 @@ def _pass_config(device: torch.device) -> dict:
     return K.INTERPRET_CONFIG if device.type != "cuda" else K.CONFIG
 
 
-def _channel_table(mean, var, bn_weight, bn_bias, eps: float, grad_b=None, grad_k=None) -> torch.Tensor:
-    """The kernels' fp32 (6, C) table: mean, invstd, scale = gamma * invstd, beta (0 without), b, k."""
+def _channel_table(mean, var, bn_weight, bn_bias, eps: float) -> torch.Tensor:
+    """The kernels' fp32 (6, C) table: mean, invstd, scale = gamma * invstd, beta (0 without), and the
+    gradient's b and k (zeros here; the backward fills them in once it has the sums)."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd * bn_weight.float() if bn_weight is not None else invstd
     beta = bn_bias.float() if bn_bias is not None else torch.zeros_like(mean)
     zeros = torch.zeros_like(mean)
-    rows = (mean, invstd, scale, beta, zeros if grad_b is None else grad_b, zeros if grad_k is None else grad_k)
-    return torch.stack(rows).contiguous()
+    return torch.stack((mean, invstd, scale, beta, zeros, zeros)).contiguous()
 
 
 def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups):
