@@ -176,12 +176,14 @@ KERNELS: tuple[KernelAudit, ...] = (
     KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
                 constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False}, arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=("C", "s_r")),
-    KernelAudit(_BN, "_batch_norm_relu_kernel", _by_width("CONFIG", "CONFIG"), arg_types={"chan_ptr": "*fp32"},
-                divisible_by_16=("C",)),
-    KernelAudit(_BN, "_batch_norm_relu_grad_sums_kernel", _by_width("CONFIG", "CONFIG"),
-                arg_types={"chan_ptr": "*fp32", "partial_ptr": "*fp32"}, divisible_by_16=("C", "sgn", "sgp")),
-    KernelAudit(_BN, "_batch_norm_relu_grad_kernel", _by_width("CONFIG", "CONFIG"), arg_types={"chan_ptr": "*fp32"},
-                divisible_by_16=("C", "sgn", "sgp")),
+    # The BatchNorm + ReLU passes, without and with the residual add (a ResNet block's last conv).
+    *(KernelAudit(_BN, kernel, _by_width("CONFIG", "CONFIG"), constexprs={"HAS_RESIDUAL": residual},
+                  arg_types=types, divisible_by_16=divisible, variant="residual" if residual else "")
+      for kernel, types, divisible in (
+          ("_batch_norm_relu_kernel", {"chan_ptr": "*fp32"}, ("C",)),
+          ("_batch_norm_relu_grad_sums_kernel", {"chan_ptr": "*fp32", "partial_ptr": "*fp32"}, ("C", "sgn", "sgp")),
+          ("_batch_norm_relu_grad_kernel", {"chan_ptr": "*fp32"}, ("C", "sgn", "sgp")))
+      for residual in (False, True)),
     KernelAudit(_GRAD_NORM, "_grad_norm_partial_kernel", {ANY_DTYPE: _grad_norm_chunk_config},
                 constexprs={"NORM_INF": False}, arg_types={**_GRAD_TABLE, "partial_ptr": "*fp32"}),
     KernelAudit(_GRAD_NORM, "_grad_norm_reduce_kernel", {ANY_DTYPE: lambda k: {"BLOCK_C": k.REDUCE_BLOCK_C}},

@@ -73,7 +73,8 @@ class BatchNorm2dInFusedConv(nn.BatchNorm2d):
 
 
 class FusedConv2dBatchNormReLU(nn.Conv2d):
-    """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> ReLU as one fused op, for training and inference.
+    """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> ReLU as one fused op, for training and inference; ``forward(input,
+    residual)`` adds a residual before the ReLU (a ResNet block's last conv: ``relu(bn(conv(x)) + identity)``).
 
     The constructor takes ``nn.Conv2d``'s arguments (``bias`` defaults to False: a BatchNorm right after it
     cancels a bias) and ``nn.BatchNorm2d``'s (``eps``, ``momentum``, ``affine``, ``track_running_stats``).
@@ -97,7 +98,7 @@ class FusedConv2dBatchNormReLU(nn.Conv2d):
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device,
                                  dtype=dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.bn
         factor = 0.0 if bn.momentum is None else bn.momentum  # nn.BatchNorm2d.forward, step by step
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -112,7 +113,8 @@ class FusedConv2dBatchNormReLU(nn.Conv2d):
         return conv2d_batch_norm_relu(
             input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
             running_mean=bn.running_mean if track else None, running_var=bn.running_var if track else None,
-            bn_weight=bn.weight, bn_bias=bn.bias, training=batch_stats, momentum=factor, eps=bn.eps)
+            bn_weight=bn.weight, bn_bias=bn.bias, training=batch_stats, momentum=factor, eps=bn.eps,
+            residual=residual)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FusedConv2dBatchNormReLU":

@@ -65,40 +65,47 @@ def batch_norm_scale(var: torch.Tensor, bn_weight: torch.Tensor | None, eps: flo
     return invstd if bn_weight is None else invstd * bn_weight.to(var.dtype)
 
 
-def conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps: float, stride, padding, dilation,
-                           groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode ``relu(batch_norm(conv2d(input, weight, bias, ...)))`` with batch statistics.
+def _pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps: float) -> torch.Tensor:
+    """(z - mean) * gamma / sqrt(var + eps) + beta (+ residual), in the statistics' dtype."""
+    zs = z.to(mean.dtype)
+    pre = (zs - _channel(mean)) * _channel(batch_norm_scale(var, bn_weight, eps))
+    if bn_bias is not None:
+        pre = pre + _channel(bn_bias.to(zs.dtype))
+    return pre if residual is None else pre + residual.to(zs.dtype)
+
+
+def conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, residual, eps: float, stride, padding,
+                           dilation, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode ``relu(batch_norm(conv2d(input, weight, bias, ...)) + residual)`` with batch statistics.
 
     input (N, C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias, bn_weight (gamma), bn_bias (beta):
-    (C_out,) or None. Returns ``(output, z, mean, var)``: the output and ``z = conv2d(...)`` in the input's dtype
-    and memory format, the per-channel batch mean and biased variance of ``z`` (what BatchNorm2d normalises
-    with) in :func:`statistics_dtype`. The normalisation computes ``(z - mean) * scale + beta`` in that dtype.
+    (C_out,) or None; residual: None or the output's shape (a ResNet block's identity). Returns
+    ``(output, z, mean, var)``: the output and ``z = conv2d(...)`` in the input's dtype and memory format, the
+    per-channel batch mean and biased variance of ``z`` (what BatchNorm2d normalises with) in
+    :func:`statistics_dtype`. The normalisation and the add compute ``(z - mean) * scale + beta + residual`` in
+    that dtype, rounded once.
     """
     z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    zs = z.to(statistics_dtype(z.dtype))
-    var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
-    out = (zs - _channel(mean)) * _channel(batch_norm_scale(var, bn_weight, eps))
-    if bn_bias is not None:
-        out = out + _channel(bn_bias.to(zs.dtype))
-    return torch.relu(out).to(z.dtype), z, mean, var
+    var, mean = torch.var_mean(z.to(statistics_dtype(z.dtype)), dim=(0, 2, 3), correction=0)
+    return torch.relu(_pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps)).to(z.dtype), z, mean, var
 
 
-def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps: float,
-                                    stride, padding, dilation, groups, output_mask: Sequence[bool]):
+def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual,
+                                    eps: float, stride, padding, dilation, groups, output_mask: Sequence[bool]):
     """Gradients of :func:`conv2d_batch_norm_relu` from ``z`` and the batch statistics (the output is not kept):
-    ``(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)``, None where ``output_mask`` is False.
+    ``(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)``, None where
+    ``output_mask`` is False.
 
-    With xhat = (z - mean) / sqrt(var + eps), g = grad_output where gamma * xhat + beta > 0 (the ReLU's mask),
-    and M = N * OH * OW: grad_bn_bias = sum g, grad_bn_weight = sum g * xhat, and the convolution's output gets
-    dz = gamma / sqrt(var + eps) * (g - sum g / M - xhat * sum (g * xhat) / M), computed in the statistics'
-    dtype and rounded to z's, whose convolution gradients torch's ``convolution_backward`` takes.
+    With xhat = (z - mean) / sqrt(var + eps), g = grad_output where gamma * xhat + beta (+ residual) > 0 (the
+    ReLU's mask; g is also the residual's gradient), and M = N * OH * OW: grad_bn_bias = sum g, grad_bn_weight =
+    sum g * xhat, and the convolution's output gets dz = gamma / sqrt(var + eps) * (g - sum g / M - xhat *
+    sum (g * xhat) / M), computed in the statistics' dtype and rounded to z's, whose convolution gradients
+    torch's ``convolution_backward`` takes.
     """
     dtype = mean.dtype
     invstd = torch.rsqrt(var + eps)
     xhat = (z.to(dtype) - _channel(mean)) * _channel(invstd)
-    pre = xhat if bn_weight is None else xhat * _channel(bn_weight.to(dtype))
-    if bn_bias is not None:
-        pre = pre + _channel(bn_bias.to(dtype))
+    pre = _pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps)
     g = torch.where(pre > 0, grad_output.to(dtype), 0)
     sum_g = g.sum((0, 2, 3))
     sum_gx = (g * xhat).sum((0, 2, 3))
@@ -112,7 +119,8 @@ def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn
     )
     grad_gamma = sum_gx.to(bn_weight.dtype) if output_mask[3] else None
     grad_beta = sum_g.to(bn_bias.dtype) if output_mask[4] else None
-    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta
+    grad_residual = g.to(residual.dtype) if output_mask[5] else None
+    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta, grad_residual
 
 
 # The largest piece of an fp32 gradient whose norm the CPU takes with torch's fp32 foreach kernel (its fast path;

@@ -3,12 +3,14 @@
 The convolution itself is ``kernels/conv_bias_relu.py``'s forward with ``STATS=True`` (it stores z and the
 per-tile statistics) and its dgrad / wgrad GEMMs. Here, over NHWC rows (M = N*OH*OW rows, C channels):
 
-- ``_batch_norm_relu_kernel``: y = relu((z - mean) * scale + beta), the forward's one light pass.
-- ``_batch_norm_relu_grad_sums_kernel``: g = grad_out where (z - mean) * scale + beta > 0 (the ReLU's mask,
-  recomputed from z: the output is not saved); per row block the sums of g and of g * xhat, xhat = (z - mean)
-  * invstd (summed over the blocks afterwards: deterministic, no atomics).
+- ``_batch_norm_relu_kernel``: y = relu((z - mean) * scale + beta (+ residual)), the forward's one light pass.
+- ``_batch_norm_relu_grad_sums_kernel``: g = grad_out where (z - mean) * scale + beta (+ residual) > 0 (the
+  ReLU's mask, recomputed from z: the output is not saved); per row block the sums of g and of g * xhat,
+  xhat = (z - mean) * invstd (summed over the blocks afterwards: deterministic, no atomics). With a residual
+  it also writes g, the residual's gradient.
 - ``_batch_norm_relu_grad_kernel``: dz = scale * g - b - (z - mean) * k, the BatchNorm's input gradient with
-  the per-channel b = scale * sum(g) / M and k = scale * invstd * sum(g * xhat) / M, written NHWC for the GEMMs.
+  the per-channel b = scale * sum(g) / M and k = scale * invstd * sum(g * xhat) / M, written NHWC for the GEMMs
+  (with a residual, g is read back instead of recomputed from grad_out, z and the residual).
 
 Per-channel vectors come as one fp32 (6, C) table ``chan``: rows mean, invstd, scale (gamma * invstd), beta (0
 without one), b, k (the last two for the gradient only). Everything is computed in fp32.
@@ -33,9 +35,11 @@ def _channel_vector(chan_ptr, row: tl.constexpr, offs_c, mask_c, C):
 @triton.jit
 def _batch_norm_relu_kernel(
     z_ptr,  # conv output, contiguous NHWC (M, C)
+    res_ptr,  # HAS_RESIDUAL: the residual, contiguous NHWC (M, C)
     chan_ptr,  # fp32 (6, C): mean, invstd, scale, beta, ...
     y_ptr,  # out: contiguous NHWC (M, C), z's dtype
     M, C,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -46,20 +50,26 @@ def _batch_norm_relu_kernel(
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = ((z - _channel_vector(chan_ptr, 0, offs_c, mask_c, C)) * _channel_vector(chan_ptr, 2, offs_c, mask_c, C)
          + _channel_vector(chan_ptr, 3, offs_c, mask_c, C))
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, tl.maximum(y, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _masked_grad(go_ptr, z_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc):
-    """(g, z, mask_c, mask) of one tile: g = grad_out where the forward's output was positive, z in fp32."""
+def _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc,
+                 HAS_RESIDUAL: tl.constexpr):
+    """(g, z - mean, mask_c, mask) of one tile: g = grad_out where the forward's output was positive."""
     mask_c = offs_c < C
     mask = (offs_m < M)[:, None] & mask_c[None, :]
     n_idx = offs_m // P
     p = offs_m % P
     go = tl.load(go_ptr + (n_idx * sgn + p * sgp)[:, None] + offs_c[None, :] * sgc, mask=mask, other=0.0)
-    z = tl.load(z_ptr + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows = offs_m[:, None] * C + offs_c[None, :]
+    z = tl.load(z_ptr + rows, mask=mask, other=0.0).to(tl.float32)
     centred = z - _channel_vector(chan_ptr, 0, offs_c, mask_c, C)
     pre = centred * _channel_vector(chan_ptr, 2, offs_c, mask_c, C) + _channel_vector(chan_ptr, 3, offs_c, mask_c, C)
+    if HAS_RESIDUAL:
+        pre += tl.load(res_ptr + rows, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(pre > 0, go.to(tl.float32), 0.0)
     return g, centred, mask_c, mask
 
@@ -68,16 +78,22 @@ def _masked_grad(go_ptr, z_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc
 def _batch_norm_relu_grad_sums_kernel(
     go_ptr,  # grad of the output, 4-D with flattenable (OH, OW): go[n, c, p] at n*sgn + p*sgp + c*sgc
     z_ptr,  # conv output, contiguous NHWC (M, C)
+    res_ptr,  # HAS_RESIDUAL: the residual, contiguous NHWC (M, C)
     chan_ptr,  # fp32 (6, C)
     partial_ptr,  # out: fp32 (2, cdiv(M, BLOCK_M), C): per row block, sum of g and sum of g * xhat
+    g_ptr,  # out, HAS_RESIDUAL: g (the residual's gradient), contiguous NHWC (M, C)
     M, C, P,  # rows, channels, pixels per image (OH*OW)
     sgn, sgp, sgc,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc)
+    g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp,
+                                            sgc, HAS_RESIDUAL)
+    if HAS_RESIDUAL:
+        tl.store(g_ptr + offs_m[:, None] * C + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
     xhat = centred * _channel_vector(chan_ptr, 1, offs_c, mask_c, C)
     out = partial_ptr + pid_m * C + offs_c
     tl.store(out, tl.sum(g, axis=0), mask=mask_c)
@@ -86,17 +102,28 @@ def _batch_norm_relu_grad_sums_kernel(
 
 @triton.jit
 def _batch_norm_relu_grad_kernel(
-    go_ptr,  # grad of the output, as in _batch_norm_relu_grad_sums_kernel
+    go_ptr,  # grad of the output, as in _batch_norm_relu_grad_sums_kernel (not read with HAS_RESIDUAL)
     z_ptr,  # conv output, contiguous NHWC (M, C)
+    g_ptr,  # HAS_RESIDUAL: g as the sums kernel wrote it
     chan_ptr,  # fp32 (6, C), all six rows
     dz_ptr,  # out: grad of z, contiguous NHWC (M, C), z's dtype
     M, C, P,
     sgn, sgp, sgc,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc)
+    rows = offs_m[:, None] * C + offs_c[None, :]
+    if HAS_RESIDUAL:  # g is there already: no residual to read again for the mask
+        mask_c = offs_c < C
+        mask = (offs_m < M)[:, None] & mask_c[None, :]
+        g = tl.load(g_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        centred = (tl.load(z_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+                   - _channel_vector(chan_ptr, 0, offs_c, mask_c, C))
+    else:
+        g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, z_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp,
+                                                sgc, False)
     dz = (g * _channel_vector(chan_ptr, 2, offs_c, mask_c, C) - _channel_vector(chan_ptr, 4, offs_c, mask_c, C)
           - centred * _channel_vector(chan_ptr, 5, offs_c, mask_c, C))
-    tl.store(dz_ptr + offs_m[:, None] * C + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + rows, dz.to(dz_ptr.dtype.element_ty), mask=mask)

@@ -39,11 +39,13 @@ def randomize(layer: FusedConv2dBatchNormReLU) -> FusedConv2dBatchNormReLU:
 
 
 def compare_training(layer: FusedConv2dBatchNormReLU, input_shape, *, steps: int = 3, dtype=None,
-                     channels_last: bool = False, offset: float = 1.0, eval_step: bool = True) -> None:
+                     channels_last: bool = False, offset: float = 1.0, eval_step: bool = True,
+                     residual: bool = False) -> None:
     """Train ``layer`` and its float64 twin ``steps`` steps on the same random inputs and output gradients, then
     one step in eval mode; after each, compare the output, every gradient (input, conv weight and bias, gamma,
     beta) and the running statistics within ``dtype``'s row of the tolerance table, and num_batches_tracked
-    exactly. ``offset``: the inputs' mean (a non-zero batch mean is what the statistics must get right)."""
+    exactly. ``offset``: the inputs' mean (a non-zero batch mean is what the statistics must get right).
+    ``residual``: a random residual of the output's shape is added before the ReLU, and its gradient compared."""
     conv, bn = eager_twin(layer)
     device = layer.weight.device
     dtype = dtype or layer.weight.dtype
@@ -56,8 +58,14 @@ def compare_training(layer: FusedConv2dBatchNormReLU, input_shape, *, steps: int
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         x64 = x.detach().double().cpu().requires_grad_(True)
-        out = layer(x)
-        expected = torch.relu(bn(conv(x64)))
+        r = r64 = None
+        if residual:
+            shape = conv(x64[:1]).shape[1:]
+            r = torch.randn((x.shape[0], *shape), device=device, dtype=dtype).requires_grad_(True)
+            r64 = r.detach().double().cpu().requires_grad_(True)
+        out = layer(x, r)
+        pre = bn(conv(x64))
+        expected = torch.relu(pre if r64 is None else pre + r64)
         where = f"step {step} ({'train' if training else 'eval'})"
         assert out.dtype == dtype, where
         assert_close(out, expected, dtype, name=f"{where}: output")
@@ -65,6 +73,8 @@ def compare_training(layer: FusedConv2dBatchNormReLU, input_shape, *, steps: int
         out.backward(grad)
         expected.backward(grad.double().cpu())
         assert_close(x.grad, x64.grad, dtype, name=f"{where}: grad of input")
+        if residual:
+            assert_close(r.grad, r64.grad, dtype, name=f"{where}: grad of residual")
         pairs = [("weight", layer.weight, conv.weight), ("bias", layer.bias, conv.bias),
                  ("bn.weight", layer.bn.weight, bn.weight), ("bn.bias", layer.bn.bias, bn.bias)]
         for name, p, q in pairs:

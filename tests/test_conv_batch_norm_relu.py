@@ -35,6 +35,23 @@ def test_trains_as_conv_batchnorm_relu(kwargs, shape, dtype):
     compare_training(layer, shape, steps=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_add_before_the_relu(dtype):
+    """relu(bn(conv(x)) + residual): a ResNet block's last conv; the residual's gradient is the masked one."""
+    layer = randomize(FusedConv2dBatchNormReLU(4, 6, 3, stride=2, padding=1, dtype=dtype))
+    compare_training(layer, (3, 4, 7, 8), residual=True)
+
+
+def test_residual_errors_name_it():
+    layer = FusedConv2dBatchNormReLU(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 4, 5, 5\)"):
+        layer(x, torch.randn(2, 4, 5, 4))
+    with pytest.raises(TypeError, match="residual must have the input's dtype"):
+        layer(x, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert layer(x[0], torch.randn(4, 5, 5)).shape == (4, 5, 5)  # unbatched, as Conv2d takes
+
+
 def test_channels_last_in_and_out():
     layer = randomize(FusedConv2dBatchNormReLU(4, 8, 3, padding=1))
     compare_training(layer, (2, 4, 6, 6), channels_last=True)
@@ -181,15 +198,17 @@ def test_gradcheck_and_double_backward_float64():
     assert torch.autograd.gradgradcheck(f, (x, w, b, gamma, beta))
 
 
-def test_opcheck_custom_ops():
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_opcheck_custom_ops(with_residual):
     x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
     gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
-    args = (x, w, None, gamma, beta, 1e-5, [2, 1], [1, 1], [1, 1], 2)
+    residual = torch.randn(2, 6, 3, 6) if with_residual else None
+    args = (x, w, None, gamma, beta, residual, 1e-5, [2, 1], [1, 1], [1, 1], 2)
     torch.library.opcheck(torch.ops.cnnperf.conv2d_batch_norm_relu.default, args)
     out, z, mean, var = torch.ops.cnnperf.conv2d_batch_norm_relu(*args)
     torch.library.opcheck(torch.ops.cnnperf.conv2d_batch_norm_relu_backward.default,
-                          (torch.randn_like(out), x, w, z, mean, var, gamma, beta, 1e-5, [2, 1], [1, 1], [1, 1], 2,
-                           [True, True, False, True, False]))
+                          (torch.randn_like(out), x, w, z, mean, var, gamma, beta, residual, 1e-5, [2, 1], [1, 1],
+                           [1, 1], 2, [True, True, False, True, False, with_residual]))
 
 
 def test_saves_no_more_activation_memory_than_eager():

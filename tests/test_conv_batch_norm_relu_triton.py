@@ -34,6 +34,14 @@ def test_trains_as_conv_batchnorm_relu(kwargs, shape, dtype):
                          channels_last=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_residual_add_before_the_relu(dtype):
+    layer = randomize(FusedConv2dBatchNormReLU(4, 6, 3, stride=2, padding=1, device=DEVICE))
+    with backend.override("triton"):
+        compare_training(layer.to(dtype) if dtype != torch.float32 else layer, (3, 4, 7, 8), steps=2, dtype=dtype,
+                         channels_last=True, residual=True)
+
+
 def test_tiles_combine_to_exact_statistics_far_from_zero():
     """Many row tiles of very different means (offset 30): Chan's combination against float64."""
     layer = randomize(FusedConv2dBatchNormReLU(2, 3, 1, device=DEVICE))

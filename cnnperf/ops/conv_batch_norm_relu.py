@@ -42,9 +42,10 @@ OP = "conv2d_batch_norm_relu"
 
 def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                            running_mean=None, running_var=None, bn_weight=None, bn_bias=None, training=False,
-                           momentum=0.1, eps=1e-5):
+                           momentum=0.1, eps=1e-5, residual=None):
     """``relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean,
-    running_var, bn_weight, bn_bias, training, momentum, eps))`` as one fused op.
+    running_var, bn_weight, bn_bias, training, momentum, eps) + residual)`` as one fused op (``residual``: None,
+    or a tensor of the output's shape added before the ReLU, a ResNet block's identity).
 
     The convolution's arguments are those of :func:`torch.nn.functional.conv2d`, the BatchNorm's (keyword-only)
     those of :func:`torch.nn.functional.batch_norm`, with the same meaning: with ``training=True`` the output is
@@ -54,11 +55,16 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     convolution computes in the autocast dtype and the statistics in float32.
 
     Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias and the
-    BatchNorm's tensors (C_out,). Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last on CUDA.
+    BatchNorm's tensors (C_out,); residual like the output. Returns (N, C_out, OH, OW) (or (C_out, OH, OW));
+    channels_last on CUDA.
     """
+    batched_input = input
     input, stride, padding, dilation, groups, unbatched = conv_arguments(OP, input, weight, bias, stride, padding,
                                                                          dilation, groups)
     _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
+    oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if residual is not None:
+        residual = _check_residual(residual, batched_input, (input.shape[0], weight.shape[0], oh, ow), unbatched)
     if not training:
         if running_mean is None:
             raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
@@ -66,26 +72,29 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
         # Folded from the weights as they are (float32 parameters under autocast): conv2d_bias_relu then computes
         # in the autocast dtype.
         out = _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean,
-                                  running_var, bn_weight, bn_bias, eps)
+                                  running_var, bn_weight, bn_bias, residual, eps)
         return out.squeeze(0) if unbatched else out
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+        residual = residual.to(dtype) if residual is not None else None
+    elif residual is not None and residual.dtype != input.dtype:
+        raise TypeError(f"{OP}: residual must have the input's dtype {input.dtype}, got {residual.dtype} "
+                        f"with shape {tuple(residual.shape)}")
 
-    if input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias, bn_weight, bn_bias) \
-            or functorch_active():
+    if input.numel() == 0 or weight.numel() == 0 or functorch_active() \
+            or has_tangent(input, weight, bias, bn_weight, bn_bias, residual):
         # As conv2d_bias_relu: torch's ops, with their own rules and autograd, for what the custom op has no
         # formulas for (empty problems, forward-mode AD, torch.func transforms).
         z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        out = torch.relu(torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True,
-                                                        momentum, eps))
+        out = torch.nn.functional.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+        out = torch.relu(out if residual is None else out + residual)
     else:
-        oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
         _check_batch_size(input.shape[0], weight.shape[0], oh, ow)
-        out, _, mean, var = torch.ops.cnnperf.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias,
-                                                                     float(eps), stride, padding, dilation, groups)
+        out, _, mean, var = torch.ops.cnnperf.conv2d_batch_norm_relu(
+            input, weight, bias, bn_weight, bn_bias, residual, float(eps), stride, padding, dilation, groups)
         if running_mean is not None:
             _update_running_statistics(running_mean, running_var, mean, var, input.shape[0] * oh * ow, momentum)
     return out.squeeze(0) if unbatched else out
@@ -121,6 +130,22 @@ def _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, mom
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
+def _check_residual(residual, input, shape: tuple, unbatched: bool) -> torch.Tensor:
+    """The residual as a 4-D tensor of the output's ``shape``, or an error naming it and the shapes."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{OP}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    expected = shape[1:] if unbatched else shape
+    if tuple(residual.shape) != tuple(expected):
+        raise ValueError(f"{OP}: residual must have the output's shape {tuple(expected)} (input "
+                         f"{tuple(input.shape)}), got {tuple(residual.shape)}")
+    if residual.device != input.device:
+        raise RuntimeError(f"{OP}: residual is on {residual.device} but input {tuple(input.shape)} on "
+                           f"{input.device}")
+    if not residual.is_floating_point():
+        raise TypeError(f"{OP}: residual must be a floating-point tensor, got {residual.dtype}")
+    return residual.unsqueeze(0) if unbatched else residual
+
+
 def _check_batch_size(n: int, channels: int, oh: int, ow: int) -> None:
     """BatchNorm's own error for one value per channel (torch.nn.functional._verify_batch_size)."""
     if n * oh * ow == 1:
@@ -137,9 +162,10 @@ def _update_running_statistics(running_mean, running_var, mean, var, count: int,
 
 
 def _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
-                        bn_weight, bn_bias, eps):
+                        bn_weight, bn_bias, residual, eps):
     """Eval mode: the BatchNorm folded into the convolution (in float32, or float64 for float64 weights) and
-    one conv2d_bias_relu. Differentiable in weight, bias, bn_weight and bn_bias."""
+    one conv2d_bias_relu; with a residual, torch's conv2d, the add and the ReLU. Differentiable in weight, bias,
+    bn_weight, bn_bias (and the residual)."""
     dtype = reference.statistics_dtype(weight.dtype)
     scale = reference.batch_norm_scale(running_var.to(dtype), bn_weight, eps)
     folded_bias = -running_mean.to(dtype) * scale
@@ -148,7 +174,12 @@ def _running_statistics(input, weight, bias, stride, padding, dilation, groups, 
     if bn_bias is not None:
         folded_bias = folded_bias + bn_bias.to(dtype)
     folded_weight = (weight.to(dtype) * scale[:, None, None, None]).to(weight.dtype)
-    return conv2d_bias_relu(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation, groups)
+    if residual is None:
+        return conv2d_bias_relu(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation,
+                                groups)
+    z = torch.nn.functional.conv2d(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation,
+                                   groups)
+    return torch.relu(z + residual)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,31 +188,33 @@ def _running_statistics(input, weight, bias, stride, padding, dilation, groups, 
 
 @torch.library.custom_op("cnnperf::conv2d_batch_norm_relu", mutates_args=())
 def _conv2d_batch_norm_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
-                               stride: list[int], padding: list[int], dilation: list[int],
+                               bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+                               residual: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
+                               dilation: list[int],
                                groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           cbr.unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
-    args = (input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups)
+    args = (input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = cbr._auto_pick(("bn_fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
-                               tuple(padding), tuple(dilation), groups),
+                               tuple(padding), tuple(dilation), groups, residual is not None),
                               lambda: conv_batch_norm_relu_forward(*args), lambda: _reference_forward(*args, fmt))
     out, z, mean, var = (conv_batch_norm_relu_forward(*args) if path == "triton" else _reference_forward(*args, fmt))
     return out.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt), mean, var
 
 
-def _reference_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, fmt):
+def _reference_forward(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups,
+                       fmt):
     if fmt == torch.channels_last:  # cuDNN then writes channels_last directly
         input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-    return reference.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation,
-                                            groups)
+    return reference.conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding,
+                                            dilation, groups)
 
 
 @_conv2d_batch_norm_relu_op.register_fake
-def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups):
+def _(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups):
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = memory_format(input, weight)
     shape = (input.shape[0], weight.shape[0], oh, ow)
@@ -193,14 +226,16 @@ def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, g
 @torch.library.custom_op("cnnperf::conv2d_batch_norm_relu_backward", mutates_args=())
 def _conv2d_batch_norm_relu_backward_op(
         grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
-        var: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
+        var: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+        residual: torch.Tensor | None, eps: float,
         stride: list[int], padding: list[int], dilation: list[int], groups: int,
-        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); an entry not asked for in
-    ``output_mask`` is an empty tensor."""
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual); an entry not asked for
+    in ``output_mask`` is an empty tensor."""
     path = backend.choose(OP, input.device.type, cbr.unsupported(input, weight, z.numel(), groups, stride))
-    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
-            output_mask)
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+            groups, output_mask)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = cbr._auto_pick(("bn_bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
                                tuple(dilation), groups, tuple(output_mask)),
@@ -210,53 +245,58 @@ def _conv2d_batch_norm_relu_backward_op(
         grads = conv_batch_norm_relu_backward(*args)
     else:
         grads = reference.conv2d_batch_norm_relu_backward(*args)
-    return _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask)
+    return _backward_results(grads, input, weight, output_mask)
 
 
-def _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask):
-    gi, gw, gb, g_gamma, g_beta = grads
+def _backward_results(grads, input, weight, output_mask):
+    gi, gw, gb, g_gamma, g_beta, g_residual = grads
     empty = input.new_empty((0,))
-    return (gi.contiguous(memory_format=memory_format(input, weight)) if output_mask[0] else empty,
+    fmt = memory_format(input, weight)
+    return (gi.contiguous(memory_format=fmt) if output_mask[0] else empty,
             gw.contiguous(memory_format=torch_format(input, weight)) if output_mask[1] else empty.clone(),
             gb.contiguous() if output_mask[2] else empty.clone(),
             g_gamma.contiguous() if output_mask[3] else empty.clone(),
-            g_beta.contiguous() if output_mask[4] else empty.clone())
+            g_beta.contiguous() if output_mask[4] else empty.clone(),
+            g_residual.contiguous(memory_format=fmt) if output_mask[5] else empty.clone())
 
 
 @_conv2d_batch_norm_relu_backward_op.register_fake
-def _(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
-      output_mask):
+def _(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+      groups, output_mask):
     channels = (weight.shape[0],)
     grads = (input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(channels),
              bn_weight.new_empty(channels) if bn_weight is not None else None,
-             bn_bias.new_empty(channels) if bn_bias is not None else None)
-    return _backward_results(grads, input, weight, bn_weight, bn_bias, output_mask)
+             bn_bias.new_empty(channels) if bn_bias is not None else None,
+             residual.new_empty(residual.shape) if residual is not None else None)
+    return _backward_results(grads, input, weight, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups = inputs
+    input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
-    ctx.save_for_backward(input, weight, z, mean, var, bn_weight, bn_bias, bias)
+    # The residual for the ReLU's mask (a ResNet block's input: kept by its first conv anyway).
+    ctx.save_for_backward(input, weight, z, mean, var, bn_weight, bn_bias, residual, bias)
     ctx.args = (eps, stride, padding, dilation, groups)
-    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)
+    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
     ctx.backend = backend.requested()  # the backward may run on autograd's thread (see conv_bias_relu)
     ctx.pinned = cbr.current_pinned_configs()
 
 
 def _backward(ctx, grad_output, _grad_z, _grad_mean, _grad_var):
-    input, weight, z, mean, var, bn_weight, bn_bias, bias = ctx.saved_tensors
+    input, weight, z, mean, var, bn_weight, bn_bias, residual, bias = ctx.saved_tensors
     eps, stride, padding, dilation, groups = ctx.args
     needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], ctx.has[0] and needs[2], ctx.has[1] and needs[3], ctx.has[2] and needs[4]]
+    mask = [needs[0], needs[1], ctx.has[0] and needs[2], ctx.has[1] and needs[3], ctx.has[2] and needs[4],
+            ctx.has[3] and needs[5]]
     nothing = (None,) * 5
     if not any(mask):
-        return (*nothing, *nothing)
-    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
-            mask)
+        return (*nothing, None, *nothing)
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+            groups, mask)
     if torch.is_grad_enabled():
-        grads = _recomputed_grads(grad_output, (input, weight, bias, bn_weight, bn_bias), eps, stride, padding,
-                                  dilation, groups, mask)
+        grads = _recomputed_grads(grad_output, (input, weight, bias, bn_weight, bn_bias, residual), eps, stride,
+                                  padding, dilation, groups, mask)
     else:
         with backend.override(ctx.backend), cbr.pinned_configs(**ctx.pinned):
             grads = torch.ops.cnnperf.conv2d_batch_norm_relu_backward(*args)
@@ -267,10 +307,11 @@ def _recomputed_grads(grad_output, inputs, eps, stride, padding, dilation, group
     """create_graph=True (double backward, gradient penalties): the gradients will be differentiated again, also
     through z and the batch statistics, which the op's outputs do not carry. So the forward runs again with
     torch's ops from the saved inputs, and its gradients are taken with a graph of their own."""
-    input, weight, bias, bn_weight, bn_bias = inputs
+    input, weight, bias, bn_weight, bn_bias, residual = inputs
     z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     zs = z.to(reference.statistics_dtype(z.dtype))
-    out = torch.relu(torch.nn.functional.batch_norm(zs, None, None, bn_weight, bn_bias, True, 0.0, eps)).to(z.dtype)
+    pre = torch.nn.functional.batch_norm(zs, None, None, bn_weight, bn_bias, True, 0.0, eps)
+    out = torch.relu(pre if residual is None else pre + residual.to(zs.dtype)).to(z.dtype)
     wanted = [t for t, m in zip(inputs, mask) if m]
     grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True))
     return [next(grads) if m else None for m in mask]
@@ -303,10 +344,11 @@ def _channel_table(mean, var, bn_weight, bn_bias, eps: float) -> torch.Tensor:
     return torch.stack((mean, invstd, scale, beta, zeros, zeros)).contiguous()
 
 
-def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups):
+def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+                                 groups):
     """Triton forward: the conv kernel stores z and its per-tile statistics (``STATS``), the tiles are combined
-    (Chan's formula, float64 on (tiles, C) values), and one pass writes relu((z - mean) * scale + beta).
-    Returns (output, z, mean, var), channels_last, the statistics in float32."""
+    (Chan's formula, float64 on (tiles, C) values), and one pass writes relu((z - mean) * scale + beta
+    (+ residual)). Returns (output, z, mean, var), channels_last, the statistics in float32."""
     x = cbr._nhwc(input)
     w = cbr._weight_khwc(weight)
     n, c_in, h, wd = x.shape
@@ -336,10 +378,12 @@ def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, eps, s
     mean, var = _combine_tiles(stats, m, block_m)
     chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
     y = torch.empty_like(z)
+    res = cbr._nhwc(residual) if residual is not None else z  # (never read without HAS_RESIDUAL)
     K, cfg = _kernels(), _pass_config(x.device)
     with backend.quiet_interpreter():
         K._batch_norm_relu_kernel[(-(-m // cfg["BLOCK_M"]), -(-c_out // cfg["BLOCK_C"]))](
-            z, chan, y, m, c_out, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+            z, res, chan, y, m, c_out, HAS_RESIDUAL=residual is not None, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, var
 
 
@@ -377,11 +421,11 @@ def _combine_tiles(stats: torch.Tensor, rows: int, block_m: int) -> tuple[torch.
     return mean.float(), var.float()
 
 
-def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, eps, stride,
-                                  padding, dilation, groups, output_mask):
-    """Triton backward: one pass sums g and g * xhat per channel (the BatchNorm's gamma and beta gradients),
-    one pass writes dz, and the convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's
-    gradient as it goes)."""
+def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps,
+                                  stride, padding, dilation, groups, output_mask):
+    """Triton backward: one pass sums g and g * xhat per channel (the BatchNorm's gamma and beta gradients; with
+    a residual it also writes g, the residual's gradient), one pass writes dz, and the convolution's dgrad and
+    wgrad GEMMs take dz (the wgrad summing the conv bias's gradient as it goes)."""
     K, cfg = _kernels(), _pass_config(z.device)
     n, c, oh, ow = z.shape
     m = n * oh * ow
@@ -391,16 +435,20 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     strides = (go.stride(0), go.stride(3), go.stride(1))
     chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
     partial = torch.empty((2, grid[0], c), device=z.device, dtype=torch.float32)
-    launch = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    has_residual = residual is not None
+    res = cbr._nhwc(residual) if has_residual else zz  # (never read without HAS_RESIDUAL)
+    g = torch.empty((n, oh, ow, c), device=z.device, dtype=residual.dtype) if has_residual else zz
+    launch = dict(HAS_RESIDUAL=has_residual, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                  num_warps=cfg["num_warps"])
     with backend.quiet_interpreter():
-        K._batch_norm_relu_grad_sums_kernel[grid](go, zz, chan, partial, m, c, oh * ow, *strides, **launch)
+        K._batch_norm_relu_grad_sums_kernel[grid](go, zz, res, chan, partial, g, m, c, oh * ow, *strides, **launch)
     sum_g, sum_gx = partial.sum(1)
     scale = chan[K.SCALE]
     chan[K.GRAD_B] = scale * sum_g / m
     chan[K.GRAD_K] = scale * chan[K.INVSTD] * sum_gx / m
     dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
     with backend.quiet_interpreter():
-        K._batch_norm_relu_grad_kernel[grid](go, zz, chan, dz, m, c, oh * ow, *strides, **launch)
+        K._batch_norm_relu_grad_kernel[grid](go, zz, g, chan, dz, m, c, oh * ow, *strides, **launch)
         grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
             dz, None, input, weight, oh, ow, stride, padding, dilation, groups, output_mask[:3],
             bias_in_wgrad=bool(output_mask[1]))
@@ -409,4 +457,5 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     # Copies: the two sums are views of one tensor, and a custom op's outputs may not alias each other.
     grad_gamma = sum_gx.to(bn_weight.dtype, copy=True) if output_mask[3] else None
     grad_beta = sum_g.to(bn_bias.dtype, copy=True) if output_mask[4] else None
-    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta
+    grad_residual = g.permute(0, 3, 1, 2) if output_mask[5] else None
+    return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta, grad_residual
