@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -43,6 +44,8 @@ _log = logging.getLogger("cnnperf.fuse")  # named for the function users call
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # Everything a Module keeps about its hooks (nn.Module.__init__), handed to the GraphModule that replaces it.
 _HOOK_STATE = _HOOK_DICTS + ("_is_full_backward_hook", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -58,6 +61,7 @@ class FuseReport:
     folded_bn: the BatchNorm2d layers folded into them (eval mode; gone from the returned model).
     batch_norm: the BatchNorm2d layers that fused layers compute (training mode; a ``BatchNorm2dInFusedConv``
         in their place holds their state).
+    residual: the convs fused with their BatchNorm2d, a residual add and the ReLU (training mode, ``torch.fx``).
     skipped: ``(name, reason)`` for each ``nn.Conv2d`` left as it is.
     untraced: ``(name, error)`` for each module ``torch.fx`` could not trace (its children were fused instead).
     """
@@ -65,13 +69,14 @@ class FuseReport:
     fused: list[str] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
     batch_norm: list[str] = field(default_factory=list)
+    residual: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     untraced: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"cnnperf.fuse: {len(self.fused)} Conv2d+ReLU fused ({len(self.batch_norm)} with BatchNorm2d in "
-                 f"training mode, {len(self.folded_bn)} with BatchNorm2d folded), {len(self.skipped)} Conv2d left "
-                 f"as they are"]
+                 f"training mode, {len(self.residual)} of them with a residual add; {len(self.folded_bn)} with "
+                 f"BatchNorm2d folded), {len(self.skipped)} Conv2d left as they are"]
         lines += [f"  fused     {name}" for name in self.fused]
         lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  untraced  {name or '(model)'}: {error}" for name, error in self.untraced]
@@ -233,6 +238,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
     read_directly = {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
     seen = set()
     kept = {}  # BatchNorm2dInFusedConv by target: not called by the graph, but their state stays there
+    fused_calls = {}  # the call of each layer fused with a residual add -> its name
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules[node.target]) is not nn.Conv2d or node.target in seen:
@@ -246,11 +252,11 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         if node.target in read_directly:
             report.skipped.append((qualified, "its parameters are also read directly in forward"))
             continue
-        found = _graph_chain(node, modules)
+        found = _graph_chain(node, modules, residual=not fold, fused_calls=fused_calls)
         if isinstance(found, str):
             report.skipped.append((qualified, found))
             continue
-        bn_node, relu_node = found
+        bn_node, relu_node, add_node, other = found
         if bn_node is not None and not fold and calls[bn_node.target] > 1:
             # Its place would hold the fused layer's BatchNorm2dInFusedConv, an identity, at every call site.
             report.skipped.append((qualified, f"followed by BatchNorm2d {_join(name, bn_node.target)}, which is "
@@ -266,10 +272,22 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         gm.set_submodule(node.target, fused)
         if isinstance(fused, FusedConv2dBatchNormReLU):
             kept[bn_node.target] = fused.bn
-        relu_node.replace_all_uses_with(node)
+        call = node
+        if add_node is not None:
+            # fused(x, other) where the ReLU was: the other addend (a downsampled identity) may be computed after
+            # the conv.
+            with gm.graph.inserting_before(relu_node):
+                call = gm.graph.call_module(node.target, (node.args[0], other))
+            fused_calls[call] = qualified
+            report.residual.append(qualified)
+        relu_node.replace_all_uses_with(call)
         gm.graph.erase_node(relu_node)
+        if add_node is not None:
+            gm.graph.erase_node(add_node)
         if bn_node is not None:
             gm.graph.erase_node(bn_node)
+        if add_node is not None:
+            gm.graph.erase_node(node)
         changed = True
     if changed:
         gm.graph.lint()
@@ -284,8 +302,11 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
     return changed
 
 
-def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module]):
-    """``(bn_node or None, relu_node)`` when the conv's output goes to a ReLU alone, else the reason it does not."""
+def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], residual: bool,
+                 fused_calls: dict[torch.fx.Node, str]):
+    """``(bn_node or None, relu_node, add_node or None, other addend or None)`` when the conv's output goes to a
+    ReLU alone (through a BatchNorm2d alone; with ``residual``, through a BatchNorm2d and an add of one other
+    tensor), else the reason it does not. ``fused_calls``: the calls of layers fused with a residual so far."""
     user = _sole_user(conv_node)
     if user is None:
         return f"its output has {len(conv_node.users)} users; only a ReLU as the one user can be fused"
@@ -296,10 +317,30 @@ def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module]):
         bn_node, user = user, _sole_user(user)
         if user is None:
             return f"followed by BatchNorm2d, whose output has {len(bn_node.users)} users"
+        if user in fused_calls:
+            return f"followed by BatchNorm2d, whose output is the residual that fused {fused_calls[user]} adds"
+        other = _other_addend(user, bn_node)
+        if residual and other is not None and _sole_user(user) is not None \
+                and _is_relu_node(_sole_user(user), user, modules):
+            return bn_node, _sole_user(user), user, other
     if not _is_relu_node(user, conv_node if bn_node is None else bn_node, modules):
         bn = modules[bn_node.target] if bn_node is not None else None
-        return f"followed by {_chain(bn, _node_name(user, modules))}, not a ReLU"
-    return bn_node, user
+        why = f"followed by {_chain(bn, _node_name(user, modules))}, not a ReLU"
+        if bn is not None and not residual and _other_addend(user, bn_node) is not None:
+            why += " (a residual add is fused in training mode only)"
+        return why
+    return bn_node, user, None, None
+
+
+def _other_addend(node: torch.fx.Node, addend: torch.fx.Node) -> torch.fx.Node | None:
+    """The other tensor of ``node`` when it is ``addend + other`` (or ``other + addend``, in place or not, with no
+    alpha), else None."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _ADD_METHODS))
+    if not is_add or node.kwargs or len(node.args) != 2 or addend not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is addend else node.args[0]
+    return other if isinstance(other, torch.fx.Node) and other is not addend else None
 
 
 def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:

@@ -90,14 +90,15 @@ def conv2d_batch_norm_relu(input, weight, bias, bn_weight, bn_bias, residual, ep
     return torch.relu(_pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps)).to(z.dtype), z, mean, var
 
 
-def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual,
+def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, output,
                                     eps: float, stride, padding, dilation, groups, output_mask: Sequence[bool]):
-    """Gradients of :func:`conv2d_batch_norm_relu` from ``z`` and the batch statistics (the output is not kept):
+    """Gradients of :func:`conv2d_batch_norm_relu` from ``z`` and the batch statistics:
     ``(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)``, None where
-    ``output_mask`` is False.
+    ``output_mask`` is False. ``output``: the forward's output where a residual was added (the ReLU's mask is
+    then ``output > 0``, as torch's ReLU backward takes it), else None (the mask is recomputed from z).
 
-    With xhat = (z - mean) / sqrt(var + eps), g = grad_output where gamma * xhat + beta (+ residual) > 0 (the
-    ReLU's mask; g is also the residual's gradient), and M = N * OH * OW: grad_bn_bias = sum g, grad_bn_weight =
+    With xhat = (z - mean) / sqrt(var + eps), g = grad_output where gamma * xhat + beta > 0 (the ReLU's mask;
+    g is also the residual's gradient), and M = N * OH * OW: grad_bn_bias = sum g, grad_bn_weight =
     sum g * xhat, and the convolution's output gets dz = gamma / sqrt(var + eps) * (g - sum g / M - xhat *
     sum (g * xhat) / M), computed in the statistics' dtype and rounded to z's, whose convolution gradients
     torch's ``convolution_backward`` takes.
@@ -105,8 +106,8 @@ def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn
     dtype = mean.dtype
     invstd = torch.rsqrt(var + eps)
     xhat = (z.to(dtype) - _channel(mean)) * _channel(invstd)
-    pre = _pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps)
-    g = torch.where(pre > 0, grad_output.to(dtype), 0)
+    positive = output > 0 if output is not None else _pre_activation(z, mean, var, bn_weight, bn_bias, None, eps) > 0
+    g = torch.where(positive, grad_output.to(dtype), 0)
     sum_g = g.sum((0, 2, 3))
     sum_gx = (g * xhat).sum((0, 2, 3))
     count = z.numel() // z.shape[1]
@@ -119,7 +120,7 @@ def conv2d_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn
     )
     grad_gamma = sum_gx.to(bn_weight.dtype) if output_mask[3] else None
     grad_beta = sum_g.to(bn_bias.dtype) if output_mask[4] else None
-    grad_residual = g.to(residual.dtype) if output_mask[5] else None
+    grad_residual = g.to(output.dtype) if output_mask[5] else None
     return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta, grad_residual
 
 

@@ -4,13 +4,13 @@ The convolution itself is ``kernels/conv_bias_relu.py``'s forward with ``STATS=T
 per-tile statistics) and its dgrad / wgrad GEMMs. Here, over NHWC rows (M = N*OH*OW rows, C channels):
 
 - ``_batch_norm_relu_kernel``: y = relu((z - mean) * scale + beta (+ residual)), the forward's one light pass.
-- ``_batch_norm_relu_grad_sums_kernel``: g = grad_out where (z - mean) * scale + beta (+ residual) > 0 (the
-  ReLU's mask, recomputed from z: the output is not saved); per row block the sums of g and of g * xhat,
-  xhat = (z - mean) * invstd (summed over the blocks afterwards: deterministic, no atomics). With a residual
-  it also writes g, the residual's gradient.
+- ``_batch_norm_relu_grad_sums_kernel``: g = grad_out where (z - mean) * scale + beta > 0 (the ReLU's mask,
+  recomputed from z: the output is not saved), or with a residual where the saved output y > 0; per row block
+  the sums of g and of g * xhat, xhat = (z - mean) * invstd (summed over the blocks afterwards: deterministic,
+  no atomics). With a residual it also writes g, the residual's gradient.
 - ``_batch_norm_relu_grad_kernel``: dz = scale * g - b - (z - mean) * k, the BatchNorm's input gradient with
   the per-channel b = scale * sum(g) / M and k = scale * invstd * sum(g * xhat) / M, written NHWC for the GEMMs
-  (with a residual, g is read back instead of recomputed from grad_out, z and the residual).
+  (with a residual, g is read back instead of recomputed from grad_out and y).
 
 Per-channel vectors come as one fp32 (6, C) table ``chan``: rows mean, invstd, scale (gamma * invstd), beta (0
 without one), b, k (the last two for the gradient only). Everything is computed in fp32.
@@ -56,9 +56,10 @@ def _batch_norm_relu_kernel(
 
 
 @triton.jit
-def _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc,
+def _masked_grad(go_ptr, z_ptr, y_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp, sgc,
                  HAS_RESIDUAL: tl.constexpr):
-    """(g, z - mean, mask_c, mask) of one tile: g = grad_out where the forward's output was positive."""
+    """(g, z - mean, mask_c, mask) of one tile: g = grad_out where the forward's output was positive (y > 0 with
+    a residual, else recomputed from z)."""
     mask_c = offs_c < C
     mask = (offs_m < M)[:, None] & mask_c[None, :]
     n_idx = offs_m // P
@@ -67,10 +68,12 @@ def _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn,
     rows = offs_m[:, None] * C + offs_c[None, :]
     z = tl.load(z_ptr + rows, mask=mask, other=0.0).to(tl.float32)
     centred = z - _channel_vector(chan_ptr, 0, offs_c, mask_c, C)
-    pre = centred * _channel_vector(chan_ptr, 2, offs_c, mask_c, C) + _channel_vector(chan_ptr, 3, offs_c, mask_c, C)
     if HAS_RESIDUAL:
-        pre += tl.load(res_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(pre > 0, go.to(tl.float32), 0.0)
+        positive = tl.load(y_ptr + rows, mask=mask, other=0.0) > 0
+    else:
+        positive = (centred * _channel_vector(chan_ptr, 2, offs_c, mask_c, C)
+                    + _channel_vector(chan_ptr, 3, offs_c, mask_c, C)) > 0
+    g = tl.where(positive, go.to(tl.float32), 0.0)
     return g, centred, mask_c, mask
 
 
@@ -78,7 +81,7 @@ def _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn,
 def _batch_norm_relu_grad_sums_kernel(
     go_ptr,  # grad of the output, 4-D with flattenable (OH, OW): go[n, c, p] at n*sgn + p*sgp + c*sgc
     z_ptr,  # conv output, contiguous NHWC (M, C)
-    res_ptr,  # HAS_RESIDUAL: the residual, contiguous NHWC (M, C)
+    y_ptr,  # HAS_RESIDUAL: the forward's output (its ReLU's mask), contiguous NHWC (M, C)
     chan_ptr,  # fp32 (6, C)
     partial_ptr,  # out: fp32 (2, cdiv(M, BLOCK_M), C): per row block, sum of g and sum of g * xhat
     g_ptr,  # out, HAS_RESIDUAL: g (the residual's gradient), contiguous NHWC (M, C)
@@ -90,7 +93,7 @@ def _batch_norm_relu_grad_sums_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, res_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp,
+    g, centred, mask_c, mask = _masked_grad(go_ptr, z_ptr, y_ptr, chan_ptr, offs_m, offs_c, M, C, P, sgn, sgp,
                                             sgc, HAS_RESIDUAL)
     if HAS_RESIDUAL:
         tl.store(g_ptr + offs_m[:, None] * C + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)

@@ -184,18 +184,21 @@ def test_autocast_statistics_in_float32(dtype):
     assert layer.weight.grad.dtype == layer.bn.weight.grad.dtype == torch.float32
 
 
-def test_gradcheck_and_double_backward_float64():
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gradcheck_and_double_backward_float64(with_residual):
     x = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     gamma = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
     beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 3, 5, 4, dtype=torch.float64, requires_grad=True)
 
-    def f(x, w, b, gamma, beta):
-        return conv2d_batch_norm_relu(x, w, b, 1, 1, bn_weight=gamma, bn_bias=beta, training=True)
+    def f(x, w, b, gamma, beta, r):
+        return conv2d_batch_norm_relu(x, w, b, 1, 1, bn_weight=gamma, bn_bias=beta, training=True,
+                                      residual=r if with_residual else None)
 
-    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
-    assert torch.autograd.gradgradcheck(f, (x, w, b, gamma, beta))
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, r))
+    assert torch.autograd.gradgradcheck(f, (x, w, b, gamma, beta, r))
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -207,8 +210,8 @@ def test_opcheck_custom_ops(with_residual):
     torch.library.opcheck(torch.ops.cnnperf.conv2d_batch_norm_relu.default, args)
     out, z, mean, var = torch.ops.cnnperf.conv2d_batch_norm_relu(*args)
     torch.library.opcheck(torch.ops.cnnperf.conv2d_batch_norm_relu_backward.default,
-                          (torch.randn_like(out), x, w, z, mean, var, gamma, beta, residual, 1e-5, [2, 1], [1, 1],
-                           [1, 1], 2, [True, True, False, True, False, with_residual]))
+                          (torch.randn_like(out), x, w, z, mean, var, gamma, beta, out if with_residual else None,
+                           1e-5, [2, 1], [1, 1], [1, 1], 2, [True, True, False, True, False, with_residual]))
 
 
 def test_saves_no_more_activation_memory_than_eager():

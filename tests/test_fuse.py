@@ -397,22 +397,27 @@ def test_resnet18_eval_folds_stem_and_block_conv1():
     assert count(fused, nn.BatchNorm2d) == 8 + 3
     assert count(fused, nn.Conv2d) == 8 + 3
     skipped = dict(report(fused).skipped)
-    assert len(skipped) == 11 and skipped["layer1.0.conv2"] == "followed by BatchNorm2d and add, not a ReLU"
+    assert len(skipped) == 11 and skipped["layer1.0.conv2"] == (
+        "followed by BatchNorm2d and add, not a ReLU (a residual add is fused in training mode only)")
     assert_same_outputs(model, fused, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_resnet18_train_fuses_conv_batchnorm_relu_and_trains_the_same():
-    """torchvision's resnet18 in training mode: the stem and each BasicBlock's first conv fuse with their
-    BatchNorm (9); the second conv's BatchNorm feeds the residual add, not a ReLU, and is left with that reason.
-    Three SGD steps give the same losses, gradients and running statistics as the unfused model."""
+    """torchvision's resnet18 in training mode: the stem and each BasicBlock's two convs fuse with their
+    BatchNorm (17), the second with the residual add before its ReLU; the downsampling convs' BatchNorm gives
+    that residual and is left with that reason. Three SGD steps give the same losses, gradients and running
+    statistics as the unfused model."""
     model = randomize_batchnorm(resnet18()).double().train()
     fused = cnnperf.fuse(model)
 
-    names = ["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    names = ["conv1"] + [f"{b}.conv{k}" for b in blocks for k in (1, 2)]
     assert report(fused).fused == names and report(fused).folded_bn == []
     assert report(fused).batch_norm == [n.replace("conv", "bn") for n in names]
-    assert "followed by BatchNorm2d and add, not a ReLU" in dict(report(fused).skipped)["layer1.0.conv2"]
-    assert count(fused, nn.BatchNorm2d) == 11 and count(fused, BatchNorm2dInFusedConv) == 9
+    assert report(fused).residual == [f"{b}.conv2" for b in blocks]
+    assert dict(report(fused).skipped)["layer2.0.downsample.0"] == (
+        "followed by BatchNorm2d, whose output is the residual that fused layer2.0.conv2 adds")
+    assert count(fused, nn.BatchNorm2d) == 3 and count(fused, BatchNorm2dInFusedConv) == 17
     assert list(fused.state_dict()) == list(model.state_dict())
 
     opt_a = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -435,8 +440,9 @@ def test_resnet18_train_fuses_conv_batchnorm_relu_and_trains_the_same():
 
 def test_fused_resnet18_saves_no_more_for_backward_than_eager():
     """Activation memory: the bytes autograd keeps for the backward (distinct storages) after one forward.
-    Measured at batch 8, 64x64, float32: 56.54 MiB eager, 56.53 fused (torchvision's in-place ReLU: eager keeps
-    z and the ReLU's output, which the next conv keeps too; the fused layer keeps z)."""
+    torchvision's ReLUs are in place: eager keeps z and the ReLU's output (which the next conv keeps too); a fused
+    layer keeps z, and with a residual add the output (for the ReLU's mask; not the residual, which a
+    downsampling branch would make one more tensor)."""
     model = resnet18().train()
     fused = cnnperf.fuse(model)
 
@@ -479,7 +485,7 @@ def test_fused_batchnorm_follows_model_eval_and_is_not_fused_again():
 
 
 class ResidualBN(nn.Module):
-    """A BasicBlock-like module: conv1 -> bn1 -> relu fuses; conv2 -> bn2 -> (+ x) -> relu does not."""
+    """A BasicBlock-like module: conv1 -> bn1 -> relu, and conv2 -> bn2 -> (+ x) -> relu."""
 
     def __init__(self):
         super().__init__()
@@ -490,15 +496,26 @@ class ResidualBN(nn.Module):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
 
 
-def test_graph_fuses_batchnorm_in_training_and_keeps_its_state():
-    model = randomize_batchnorm(ResidualBN()).double().train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_graph_fuses_batchnorm_and_residual_add_in_training_and_keeps_the_state(mode):
+    model = randomize_batchnorm(ResidualBN()).double().train(mode == "train")
     fused = cnnperf.fuse(model)
-    assert report(fused).fused == ["conv1"] and report(fused).batch_norm == ["bn1"]
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    testing.assert_close(fused(x), model(x))
+    if mode == "eval":  # folded; the residual add is left (FusedConv2dBiasReLU has none)
+        assert report(fused).fused == ["conv1"] and report(fused).folded_bn == ["bn1"]
+        assert "a residual add is fused in training mode only" in dict(report(fused).skipped)["conv2"]
+        return
+    assert report(fused).fused == ["conv1", "conv2"] and report(fused).batch_norm == ["bn1", "bn2"]
+    assert report(fused).residual == ["conv2"]
     assert type(fused.bn1) is BatchNorm2dInFusedConv and fused.conv1.bn is fused.bn1
     assert list(fused.state_dict()) == list(model.state_dict())
-    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
-    testing.assert_close(fused(x), model(x))
-    testing.assert_close(fused.bn1.running_var, model.bn1.running_var)
+    testing.assert_close(fused.bn2.running_var, model.bn2.running_var)
+    fused(x).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    testing.assert_close(grad, x.grad, name="grad of the block's input (both paths: conv and residual)")
 
 
 class SharedBN(nn.Module):
@@ -628,8 +645,8 @@ def test_report_is_logged_and_printable(caplog):
     with caplog.at_level(logging.INFO, logger="cnnperf.fuse"):
         fused = cnnperf.fuse(TwoUsers())
     text = str(report(fused))
-    assert text.startswith("cnnperf.fuse: 1 Conv2d+ReLU fused (0 with BatchNorm2d in training mode, 0 with "
-                           "BatchNorm2d folded), 1 Conv2d left")
+    assert text.startswith("cnnperf.fuse: 1 Conv2d+ReLU fused (0 with BatchNorm2d in training mode, 0 of them "
+                           "with a residual add; 0 with BatchNorm2d folded), 1 Conv2d left")
     assert "skipped   conv: its output has 2 users" in text
     assert text in caplog.text
 

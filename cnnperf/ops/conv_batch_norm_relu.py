@@ -227,14 +227,15 @@ def _(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, d
 def _conv2d_batch_norm_relu_backward_op(
         grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
         var: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
-        residual: torch.Tensor | None, eps: float,
+        output: torch.Tensor | None, eps: float,
         stride: list[int], padding: list[int], dilation: list[int], groups: int,
         output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual); an entry not asked for
-    in ``output_mask`` is an empty tensor."""
+    in ``output_mask`` is an empty tensor. ``output``: the forward's output where it added a residual (the ReLU's
+    mask is ``output > 0`` then), else None."""
     path = backend.choose(OP, input.device.type, cbr.unsupported(input, weight, z.numel(), groups, stride))
-    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, output, eps, stride, padding, dilation,
             groups, output_mask)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = cbr._auto_pick(("bn_bwd", input.shape, weight.shape, input.dtype, tuple(stride), tuple(padding),
@@ -261,22 +262,24 @@ def _backward_results(grads, input, weight, output_mask):
 
 
 @_conv2d_batch_norm_relu_backward_op.register_fake
-def _(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+def _(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, output, eps, stride, padding, dilation,
       groups, output_mask):
     channels = (weight.shape[0],)
     grads = (input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(channels),
              bn_weight.new_empty(channels) if bn_weight is not None else None,
              bn_bias.new_empty(channels) if bn_bias is not None else None,
-             residual.new_empty(residual.shape) if residual is not None else None)
+             output.new_empty(output.shape) if output is not None else None)
     return _backward_results(grads, input, weight, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups = inputs
-    _, z, mean, var = output
+    out, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
-    # The residual for the ReLU's mask (a ResNet block's input: kept by its first conv anyway).
-    ctx.save_for_backward(input, weight, z, mean, var, bn_weight, bn_bias, residual, bias)
+    # With a residual, the ReLU's mask is the output's (out > 0): the next layer keeps the output anyway, where
+    # the residual (a downsampled identity) would be kept for this alone.
+    ctx.save_for_backward(input, weight, z, mean, var, bn_weight, bn_bias, out if residual is not None else None,
+                          bias)
     ctx.args = (eps, stride, padding, dilation, groups)
     ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
     ctx.backend = backend.requested()  # the backward may run on autograd's thread (see conv_bias_relu)
@@ -284,7 +287,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output, _grad_z, _grad_mean, _grad_var):
-    input, weight, z, mean, var, bn_weight, bn_bias, residual, bias = ctx.saved_tensors
+    input, weight, z, mean, var, bn_weight, bn_bias, out, bias = ctx.saved_tensors
     eps, stride, padding, dilation, groups = ctx.args
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[1], ctx.has[0] and needs[2], ctx.has[1] and needs[3], ctx.has[2] and needs[4],
@@ -292,29 +295,32 @@ def _backward(ctx, grad_output, _grad_z, _grad_mean, _grad_var):
     nothing = (None,) * 5
     if not any(mask):
         return (*nothing, None, *nothing)
-    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
+    args = (grad_output, input, weight, z, mean, var, bn_weight, bn_bias, out, eps, stride, padding, dilation,
             groups, mask)
     if torch.is_grad_enabled():
-        grads = _recomputed_grads(grad_output, (input, weight, bias, bn_weight, bn_bias, residual), eps, stride,
-                                  padding, dilation, groups, mask)
+        grads = _recomputed_grads(grad_output, (input, weight, bias, bn_weight, bn_bias), out, eps, stride, padding,
+                                  dilation, groups, mask)
     else:
         with backend.override(ctx.backend), cbr.pinned_configs(**ctx.pinned):
             grads = torch.ops.cnnperf.conv2d_batch_norm_relu_backward(*args)
     return (*(g if m else None for g, m in zip(grads, mask)), *nothing)
 
 
-def _recomputed_grads(grad_output, inputs, eps, stride, padding, dilation, groups, mask):
+def _recomputed_grads(grad_output, inputs, out, eps, stride, padding, dilation, groups, mask):
     """create_graph=True (double backward, gradient penalties): the gradients will be differentiated again, also
     through z and the batch statistics, which the op's outputs do not carry. So the forward runs again with
-    torch's ops from the saved inputs, and its gradients are taken with a graph of their own."""
-    input, weight, bias, bn_weight, bn_bias, residual = inputs
+    torch's ops from the saved inputs, and its gradients are taken with a graph of their own. The ReLU's mask is
+    a constant there (its derivative is 0 almost everywhere): from the output where a residual was added (``out``),
+    else from the recomputed pre-activation; the residual's gradient is grad_output under the mask."""
+    input, weight, bias, bn_weight, bn_bias = inputs
     z = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     zs = z.to(reference.statistics_dtype(z.dtype))
     pre = torch.nn.functional.batch_norm(zs, None, None, bn_weight, bn_bias, True, 0.0, eps)
-    out = torch.relu(pre if residual is None else pre + residual.to(zs.dtype)).to(z.dtype)
+    positive = (out if out is not None else pre.detach()) > 0
+    g = torch.where(positive, grad_output, 0)
     wanted = [t for t, m in zip(inputs, mask) if m]
-    grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True))
-    return [next(grads) if m else None for m in mask]
+    grads = iter(torch.autograd.grad(pre, wanted, g.to(pre.dtype), create_graph=True) if wanted else ())
+    return [next(grads) if m else None for m in mask[:5]] + [g if mask[5] else None]
 
 
 _conv2d_batch_norm_relu_op.register_autograd(_backward, setup_context=_setup_context)
@@ -421,11 +427,12 @@ def _combine_tiles(stats: torch.Tensor, rows: int, block_m: int) -> tuple[torch.
     return mean.float(), var.float()
 
 
-def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, residual, eps,
+def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, output, eps,
                                   stride, padding, dilation, groups, output_mask):
     """Triton backward: one pass sums g and g * xhat per channel (the BatchNorm's gamma and beta gradients; with
-    a residual it also writes g, the residual's gradient), one pass writes dz, and the convolution's dgrad and
-    wgrad GEMMs take dz (the wgrad summing the conv bias's gradient as it goes)."""
+    a residual, ``output`` given, the mask is ``output > 0`` and it also writes g, the residual's gradient), one
+    pass writes dz, and the convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's
+    gradient as it goes)."""
     K, cfg = _kernels(), _pass_config(z.device)
     n, c, oh, ow = z.shape
     m = n * oh * ow
@@ -435,13 +442,13 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     strides = (go.stride(0), go.stride(3), go.stride(1))
     chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
     partial = torch.empty((2, grid[0], c), device=z.device, dtype=torch.float32)
-    has_residual = residual is not None
-    res = cbr._nhwc(residual) if has_residual else zz  # (never read without HAS_RESIDUAL)
-    g = torch.empty((n, oh, ow, c), device=z.device, dtype=residual.dtype) if has_residual else zz
+    has_residual = output is not None
+    y = cbr._nhwc(output) if has_residual else zz  # (never read without HAS_RESIDUAL)
+    g = torch.empty((n, oh, ow, c), device=z.device, dtype=output.dtype) if has_residual else zz
     launch = dict(HAS_RESIDUAL=has_residual, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                   num_warps=cfg["num_warps"])
     with backend.quiet_interpreter():
-        K._batch_norm_relu_grad_sums_kernel[grid](go, zz, res, chan, partial, g, m, c, oh * ow, *strides, **launch)
+        K._batch_norm_relu_grad_sums_kernel[grid](go, zz, y, chan, partial, g, m, c, oh * ow, *strides, **launch)
     sum_g, sum_gx = partial.sum(1)
     scale = chan[K.SCALE]
     chan[K.GRAD_B] = scale * sum_g / m
