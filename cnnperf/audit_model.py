@@ -238,14 +238,15 @@ def summarize(rows: Sequence[dict], probe: Mapping[str, Any] | None = None) -> d
 
 
 def batch_norm_blocks(model: str, batch: int, dtype: str, image_size: int = 224) -> dict[str, Any]:
-    """The Conv -> BatchNorm2d -> ReLU blocks that :func:`cnnperf.fuse` turns into fused layers in ``model``
-    (training mode), and their HBM bytes per training step fused and unfused
+    """The Conv -> BatchNorm2d -> (+ residual ->) ReLU blocks that :func:`cnnperf.fuse` turns into fused layers
+    in ``model`` (training mode), and their HBM bytes per training step fused and unfused
     (:func:`cnnperf.perf_model.batch_norm_block_kernels`), per block and in total."""
     from cnnperf.conv_shapes import meta_model, model_conv_layers
-    from cnnperf.fusion import fuse
+    from cnnperf.fusion import REPORT_ATTRIBUTE, fuse
     from cnnperf.nn import FusedConv2dBatchNormReLU
 
     fused = fuse(meta_model(model).train(), inplace=True)
+    report = getattr(fused, REPORT_ATTRIBUTE)
     blocks = {name for name, m in fused.named_modules() if isinstance(m, FusedConv2dBatchNormReLU)}
     layers = model_conv_layers(model, batch, image_size)
     rows, totals = [], {"fused": 0, "unfused": 0}
@@ -254,12 +255,14 @@ def batch_norm_blocks(model: str, batch: int, dtype: str, image_size: int = 224)
         if name not in blocks:
             continue
         conv = dataclasses.replace(pm.Conv.of(layer), itemsize=ITEMSIZE[dtype], has_bias=False)
-        row = {"layer": name}
+        row = {"layer": name, "residual": name in report.residual}
         for kind in totals:
-            row[kind] = sum(bytes_ for _, _, bytes_ in pm.batch_norm_block_kernels(conv, fused=kind == "fused"))
+            kernels = pm.batch_norm_block_kernels(conv, fused=kind == "fused", residual=row["residual"])
+            row[kind] = sum(bytes_ for _, _, bytes_ in kernels)
             totals[kind] += row[kind]
         rows.append(row)
-    return {"model": model, "batch": batch, "dtype": dtype, "blocks": len(rows), "convs": len(layers),
+    return {"model": model, "batch": batch, "dtype": dtype, "blocks": len(rows),
+            "residual_blocks": sum(r["residual"] for r in rows), "convs": len(layers),
             "fused_bytes": totals["fused"], "unfused_bytes": totals["unfused"],
             "fused_over_unfused": round(totals["fused"] / totals["unfused"], 4) if rows else None, "rows": rows}
 
@@ -270,7 +273,8 @@ def batch_norm_blocks_line(blocks: Mapping[str, Any]) -> str:
         return f"{blocks['model']}: no Conv -> BatchNorm2d -> ReLU block to fuse in training"
     ratio = blocks["fused_over_unfused"]
     return (f"{blocks['model']} Conv -> BatchNorm2d -> ReLU blocks ({blocks['blocks']} of {blocks['convs']} convs, "
-            f"batch {blocks['batch']} {blocks['dtype']}, training step): HBM {blocks['fused_bytes'] / 1e9:.2f} GB "
+            f"{blocks['residual_blocks']} with a residual add; batch {blocks['batch']} {blocks['dtype']}, training "
+            f"step): HBM {blocks['fused_bytes'] / 1e9:.2f} GB "
             f"fused vs {blocks['unfused_bytes'] / 1e9:.2f} GB eager, {ratio:.2f}x ({100 * (1 - ratio):.1f} % fewer)")
 
 

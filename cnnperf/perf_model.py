@@ -562,23 +562,34 @@ def min_hbm_bytes(kind: str, conv: Conv) -> int:
 BN_PASS_BLOCK_M = 64  # the BatchNorm + ReLU passes' row block (kernels/batch_norm_relu.py CONFIG)
 
 
-def batch_norm_block_kernels(conv: Conv, fused: bool, block_m: int = 128) -> list[tuple[str, str, int]]:
-    """``(direction, kernel, HBM bytes)`` of one training step of ``conv -> BatchNorm2d -> ReLU``; ``block_m``:
-    the forward's row tile (the statistics' tiles). Per-channel fp32 vectors are counted where read."""
+def batch_norm_block_kernels(conv: Conv, fused: bool, residual: bool = False,
+                             block_m: int = 128) -> list[tuple[str, str, int]]:
+    """``(direction, kernel, HBM bytes)`` of one training step of ``conv -> BatchNorm2d -> ReLU`` (with
+    ``residual``: ``-> + residual -> ReLU``, a ResNet block's last conv); ``block_m``: the forward's row tile (the
+    statistics' tiles). Per-channel fp32 vectors are counted where read."""
     s = conv.sizes()
     x, w, b, z = s["x"], s["w"], s["b"], s["y"]
+    r = z if residual else 0  # one more pass-sized tensor read (the residual; the output for the mask)
     vector = 4 * conv.c_out
     rows = conv.n * conv.oh * conv.ow
     gemms = [("bwd", "dgrad", z + w + x), ("bwd", "wgrad", z + x + w + b)]
     if fused:
-        return [("fwd", "conv + statistics epilogue", x + w + b + z + 2 * _cdiv(rows, block_m) * vector),
-                ("fwd", "normalise + ReLU", 2 * z + 6 * vector),
-                ("bwd", "gradient sums (dY, z)", 2 * z + 6 * vector + 2 * _cdiv(rows, BN_PASS_BLOCK_M) * vector),
-                ("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector), *gemms]
-    return [("fwd", "conv", x + w + b + z), ("fwd", "BN statistics (z)", z + 2 * vector),
-            ("fwd", "BN normalise (z -> out)", 2 * z + 4 * vector), ("fwd", "ReLU", 2 * z),
-            ("bwd", "ReLU backward (dY, Y -> g)", 3 * z), ("bwd", "BN backward sums (g, z)", 2 * z + 4 * vector),
-            ("bwd", "BN backward dz (g, z -> dz)", 3 * z + 6 * vector), *gemms]
+        partials = 2 * _cdiv(rows, BN_PASS_BLOCK_M) * vector
+        kernels = [("fwd", "conv + statistics epilogue", x + w + b + z + 2 * _cdiv(rows, block_m) * vector),
+                   ("fwd", "normalise (+ residual) + ReLU", 2 * z + r + 6 * vector),
+                   # with a residual the sums pass also reads the output (the mask) and writes g, which the dz
+                   # pass reads instead of grad_out
+                   ("bwd", "gradient sums (dY, z)", 2 * z + 2 * r + 6 * vector + partials),
+                   ("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector)]
+        return kernels + gemms
+    kernels = [("fwd", "conv", x + w + b + z), ("fwd", "BN statistics (z)", z + 2 * vector),
+               ("fwd", "BN normalise (z -> out)", 2 * z + 4 * vector)]
+    if residual:
+        kernels.append(("fwd", "add (out, residual -> out)", 3 * z))
+    kernels += [("fwd", "ReLU", 2 * z), ("bwd", "ReLU backward (dY, Y -> g)", 3 * z),
+                ("bwd", "BN backward sums (g, z)", 2 * z + 4 * vector),
+                ("bwd", "BN backward dz (g, z -> dz)", 3 * z + 6 * vector)]
+    return kernels + gemms
 
 
 def pass_row(kind: str, conv: Conv, gpu: GPU, kernels: Sequence[KernelCost]) -> dict[str, Any]:
