@@ -16,9 +16,11 @@ Two ways of finding the pattern, tried from the model down:
 ``Conv2d -> BatchNorm2d -> ReLU``: in training mode the conv becomes a ``FusedConv2dBatchNormReLU`` and the
 BatchNorm2d a :class:`cnnperf.nn.BatchNorm2dInFusedConv` sharing its parameters and running statistics (so the
 ``state_dict`` keeps its keys; the ReLU becomes ``nn.Identity`` or leaves the graph); in eval mode the BatchNorm
-is folded into the conv's weight and bias for good. A ``Conv2d -> BatchNorm2d`` without a ReLU after it (a
-ResNet block's last conv, whose ReLU comes after the residual add) and ``SyncBatchNorm`` are left as they are,
-with the reason in the report.
+is folded into the conv's weight and bias for good. In a traced graph, in training mode, a ``Conv2d ->
+BatchNorm2d -> add -> ReLU`` (a ResNet block's last conv, whose ReLU comes after the residual add) becomes the
+fused layer called with the other addend, where the ReLU was. A ``Conv2d -> BatchNorm2d`` without a ReLU after
+it (a downsampling branch), a residual add in eval mode and ``SyncBatchNorm`` are left as they are, with the
+reason in the report.
 """
 
 from __future__ import annotations
