@@ -76,3 +76,26 @@ def test_stats_config_is_pinned_or_the_models_pick_from_the_stats_list(monkeypat
     assert pm.config_label(picked) in labels
     assert all(c.num_warps == 8 for c in kernels.FWD_STATS_CONFIGS_16 + kernels.FWD_STATS_CONFIGS_32
                if c.kwargs["BLOCK_M"] >= 128)
+
+
+@pytest.mark.parametrize("op", ["conv2d_bias_relu", "conv2d_batch_norm_relu"])
+def test_grad_output_with_a_width_of_one_and_odd_strides(op):
+    """An output of width 1 whose gradient comes back transposed (strides (H*C, 1, C, 1)): W's stride says nothing
+    there (torch's layout checks ignore a size-1 dim, so ``contiguous`` keeps it); the pixels step by H's.
+    Found by review: both backward passes once read the wrong elements (errors of 20 on values of 9)."""
+    from cnnperf import functional
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 3, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    lin = torch.randn(4, 4, device=DEVICE)
+    kwargs = {"training": True} if op == "conv2d_batch_norm_relu" else {}
+
+    def grads(path):
+        with backend.override(path):
+            out = getattr(functional, op)(x, w, None, 1, (1, 0), **kwargs)
+            loss = (out.squeeze(3).transpose(1, 2) @ lin).square().sum()
+            return torch.autograd.grad(loss, (x, w))
+
+    for got, expected in zip(grads("triton"), grads("reference")):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -439,7 +439,7 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     go = grad_output if cbr._flat_spatial(grad_output) else cbr._nhwc(grad_output)
     zz = cbr._nhwc(z)
     grid = (-(-m // cfg["BLOCK_M"]), -(-c // cfg["BLOCK_C"]))
-    strides = (go.stride(0), go.stride(3), go.stride(1))
+    strides = (go.stride(0), cbr._pixel_stride(go), go.stride(1))
     chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
     partial = torch.empty((2, grid[0], c), device=z.device, dtype=torch.float32)
     has_residual = output is not None

@@ -502,7 +502,7 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
         partial_b = torch.empty((m_blocks, c_out) if output_mask[2] else (1,), device=go.device, dtype=torch.float32)
         K._relu_mask_bias_grad_kernel[(m_blocks, _cdiv(c_out, cfg["BLOCK_C"]))](
             go, yy, g, partial_b, m, c_out, oh * ow,
-            go.stride(0), go.stride(3), go.stride(1), yy.stride(0), yy.stride(3), yy.stride(1),
+            go.stride(0), _pixel_stride(go), go.stride(1), yy.stride(0), _pixel_stride(yy), yy.stride(1),
             COMPUTE_BIAS=bool(output_mask[2]), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"])
         grad_bias = partial_b.sum(0).to(weight.dtype) if output_mask[2] else None
@@ -593,8 +593,15 @@ def _masks_in_gemms(grad_output: torch.Tensor, output: torch.Tensor, output_mask
 
 
 def _flat_spatial(t: torch.Tensor) -> bool:
-    """Whether (H, W) of a 4-D tensor can be read as one axis of stride ``t.stride(3)`` (NCHW and NHWC can)."""
-    return t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1
+    """Whether (H, W) of a 4-D tensor can be read as one axis of stride :func:`_pixel_stride` (NCHW and NHWC can;
+    with H or W of 1 any strides can)."""
+    return t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _pixel_stride(t: torch.Tensor) -> int:
+    """The stride between pixels of a 4-D tensor whose (H, W) is flat: W's, or H's when W is 1 (a size-1 dim's
+    stride can be anything: torch's layout checks ignore it, and ``contiguous`` keeps it)."""
+    return t.stride(2) if t.shape[3] == 1 else t.stride(3)
 
 
 def _wgrad_split(conv: perf_model.Conv, config, dtype: torch.dtype, device: torch.device, mask_y: bool) -> int:
