@@ -197,7 +197,31 @@ class _Tracer(torch.fx.Tracer):
 def _trace(module: nn.Module) -> torch.fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(module)
-    return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+    # GraphModule copies only what the graph reads, under plain nn.Module parents: a ModuleList would become a
+    # Module, and a parent's own buffers, or modules the forward never calls, would leave the state_dict. So its
+    # children become the module's own tree again: containers as shallow copies with child and tensor dicts of
+    # their own (fusing in them leaves ``module`` as it was), the layers themselves shared, as GraphModule does.
+    gm._modules = {k: _containers_copied(m) for k, m in module._modules.items()}
+    for k, p in module._parameters.items():
+        gm._parameters.setdefault(k, p)
+    for k, b in module._buffers.items():
+        gm._buffers.setdefault(k, b)
+    gm._non_persistent_buffers_set |= module._non_persistent_buffers_set
+    return gm
+
+
+def _containers_copied(m: nn.Module | None) -> nn.Module | None:
+    """``m`` itself when it has no children, else a shallow copy with its own dicts of children (copied the same
+    way), parameters and buffers."""
+    if m is None or not m._modules:
+        return m
+    new = copy.copy(m)
+    new._modules = {k: _containers_copied(c) for k, c in m._modules.items()}
+    new._parameters = dict(m._parameters)
+    new._buffers = dict(m._buffers)
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +263,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     read_directly = {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
     seen = set()
-    kept = {}  # BatchNorm2dInFusedConv by target: not called by the graph, but their state stays there
+    kept = set()  # targets of BatchNorm2dInFusedConv: not called by the graph, but their state stays there
+    removed = []  # targets of modules whose calls left the graph (ReLUs, folded BatchNorms)
     fused_calls = {}  # the call of each layer fused with a residual add -> its name
     changed = False
     for node in list(gm.graph.nodes):
@@ -259,6 +284,13 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
             report.skipped.append((qualified, found))
             continue
         bn_node, relu_node, add_node, other = found
+        if add_node is not None:
+            mutation = _mutation_between(node, add_node, modules)
+            if mutation is not None:
+                # The fused layer runs where the ReLU was: a tensor changed in place in between could be its input.
+                report.skipped.append((qualified, f"followed by BatchNorm2d and a residual add, with {mutation} "
+                                                  f"in place in between"))
+                continue
         if bn_node is not None and not fold and calls[bn_node.target] > 1:
             # Its place would hold the fused layer's BatchNorm2dInFusedConv, an identity, at every call site.
             report.skipped.append((qualified, f"followed by BatchNorm2d {_join(name, bn_node.target)}, which is "
@@ -273,13 +305,18 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         # gm's containers are its own (GraphModule builds them), so the traced module is not touched.
         gm.set_submodule(node.target, fused)
         if isinstance(fused, FusedConv2dBatchNormReLU):
-            kept[bn_node.target] = fused.bn
+            gm.set_submodule(bn_node.target, fused.bn)
+            kept.add(bn_node.target)
+        elif bn_node is not None:
+            removed.append(bn_node.target)
+        if relu_node.op == "call_module":
+            removed.append(relu_node.target)
         call = node
         if add_node is not None:
-            # fused(x, other) where the ReLU was: the other addend (a downsampled identity) may be computed after
-            # the conv.
+            # fused(x, residual=other) where the ReLU was: the other addend (a downsampled identity) may be
+            # computed after the conv.
             with gm.graph.inserting_before(relu_node):
-                call = gm.graph.call_module(node.target, (node.args[0], other))
+                call = gm.graph.call_module(node.target, node.args, {**node.kwargs, "residual": other})
             fused_calls[call] = qualified
             report.residual.append(qualified)
         relu_node.replace_all_uses_with(call)
@@ -293,15 +330,42 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         changed = True
     if changed:
         gm.graph.lint()
-        order = {path: list(m._modules) for path, m in gm.named_modules()}
-        gm.delete_all_unused_submodules()  # drops folded BatchNorms (and their state_dict keys)
-        for target, holder in kept.items():  # back where they were, in their parent's order
-            gm.add_submodule(target, holder)
-            path = target.rpartition(".")[0]
-            parent = gm.get_submodule(path)
-            parent._modules = {k: parent._modules[k] for k in order[path] if k in parent._modules}
+        # Only the modules whose calls left the graph go (folded BatchNorms, with their state_dict keys; ReLUs no
+        # longer called), not every module the graph does not call: that would take the parents of the kept
+        # BatchNorm2dInFusedConv (and anything they hold) and modules the forward never used.
+        used = {prefix for n in gm.graph.nodes if n.op in ("call_module", "get_attr")
+                for prefix in _prefixes(n.target)}
+        for target in dict.fromkeys(removed):
+            if target not in used and target not in kept:
+                gm.delete_submodule(target)
         gm.recompile()
     return changed
+
+
+def _prefixes(target: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    parts = target.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul}
+
+
+def _mutation_between(first: torch.fx.Node, last: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The name of an op strictly between ``first`` and ``last`` (graph order) that changes a tensor in place, or
+    None: ``x.add_(...)``, ``x += ...``, ``inplace=True``, a module with ``inplace=True``."""
+    node = first.next
+    while node is not last and node.op != "output":
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if (target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True
+                or (node.op == "call_module" and getattr(modules.get(target), "inplace", False) is True)
+                or (node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__"))):
+            return node.op == "call_module" and type(modules[target]).__name__ or name
+        node = node.next
+    return None
 
 
 def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], residual: bool,
@@ -335,12 +399,14 @@ def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], residu
 
 
 def _other_addend(node: torch.fx.Node, addend: torch.fx.Node) -> torch.fx.Node | None:
-    """The other tensor of ``node`` when it is ``addend + other`` (or ``other + addend``, in place or not, with no
-    alpha), else None."""
+    """The other tensor of ``node`` when it is ``addend + other`` (or ``other + addend``; in place only as
+    ``addend += other``, which changes nothing else; with no alpha), else None."""
     is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
               or (node.op == "call_method" and node.target in _ADD_METHODS))
     if not is_add or node.kwargs or len(node.args) != 2 or addend not in node.args:
         return None
+    if (node.target is operator.iadd or node.target == "add_") and node.args[0] is not addend:
+        return None  # other += addend changes other, which something else may read
     other = node.args[1] if node.args[0] is addend else node.args[0]
     return other if isinstance(other, torch.fx.Node) and other is not addend else None
 

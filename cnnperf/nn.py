@@ -40,12 +40,19 @@ class FusedConv2dBiasReLU(nn.Conv2d):
         return fused
 
 
+# The hooks on a module's state_dict: they travel with its parameters and buffers (forward hooks do not: a layer
+# with them is not fused at all).
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
 def _share_state(new: nn.Module, old: nn.Module) -> None:
     """Make ``new`` (made with ``__new__``) a module with ``old``'s attributes, parameters and buffers (shared
-    tensors, no copy) and fresh hook and child dicts."""
+    tensors, no copy) and state_dict hooks, and fresh forward-hook and child dicts."""
     nn.Module.__init__(new)
     module_state = set(new.__dict__)
     new.__dict__.update({k: v for k, v in old.__dict__.items() if k not in module_state})
+    new.__dict__.update({k: old.__dict__[k] for k in _STATE_DICT_HOOKS if k in old.__dict__})
     new.training = old.training
     new._parameters.update(old._parameters)
     new._buffers.update(old._buffers)
@@ -100,6 +107,7 @@ class FusedConv2dBatchNormReLU(nn.Conv2d):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.bn
+        bn._check_input_dim(input)  # 4-D, as BatchNorm2d wants its input (the conv keeps the batch dim)
         factor = 0.0 if bn.momentum is None else bn.momentum  # nn.BatchNorm2d.forward, step by step
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)

@@ -42,14 +42,33 @@ def test_residual_add_before_the_relu(dtype):
     compare_training(layer, (3, 4, 7, 8), residual=True)
 
 
-def test_residual_errors_name_it():
+@pytest.mark.parametrize("case", ["broadcast", "promote", "autocast-float32"])
+def test_a_residual_of_another_shape_or_dtype_broadcasts_and_promotes_as_eager(case):
+    """What fuse() may hand over from a traced graph (a per-channel shift, a float64 identity) computes what eager's
+    add computes: torch's ops take such a residual."""
+    layer = randomize(FusedConv2dBatchNormReLU(3, 4, 3, padding=1))
+    conv, bn = (m.float() for m in eager_twin(layer))
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    residual = {"broadcast": torch.randn(1, 4, 1, 1), "promote": torch.randn(2, 4, 5, 5, dtype=torch.float64),
+                "autocast-float32": torch.randn(2, 4, 5, 5)}[case].requires_grad_(True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast-float32")
+    with autocast:
+        got = layer(x, residual)
+        expected = torch.relu(bn(conv(x)) + residual)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    grad = residual.grad.clone()
+    residual.grad = None
+    expected.sum().backward()
+    torch.testing.assert_close(grad, residual.grad)
+
+
+def test_layer_wants_4d_input_as_batchnorm2d():
     layer = FusedConv2dBatchNormReLU(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, 5, 5)
-    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 4, 5, 5\)"):
-        layer(x, torch.randn(2, 4, 5, 4))
-    with pytest.raises(TypeError, match="residual must have the input's dtype"):
-        layer(x, torch.randn(2, 4, 5, 5, dtype=torch.float64))
-    assert layer(x[0], torch.randn(4, 5, 5)).shape == (4, 5, 5)  # unbatched, as Conv2d takes
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(torch.randn(3, 5, 5))
+    assert conv2d_batch_norm_relu(torch.randn(3, 5, 5), layer.weight, training=True).shape == (4, 3, 3)
 
 
 def test_channels_last_in_and_out():
@@ -113,6 +132,12 @@ def test_holder_shares_the_batchnorms_state():
     x = torch.randn(2, 4, 3, 3)
     assert holder(x) is x
     assert isinstance(holder, nn.BatchNorm2d)
+
+
+def test_holder_keeps_the_batchnorms_state_dict_hooks():
+    bn = nn.BatchNorm2d(4)
+    bn._register_state_dict_hook(lambda module, state, prefix, local: state.update({prefix + "seen": 1}))
+    assert "seen" in BatchNorm2dInFusedConv.from_batch_norm(bn).state_dict()
 
 
 def test_from_modules_checks_channels():

@@ -548,6 +548,67 @@ def test_fused_model_compiles_fullgraph():
     testing.assert_close(fused[0][1].running_var, model[0][1].running_var.double(), torch.float32)
 
 
+class Containers(nn.Module):
+    """Blocks in a ModuleList, a parent with a buffer of its own, a module the forward never calls: GraphModule
+    alone would keep only what the graph reads, under plain Modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4) for _ in range(2)])
+        self.norms = nn.Module()
+        self.norms.bn = nn.BatchNorm2d(4)
+        self.norms.register_buffer("ema_scale", torch.ones(4))
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(bn(conv(x)))
+        return F.relu(self.norms.bn(self.conv3(x)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_graph_rewrite_keeps_containers_buffers_and_unused_modules(mode):
+    model = randomize_batchnorm(Containers()).double().train(mode == "train")
+    fused = cnnperf.fuse(model)
+    assert report(fused).fused == ["convs.0", "convs.1", "conv3"]
+    folded = {k for k in model.state_dict() if k.startswith(("bns.", "norms.bn."))} if mode == "eval" else set()
+    assert set(fused.state_dict()) == set(model.state_dict()) - folded
+    assert type(fused.convs) is type(fused.bns) is nn.ModuleList and hasattr(fused, "unused")
+    assert type(model.convs[0]) is nn.Conv2d  # the input model's containers are its own
+    assert_same_outputs(model, fused, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+
+
+class ResidualVariants(nn.Module):
+    """Residual adds fuse() must get right: a per-channel shift (broadcast), a conv called by keyword, and an
+    in-place op between the conv and the add (the fused layer would run after it: not fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)) + self.shift)
+        x = F.relu(self.bn2(self.conv2(input=x)) + x)
+        out = self.bn3(self.conv3(x))
+        x.mul_(2.0)
+        return F.relu(out + x)
+
+
+def test_residual_adds_that_broadcast_take_keywords_or_follow_an_in_place_op():
+    model = randomize_batchnorm(ResidualVariants()).double().train()
+    fused = cnnperf.fuse(model)
+    assert report(fused).residual == ["conv1", "conv2"]
+    assert "with mul_ in place in between" in dict(report(fused).skipped)["conv3"]
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        testing.assert_close(fused(x), model(x))
+
+
 def test_sync_batchnorm_is_left_with_a_reason():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU()).train()
     fused = cnnperf.fuse(model)

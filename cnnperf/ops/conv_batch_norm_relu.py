@@ -79,12 +79,11 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        residual = residual.to(dtype) if residual is not None else None
-    elif residual is not None and residual.dtype != input.dtype:
-        raise TypeError(f"{OP}: residual must have the input's dtype {input.dtype}, got {residual.dtype} "
-                        f"with shape {tuple(residual.shape)}")
-
-    if input.numel() == 0 or weight.numel() == 0 or functorch_active() \
+    # A residual that is not the output's shape and dtype (one that broadcasts, or promotes the sum as eager's
+    # add would) takes torch's ops below, which do exactly that.
+    odd_residual = residual is not None and (tuple(residual.shape) != (input.shape[0], weight.shape[0], oh, ow)
+                                             or residual.dtype != input.dtype)
+    if input.numel() == 0 or weight.numel() == 0 or odd_residual or functorch_active() \
             or has_tangent(input, weight, bias, bn_weight, bn_bias, residual):
         # As conv2d_bias_relu: torch's ops, with their own rules and autograd, for what the custom op has no
         # formulas for (empty problems, forward-mode AD, torch.func transforms).
@@ -131,19 +130,16 @@ def _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, mom
 
 
 def _check_residual(residual, input, shape: tuple, unbatched: bool) -> torch.Tensor:
-    """The residual as a 4-D tensor of the output's ``shape``, or an error naming it and the shapes."""
+    """The residual, 4-D when it has the (unbatched) output's ``shape``; an error naming it when it is no tensor
+    or on another device. (Any other shape broadcasts, as in eager's add.)"""
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"{OP}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    expected = shape[1:] if unbatched else shape
-    if tuple(residual.shape) != tuple(expected):
-        raise ValueError(f"{OP}: residual must have the output's shape {tuple(expected)} (input "
-                         f"{tuple(input.shape)}), got {tuple(residual.shape)}")
     if residual.device != input.device:
         raise RuntimeError(f"{OP}: residual is on {residual.device} but input {tuple(input.shape)} on "
                            f"{input.device}")
     if not residual.is_floating_point():
         raise TypeError(f"{OP}: residual must be a floating-point tensor, got {residual.dtype}")
-    return residual.unsqueeze(0) if unbatched else residual
+    return residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual
 
 
 def _check_batch_size(n: int, channels: int, oh: int, ow: int) -> None:
