@@ -815,8 +815,9 @@ def test_switches_are_set_for_a_variant_and_put_back():
 
 
 class HeadFirst(nn.Module):
-    """Registers ``head`` before ``body`` but calls ``body`` first: a fused (fx) copy lists its parameters in
-    the order of use, so only names can tell which optimizer state belongs to which parameter."""
+    """Registers ``head`` before ``body`` but calls ``body`` first: a bare fx GraphModule lists its parameters in
+    the order of use; fuse() keeps the module's own order (and tree), and optimize() maps the optimizer's state
+    by name either way."""
 
     def __init__(self):
         super().__init__()
@@ -837,7 +838,7 @@ def test_optimize_carries_optimizer_state_by_parameter_name():
     out = cnnperf.optimize(model, opt, "fuse")
     assert type(out.optimizer) is torch.optim.AdamW and out.optimizer.defaults == opt.defaults
     new = dict(out.module.named_parameters())
-    assert [p for p, _ in out.module.named_parameters()] != [p for p, _ in model.named_parameters()]  # reordered
+    assert [p for p, _ in out.module.named_parameters()] == [p for p, _ in model.named_parameters()]  # kept
     for group, (user_group) in zip(out.optimizer.param_groups, opt.param_groups):
         assert group["lr"] == user_group["lr"] and group["weight_decay"] == 0.05
     for name, p in model.named_parameters():
