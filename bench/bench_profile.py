@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import cnnperf
 from cnnperf import _env, _io, _terminal, _timing
 from cnnperf._format import finite, fmt
-from cnnperf.profiler import measure, step, variants
+from cnnperf.profiler import measure, variants
 from cnnperf.profiler.variants import DEFAULT_EXCLUDED_ON_CPU, OPTIONS
 from cnnperf.zoo.models import build_model
 
@@ -87,18 +87,6 @@ def _sgd(parameters):
     return torch.optim.SGD(parameters, lr=1e-2)
 
 
-def _plain_block(prep, x, y, steps: int) -> float:
-    """Seconds per step of ``steps`` plain training steps, synchronised at the block's ends only."""
-    _timing.synchronize(prep.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step.forward_loss(prep, F.cross_entropy, x, y)
-        step.backward(prep, loss)
-        step.optimizer_step(prep)
-    _timing.synchronize(prep.device)
-    return (time.perf_counter() - start) / steps
-
-
 def _timed_block(prep, source, steps: int) -> tuple[float, measure.StepTimes]:
     """Seconds per step of one ``timed_steps`` call (no warm-up: it syncs before its first step and after its
     last one), and what it measured."""
@@ -113,14 +101,14 @@ def ab_blocks(prep, batch, blocks: int, block_steps: int) -> dict:
     x, y = batch
     source = measure.batch_source(prep, batch)
     for _ in range(WARMUP_STEPS):
-        _plain_block(prep, x, y, 1)
+        measure.plain_steps_s(prep, F.cross_entropy, x, y, 1)
     measure.timed_steps(prep, F.cross_entropy, source, 1, WARMUP_STEPS)
     block_s = {"plain": [], "timed": []}
     reported, phases = [], {name: [] for name in measure.PHASES}
     for b in range(blocks):
         for key in (("plain", "timed") if b % 2 == 0 else ("timed", "plain")):
             if key == "plain":
-                block_s["plain"].append(_plain_block(prep, x, y, block_steps))
+                block_s["plain"].append(measure.plain_steps_s(prep, F.cross_entropy, x, y, block_steps))
                 continue
             per_step, times = _timed_block(prep, source, block_steps)
             block_s["timed"].append(per_step)
@@ -203,7 +191,7 @@ def independent_ab(template, batch, device: torch.device, name: str, pairs: int,
 
     def block(key: str, steps: int) -> float:
         with variants.global_switches(preps[key].options, device), variants.compile_config(preps[key].options):
-            return _plain_block(preps[key], x, y, steps)
+            return measure.plain_steps_s(preps[key], F.cross_entropy, x, y, steps)
 
     for key in preps:
         block(key, WARMUP_STEPS)

@@ -34,7 +34,7 @@ import torchvision
 
 from cnnperf import _env, _io, _terminal, _timing
 from cnnperf.fusion import REPORT_ATTRIBUTE
-from cnnperf.profiler import step, variants
+from cnnperf.profiler import measure, variants
 
 VARIANTS = {"eager": ("bf16", "channels_last"), "fused": ("bf16", "channels_last", "fuse"),
             "compile": ("bf16", "channels_last", "compile"),
@@ -47,16 +47,9 @@ def _sgd(parameters):
 
 
 def _block(prep, x, y, steps: int) -> float:
-    """Seconds per step of ``steps`` training steps, synchronised at the block's ends only."""
+    """Seconds per step of ``steps`` training steps under the variant's switches, synchronised at the ends."""
     with variants.global_switches(prep.options, prep.device), variants.compile_config(prep.options):
-        _timing.synchronize(prep.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = step.forward_loss(prep, F.cross_entropy, x, y)
-            step.backward(prep, loss)
-            step.optimizer_step(prep)
-        _timing.synchronize(prep.device)
-    return (time.perf_counter() - start) / steps
+        return measure.plain_steps_s(prep, F.cross_entropy, x, y, steps)
 
 
 def _ratios(a: list[float], b: list[float]) -> dict:

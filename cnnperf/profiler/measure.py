@@ -229,6 +229,20 @@ def _full_batches(loader) -> Iterator:
 MIN_TIMED_STEPS = 5
 
 
+def plain_steps_s(prep: Prepared, loss_fn: Callable, x, y, steps: int) -> float:
+    """Seconds per step of ``steps`` plain training steps of ``prep`` on one batch: no marks, no ranges,
+    synchronised at the ends only (what a user's loop costs; the benchmarks' reference for :func:`timed_steps`
+    and their A/Bs). The caller sets the variant's switches if it needs them."""
+    synchronize(prep.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = forward_loss(prep, loss_fn, x, y)
+        backward(prep, loss)
+        optimizer_step(prep)
+    synchronize(prep.device)
+    return (time.perf_counter() - start) / steps
+
+
 def timed_steps(prep: Prepared, loss_fn: Callable, source: Iterator, steps: int, warmup: int,
                 max_seconds: float | None = None, profiled: bool = False) -> StepTimes:
     """``warmup`` untimed training steps, then ``steps`` timed ones; per-step and per-phase times. With
