@@ -1,4 +1,5 @@
-"""The one tolerance table and the comparison helper that every kernel test and numerical check uses.
+"""The one tolerance table and the comparison helper that every kernel test and numerical check uses, and the
+measure of activation memory the fused layers are held to (:func:`saved_for_backward_bytes`).
 
 A result computed in ``dtype`` is compared with the float64 reference computed from the *same* (already
 rounded) inputs, so the table only has to cover the kernel's own rounding: accumulation in fp32 and the final
@@ -88,3 +89,17 @@ def check_against_reference(fn, ref_fn, inputs, *, tf32: bool = False, grad_outp
                 raise AssertionError(f"input {i} {tuple(t.shape)}: no gradient")
             assert_close(t.grad, r.grad, dtype=t.dtype, tf32=tf32, name=f"grad of input {i} {tuple(t.shape)}")
     return out
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """The bytes autograd keeps for the backward while ``fn()`` runs: the storages of the saved tensors, each
+    counted once (a view and its base, or a tensor two nodes save, are one)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

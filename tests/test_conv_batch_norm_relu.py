@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnperf.functional import conv2d_batch_norm_relu
 from cnnperf.nn import BatchNorm2dInFusedConv, FusedConv2dBatchNormReLU
-from cnnperf.testing import assert_close
+from cnnperf.testing import assert_close, saved_for_backward_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -247,19 +247,8 @@ def test_saves_no_more_activation_memory_than_eager():
     conv, bn = conv.float(), bn.float()
     x = torch.randn(4, 8, 16, 16, requires_grad=True)
 
-    def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
-    fused = saved_bytes(lambda: layer(x))
-    eager = saved_bytes(lambda: torch.relu(bn(conv(x))))
+    fused = saved_for_backward_bytes(lambda: layer(x))
+    eager = saved_for_backward_bytes(lambda: torch.relu(bn(conv(x))))
     activation = 4 * 16 * 16 * 16 * 4  # one output-sized fp32 tensor
     assert eager - fused >= activation  # the ReLU's output is not kept
 

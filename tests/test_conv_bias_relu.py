@@ -15,7 +15,7 @@ from cnnperf import backend, reference
 from cnnperf.functional import conv2d_bias_relu
 from cnnperf.nn import FusedConv2dBiasReLU
 from cnnperf.ops import conv_bias_relu as op
-from cnnperf.testing import assert_close, check_against_reference
+from cnnperf.testing import assert_close, check_against_reference, saved_for_backward_bytes
 
 
 def _tensors(n, c_in, h, w, c_out, k, groups=1, bias=True, dtype=torch.float32):
@@ -81,19 +81,8 @@ def test_opcheck_custom_op():
 def test_saves_no_more_activation_memory_than_eager():
     x, w, b = _tensors(2, 8, 16, 16, 16, 3)
 
-    def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
-    fused = saved_bytes(lambda: conv2d_bias_relu(x, w, b, padding=1))
-    eager = saved_bytes(lambda: F.relu(F.conv2d(x, w, b, padding=1)))
+    fused = saved_for_backward_bytes(lambda: conv2d_bias_relu(x, w, b, padding=1))
+    eager = saved_for_backward_bytes(lambda: F.relu(F.conv2d(x, w, b, padding=1)))
     assert 0 < fused <= eager
 
 
