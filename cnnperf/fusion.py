@@ -36,6 +36,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from cnnperf import reference
 from cnnperf.nn import BatchNorm2dInFusedConv, FusedConv2dBatchNormReLU, FusedConv2dBiasReLU
 
 __all__ = ["fuse", "FuseReport", "REPORT_ATTRIBUTE"]
@@ -475,14 +476,12 @@ def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FusedConv2dBiasReLU:
     """
     weight = conv.weight.detach()
 
-    def f64(t: torch.Tensor | None, default: float) -> torch.Tensor:
-        if t is None:  # no conv bias, or a BatchNorm with affine=False
-            return torch.full((weight.shape[0],), default, dtype=torch.float64, device=weight.device)
-        return t.detach().to(device=weight.device, dtype=torch.float64)
+    def here(t: torch.Tensor | None) -> torch.Tensor | None:  # None: no conv bias, or BatchNorm affine=False
+        return None if t is None else t.detach().to(weight.device)
 
-    scale = f64(bn.weight, 1.0) / torch.sqrt(f64(bn.running_var, 1.0) + bn.eps)
-    new_weight = f64(weight, 0.0) * scale.reshape(-1, 1, 1, 1)
-    new_bias = (f64(conv.bias, 0.0) - f64(bn.running_mean, 0.0)) * scale + f64(bn.bias, 0.0)
+    new_weight, new_bias = reference.fold_batch_norm(weight, here(conv.bias), here(bn.running_mean),
+                                                     here(bn.running_var), here(bn.weight), here(bn.bias), bn.eps,
+                                                     torch.float64)
 
     fused = FusedConv2dBiasReLU.from_conv(conv)
     requires_grad = conv.weight.requires_grad

@@ -65,6 +65,17 @@ def batch_norm_scale(var: torch.Tensor, bn_weight: torch.Tensor | None, eps: flo
     return invstd if bn_weight is None else invstd * bn_weight.to(var.dtype)
 
 
+def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps: float,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a convolution followed by an eval-mode BatchNorm, as one convolution:
+    weight * s and (bias - running_mean) * s + beta, with s = gamma / sqrt(running_var + eps), computed in
+    ``dtype`` (differentiable; ``bias``, ``bn_weight``, ``bn_bias`` may be None: 0, 1, 0)."""
+    scale = batch_norm_scale(running_var.to(dtype), bn_weight, eps)
+    centred = -running_mean.to(dtype) if bias is None else bias.to(dtype) - running_mean.to(dtype)
+    folded_bias = centred * scale if bn_bias is None else centred * scale + bn_bias.to(dtype)
+    return weight.to(dtype) * scale[:, None, None, None], folded_bias
+
+
 def _pre_activation(z, mean, var, bn_weight, bn_bias, residual, eps: float) -> torch.Tensor:
     """(z - mean) * gamma / sqrt(var + eps) + beta (+ residual), in the statistics' dtype."""
     zs = z.to(mean.dtype)

@@ -162,19 +162,12 @@ def _running_statistics(input, weight, bias, stride, padding, dilation, groups, 
     """Eval mode: the BatchNorm folded into the convolution (in float32, or float64 for float64 weights) and
     one conv2d_bias_relu; with a residual, torch's conv2d, the add and the ReLU. Differentiable in weight, bias,
     bn_weight, bn_bias (and the residual)."""
-    dtype = reference.statistics_dtype(weight.dtype)
-    scale = reference.batch_norm_scale(running_var.to(dtype), bn_weight, eps)
-    folded_bias = -running_mean.to(dtype) * scale
-    if bias is not None:
-        folded_bias = folded_bias + bias.to(dtype) * scale
-    if bn_bias is not None:
-        folded_bias = folded_bias + bn_bias.to(dtype)
-    folded_weight = (weight.to(dtype) * scale[:, None, None, None]).to(weight.dtype)
+    folded_weight, folded_bias = reference.fold_batch_norm(weight, bias, running_mean, running_var, bn_weight,
+                                                           bn_bias, eps, reference.statistics_dtype(weight.dtype))
+    folded_weight, folded_bias = folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
     if residual is None:
-        return conv2d_bias_relu(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation,
-                                groups)
-    z = torch.nn.functional.conv2d(input, folded_weight, folded_bias.to(weight.dtype), stride, padding, dilation,
-                                   groups)
+        return conv2d_bias_relu(input, folded_weight, folded_bias, stride, padding, dilation, groups)
+    z = torch.nn.functional.conv2d(input, folded_weight, folded_bias, stride, padding, dilation, groups)
     return torch.relu(z + residual)
 
 
