@@ -33,10 +33,11 @@ minutes (ask for the others with ``--models convnet,resnet18,vgg11_small``).
    would be most of the run; name it to include it).
 
 3. An independent A/B of the profile's headline: after the profile, ``eager`` and the recommended variant are
-   prepared afresh (``variants.prepare``) and train in alternating blocks of plain steps (``--ab-blocks`` pairs,
-   the order alternating within pairs, the variant under its own switches); the ratio of the medians of their
-   block times, with the p20-p80 of the pairs' ratios, against the headline: ``headline_over_ab`` (issue 14's
-   bar: within +-20 %). Not run when the profile keeps eager.
+   prepared afresh (``variants.prepare``) and train in alternating blocks of plain steps (at least 11 pairs and
+   6 s, as long as the profiler's confirmation: see AB_MIN_S; the order alternating within pairs, the variant
+   under its own switches); the ratio of the medians of their block times, with the p20-p80 of the pairs'
+   ratios, against the headline: ``headline_over_ab`` (issue 14's bar: within +-20 %). Not run when the profile
+   keeps eager.
 
 Timings on a shared CPU are noisy: read the quantiles and the per-block times before a median. The record
 (device, versions, time, argv, and per case the medians, 20/80 % quantiles, per-block times and the profile's
@@ -179,7 +180,12 @@ def profile_case(template, batch, device: torch.device, requested, steps: int, l
             "summary": rec.get("summary"), "variants": rows}
 
 
-AB_BLOCK_PAIRS = 11  # eager / recommended pairs of the independent A/B
+# The independent A/B: eager / recommended pairs, at least AB_BLOCK_PAIRS and for AB_MIN_S seconds (at most
+# AB_MAX_PAIRS): as long as the profiler's confirmation, so that both span the machine's phases of seconds (see
+# cnnperf.profiler.core.CONFIRM_MIN_S) rather than each catching one.
+AB_BLOCK_PAIRS = 11
+AB_MIN_S = 6.0
+AB_MAX_PAIRS = 200
 
 
 def independent_ab(template, batch, device: torch.device, name: str, pairs: int, block_steps: int) -> dict:
@@ -195,12 +201,14 @@ def independent_ab(template, batch, device: torch.device, name: str, pairs: int,
 
     for key in preps:
         block(key, WARMUP_STEPS)
-    for b in range(pairs):
+    start, b = time.perf_counter(), 0
+    while b < pairs or (time.perf_counter() - start < AB_MIN_S and b < AB_MAX_PAIRS):
         for key in (("eager", name) if b % 2 == 0 else (name, "eager")):
             block_s[key].append(block(key, block_steps))
+        b += 1
     med = statistics.median
     ratios = [e / v for e, v in zip(block_s["eager"], block_s[name])]
-    return {"variant": name, "pairs": pairs, "block_steps": block_steps,
+    return {"variant": name, "pairs": b, "seconds": time.perf_counter() - start, "block_steps": block_steps,
             "eager_ms": med(block_s["eager"]) * 1e3, "variant_ms": med(block_s[name]) * 1e3,
             "speedup": med(block_s["eager"]) / med(block_s[name]), "speedup_q20_q80": _timing.p20_p80(ratios)}
 

@@ -80,10 +80,18 @@ def _full_record() -> dict:
                            "not_chosen": [{"variant": "fp16", "why": "numerically off: gradient error 0.31 > 0.1"},
                                           {"variant": "compile", "why": "failed: BackendCompilerFailed"},
                                           {"variant": "tf32", "why": "not applicable: needs an Ampere GPU"}],
-                           "confirmation": {"baseline_ms": 41.9, "variant_ms": 29.9, "speedup": 41.9 / 29.9,
+                           "confirmation": {"variant": "bf16+channels_last", "baseline_ms": 41.9,
+                                            "variant_ms": 29.9, "speedup": 41.9 / 29.9,
                                             "speedup_p20": 1.35, "speedup_p80": 1.45,
                                             "round_speedups": [1.33, 1.38, 1.40, 1.41, 1.47],
-                                            "rounds": 5, "steps": 10}},
+                                            "rounds": 5, "steps": 10, "seconds": 6.2,
+                                            "contenders": [
+                                                {"variant": "bf16+channels_last", "speedup": 41.9 / 29.9,
+                                                 "speedup_p20": 1.35, "speedup_p80": 1.45, "variant_ms": 29.9,
+                                                 "round_speedups": [1.33, 1.38, 1.40, 1.41, 1.47]},
+                                                {"variant": "bf16", "speedup": 1.21, "speedup_p20": 1.18,
+                                                 "speedup_p80": 1.25, "variant_ms": 34.6,
+                                                 "round_speedups": [1.17, 1.2, 1.21, 1.22, 1.26]}]}},
         "top_ops": {"variant": "bf16+channels_last", "by": "self_device_time",
                     "ops": [{"name": f"aten::op_{i}", "self_ms": 10.0 / (i + 1), "calls": 20 - i,
                              "percent": 30.0 / (i + 1)} for i in range(12)]},
@@ -226,7 +234,7 @@ def test_html_recommendation_and_tables(full):
     assert "<b>Recommended: bf16+channels_last</b> (1.40x)" in page  # the headline: confirmed in turns
     assert "<li><b>fp16</b>: numerically off: gradient error 0.31 &gt; 0.1</li>" in page
     assert ("<p>Timed again in turns with eager: 41.9 -&gt; 29.9 ms/step, 1.40x (p20-p80 of the rounds: "
-            "1.35-1.45), 5 rounds of 10 steps.</p>") in page
+            "1.35-1.45), 5 rounds of 10 steps. The other contenders in the same rounds: bf16 1.21x.</p>") in page
     assert '<tr class="best"><td class="l">bf16+channels_last ◀</td><td class="l st-ok">ok</td>' in page
     assert "◀ the recommendation" in page
     assert '<td class="l fail" title="float16 over 3 steps' in page and ">FAIL grad 0.31&gt;0.1</td>" in page
@@ -287,7 +295,7 @@ def test_terminal_wide(full):
     assert "Recommendation: bf16+channels_last (1.40x). bf16 autocast with channels_last" in text
     assert "not fp16: numerically off: gradient error 0.31 > 0.1" in text
     assert ("Timed again in turns with eager: 41.9 -> 29.9 ms/step, 1.40x (p20-p80 of the rounds: 1.35-1.45), "
-            "5 rounds of 10 steps.") in text
+            "5 rounds of 10 steps. The other contenders in the same rounds: bf16 1.21x.") in " ".join(text.split())
     assert "data loader" not in text
     assert "aten::op_9" in text and "aten::op_10" not in text  # the top 10 ops
     assert any(line.split()[:2] == ["1024", "oom"] and "OutOfMemoryError" in line for line in lines)

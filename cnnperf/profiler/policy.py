@@ -52,17 +52,21 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
     """The recommendation from measured rows (the first is the baseline): the fastest numerically sound variant
     if it beats the baseline by MIN_GAIN or more, else the baseline; one line for every variant not chosen.
 
-    ``confirmation``: the baseline and that fastest variant timed again in turns, round by round (see
-    ``cnnperf.profiler.core.confirmation_of``). It decides: the variant stays only if the low end of its rounds'
-    speed-ups (p20) beats the baseline by MIN_GAIN, and then the headline ``speedup`` is the rounds' median with
-    its p20-p80 (``speedup_spread``), not the search's single pass; otherwise the baseline is recommended and the
-    summary says whether the gain did not hold or the rounds disagreed (noise, load).
+    ``confirmation``: the baseline and the search's fastest variants timed again in turns, round by round (see
+    ``cnnperf.profiler.core.confirmation_of``). It decides: its winner (``confirmation["variant"]``; without
+    that key, the search's fastest) stays only if the low end of its rounds' speed-ups (p20) beats the baseline
+    by MIN_GAIN, and then the headline ``speedup`` is the rounds' median with its p20-p80 (``speedup_spread``),
+    not the search's single pass; otherwise the baseline is recommended and the summary says whether the gain did
+    not hold or the rounds disagreed (noise, load).
     """
     rows = [r for r in rows]
     base = rows[0]
     base_ms = base.get("median_ms")
     measured = [r for r in rows if sound(r) and r.get("median_ms")]
     fastest = max(measured, key=lambda r: speedup(r, base_ms) or 0.0, default=base)
+    if confirmation is not None and confirmation.get("variant"):
+        fastest = next(r for r in measured if r["name"] == confirmation["variant"])
+    in_turns = {c["variant"]: c for c in (confirmation or {}).get("contenders", [])}
     chosen = fastest if (speedup(fastest, base_ms) or 0.0) >= 1 + MIN_GAIN else base
     unconfirmed = None
     low = confirmation.get("speedup_p20", confirmation["speedup"]) if confirmation is not None else None
@@ -79,6 +83,10 @@ def recommend(rows: Sequence[dict], confirmation: dict | None = None) -> dict:
         if row is chosen:
             continue
         why = _why_not(row, chosen, base)
+        if row["name"] in in_turns and row is not unconfirmed:
+            figures = {**in_turns[row["name"]], "rounds": confirmation["rounds"]}
+            why = (f"{speedup(row, base_ms):.2f}x in the search, {_in_turns(figures)} when timed again in turns "
+                   f"with {base['name']} and {fastest['name']} ({confirmation['speedup']:.2f}x)")
         if row is unconfirmed:
             why = (f"{speedup(row, base_ms):.2f}x in the search, but {_in_turns(confirmation)} when timed "
                    f"again in turns with {base['name']}: " + ("not a gain that holds"

@@ -287,8 +287,12 @@ def _confirmation_sentence(record: Mapping) -> str | None:
     how = "" if rounds is None or steps is None else f", {_plural(rounds, 'round')} of {_plural(steps, 'step')}"
     p20, p80 = _finite(confirmation.get("speedup_p20")), _finite(confirmation.get("speedup_p80"))
     spread = f" (p20-p80 of the rounds: {p20:.2f}-{p80:.2f})" if p20 is not None and p80 is not None else ""
+    others = [f"{_text(c.get('variant'))} {c['speedup']:.2f}x" for c in _list(confirmation.get("contenders"))
+              if isinstance(c, Mapping) and c.get("variant") != confirmation.get("variant")
+              and _finite(c.get("speedup")) is not None]
+    also = f" The other contenders in the same rounds: {', '.join(others)}." if others else ""
     return (f"Timed again in turns with {_baseline_name(record)}: {_ms(confirmation.get('baseline_ms'))} -> "
-            f"{_ms(confirmation.get('variant_ms'))} ms/step, {speedup:.2f}x{spread}{how}.")
+            f"{_ms(confirmation.get('variant_ms'))} ms/step, {speedup:.2f}x{spread}{how}.{also}")
 
 
 def _data_bound_sentence(rec: Mapping) -> str | None:
