@@ -279,6 +279,11 @@ def test_run_facts(cpu_run):
     assert cpu_run.record["peak_tflops"] is None  # not known for CPUs
     assert cpu_run.record["batch_sweep"] is None and "top_ops" not in cpu_run.record
     assert all(r["mfu"] is None for r in cpu_run.variants)
+    # glibc's adaptive mmap threshold, as this process runs it; said in the summary when on (cnnperf._malloc)
+    from cnnperf import _malloc
+
+    assert run["dynamic_mmap_threshold"] is _malloc.dynamic_mmap_threshold()
+    assert ("MALLOC_MMAP_THRESHOLD_" in cpu_run.record["recommendation"]["summary"]) is run["dynamic_mmap_threshold"]
     with pytest.raises(KeyError, match="compile"):
         cpu_run.row("compile")
 

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from cnnperf import _malloc
 from cnnperf._timing import quantile
 from cnnperf.profiler import measure, ranks
 from cnnperf.profiler.policy import (
@@ -32,6 +33,7 @@ from cnnperf.profiler.policy import (
     data_bound,
     data_fraction,
     describe,
+    drifting_allocator,
     gain,
     recommend,
     sound,
@@ -390,6 +392,7 @@ class _Profiler:
                  "optimizer": None, "seed": self.seed,
                  "num_workers": self.loader.num_workers if self.loader is not None else None,
                  "cpu_count": cpu_count(), "load_average": _load_average(), "tf32": self.tf32,
+                 "dynamic_mmap_threshold": _malloc.dynamic_mmap_threshold() if self.device.type == "cpu" else None,
                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None}
         facts.update(self.run_info)
         return facts
@@ -661,9 +664,10 @@ class _Profiler:
             flops = {"per_step": None, "forward": None, "method": f"failed: {measure.one_line(exc)}"}
         record["flops"] = flops
         _add_mfu(self.rows, record["run"], flops, record["peak_tflops"])
-        note = busy(record["run"].get("load_average"), record["run"].get("cpu_count"))
-        if note:
-            record["recommendation"]["summary"] += " " + note
+        for note in (busy(record["run"].get("load_average"), record["run"].get("cpu_count")),
+                     drifting_allocator(record["run"].get("dynamic_mmap_threshold"), _malloc.ENVIRONMENT)):
+            if note:
+                record["recommendation"]["summary"] += " " + note
         chosen = parse_variant(record["recommendation"]["variant"])
         if self.want_top_ops or self.trace is not None:
             record["top_ops"] = self._top_ops(chosen, record)

@@ -172,6 +172,18 @@ def busy(load: float | None, cpus: int | None) -> str | None:
             "other processes compete for the cores, so these timings are noisy.")
 
 
+def drifting_allocator(dynamic: bool | None, environment: str) -> str | None:
+    """A note when CPU timings ran under glibc malloc's dynamic mmap threshold (see :mod:`cnnperf._malloc`):
+    the step times depend on the process's allocation history, in this run and in the user's training;
+    ``environment``: the variables that fix it."""
+    if not dynamic:
+        return None
+    return ("Note: glibc malloc adapts its mmap threshold to this process's allocation history, so CPU step "
+            "times drift within a run and differ between runs (the digits ConvNet's bf16 + channels_last step: "
+            "12-14 ms in some processes, 6-10 ms with the thresholds fixed). For steadier steps, here and in "
+            f"training, start Python with {environment} (or preload jemalloc or tcmalloc).")
+
+
 def describe(row: dict) -> str:
     """A row as one line of the progress log."""
     if row["status"] != "ok":
