@@ -14,8 +14,11 @@ pair alternates too. The overhead is the median of the pairs' ratios (watched / 
 their p20-p80. The per-epoch cost of
 ``end_epoch`` (moving the recorded tensors to the host) is timed on its own, once per block.
 
-Every step is synchronised on CUDA before its clock is read. The record (device, versions, shapes, per-block
-times, medians, quantiles, the overhead) is printed as a table and written as JSON with ``--json PATH``.
+On the CPU, glibc malloc's mmap and trim thresholds are fixed first (``cnnperf._malloc``; ``--adaptive-malloc``
+keeps glibc's default, whose threshold follows the process's allocation history and makes step times drift;
+the record's ``malloc`` says which). Every step is synchronised on CUDA before its clock is read. The record
+(device, versions, shapes, per-block times, medians, quantiles, the overhead) is printed as a table and written
+as JSON with ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cnnperf import _env, _io, _timing
+from cnnperf import _env, _io, _malloc, _timing
 from cnnperf.doctor import Doctor
 from cnnperf.zoo.models import build_model
 
@@ -144,9 +147,12 @@ def main(argv=None) -> int:
                    help="alternating blocks per model (default: 60 for convnet, 8 for resnet18 on the CPU)")
     p.add_argument("--sample-every", type=int, default=10)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--adaptive-malloc", action="store_true",
+                   help="CPU: keep glibc's adaptive mmap threshold (default: fixed, for steady step times)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    malloc = _malloc.fix_mmap_threshold() if device.type == "cpu" and not args.adaptive_malloc else None
     cases = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
               f"(calls {row['calls_ms_unsampled']:.3f} ms unsampled, {row['calls_ms_sampled']:.3f} ms sampled; "
               f"hooks {row['hooks_ms_sampled']:.3f} ms per sampled step; end_epoch {row['end_epoch_ms']:.2f} ms); "
               f"target <= {100 * TARGET_OVERHEAD:.0f}%", flush=True)
-    record = {**_env.record_header("bench_doctor", device), "rows": rows}
+    record = {**_env.record_header("bench_doctor", device), "malloc": malloc, "rows": rows}
     if args.json:
         _io.write_json_atomic(args.json, record)
         print(f"wrote {args.json}")
