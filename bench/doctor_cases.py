@@ -13,6 +13,8 @@ the LR range test). Three groups:
 - ``issue``: the cases of issue 15's table, which the detectors were changed for;
 - ``held_out``: variations the detectors were not tuned on (other depths, activations, models, delays);
   ``held_out_2``: a second such round, written after the detectors changed for the first round's misses;
+  ``held_out_3``: a third, written after no_signal learned the "nothing learned while units die" case (the
+  second round's miss, AlexNet-small on shuffled labels) and before it ran;
 - ``healthy``: setups that train well and must get no finding at all.
 
 The record (device, versions, per case the findings with their titles, evidence and advice, the epochs, the
@@ -206,7 +208,7 @@ def _adam(lr: float = 1e-3):
 @dataclass
 class Case:
     name: str
-    group: str  # "issue", "held_out", "held_out_2" or "healthy"
+    group: str  # "issue", "held_out", "held_out_2", "held_out_3" or "healthy"
     model: Callable[[], nn.Module]
     optimizer: Callable
     epochs: int
@@ -320,6 +322,16 @@ CASES = [
          what="VGG-11-BN (small) on 150 training images, 40 epochs"),
     Case("mlp3_relu_adam", "held_out_2", lambda: deep_mlp(3, nn.ReLU, width=128), _adam(), 6,
          forbid=("vanishing_gradients", "underfitting", "no_signal"), what="a healthy 3-layer ReLU MLP"),
+    # --- a third round, written after the second round's miss (AlexNet-small on shuffled labels) was fixed and
+    # before these ran -------------------------------------------------------------------------------------------
+    Case("shuffled_labels_vgg11", "held_out_3", lambda: zoo("vgg11_small"), _adam(), 10, expect=("no_signal",),
+         forbid=("overfitting", "underfitting"), data={"shuffled": True, "seed": 3},
+         what="VGG-11-BN (small), labels shuffled"),
+    Case("shuffled_labels_alexnet_sgd", "held_out_3", lambda: zoo("alexnet_small"), _sgd(0.01), 10,
+         expect=("no_signal",), forbid=("overfitting", "underfitting"), data={"shuffled": True, "seed": 4},
+         what="AlexNet-small, SGD momentum 0.01, labels shuffled"),
+    Case("alexnet_small_adam_lr_0.01", "held_out_3", lambda: zoo("alexnet_small"), _adam(1e-2), 6,
+         expect=("dead_relu",), what="AlexNet-small, Adam at lr 0.01 (10x its default), real labels"),
     Case("conv10_relu_bn_sgd", "held_out", lambda: deep_conv(10, nn.ReLU, bn=True), _sgd(0.05), 6,
          expect=("overfitting",), what="10 BN convs, SGD 0.05: listed as healthy before it ran, but its validation "
          "accuracy fell to 16 % at epoch 4 and it ends with a 14-point train/validation gap"),
@@ -359,7 +371,7 @@ def verdict(case: Case, record: dict) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/doctor_cases.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=None,
-                   help="comma list of case names or groups (issue, held_out, held_out_2, healthy)")
+                   help="comma list of case names or groups (issue, held_out, held_out_2, held_out_3, healthy)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record here")
     args = p.parse_args(argv)
     wanted = None if args.cases is None else set(args.cases.split(","))

@@ -204,7 +204,37 @@ def test_underfitting_when_the_training_loss_is_flat_at_chance():
     h = history(epochs=epochs([2.31, 2.30, 2.30], [2.31, 2.30, 2.30], [0.1, 0.11, 0.1], [0.1, 0.1, 0.1]))
     f = F.detect_underfitting(h, RUN)
     assert f is not None and any("labels" in a for a in f.advice)
-    assert F.detect_no_signal(h, RUN) is None  # nothing learned on either split: not "no signal"
+    # Nothing learned on either split, with no unit dying on the way: underfitting speaks (its advice names the
+    # data too), not no_signal.
+    assert F.detect_no_signal(h, RUN).data["learned_nothing"] is True
+    assert kinds(diagnose(h, RUN)) == ["underfitting"]
+
+
+def relu_history(dead_first: float, dead_late: float, samples: int = 12) -> dict:
+    rows = [[dead_first]] + [[dead_late]] * (samples - 1)
+    return {"names": ["features.4"], "steps": list(range(1, 10 * samples, 10)), "dead_fraction": rows}
+
+
+def test_no_signal_when_nothing_is_learned_while_the_units_die():
+    """AlexNet-small on shuffled labels (bench/doctor_cases.py): the loss at ln(10) for 10 epochs, both
+    accuracies at chance, its ReLUs dying one after the other. dead_relu alone would blame the step size; the
+    no_signal finding beside it names the labels. Units dead from the first step, or a loss that fell, do not."""
+    flat = epochs([2.3056, 2.3039, 2.3033, 2.3030, 2.3030], [2.3027] * 5, [0.086, 0.083, 0.091, 0.099, 0.1015],
+                  [0.1003, 0.0975, 0.1003, 0.1003, 0.1003])
+    run = dict(RUN, val_size=359)
+    h = history(epochs=flat, relu=relu_history(0.1, 0.997))
+    found = diagnose(h, run)
+    assert kinds(found) == ["dead_relu", "no_signal"] and found[1].severity == "warning"
+    f = found[1]
+    assert f.data["learned_nothing"] is True and f.data["constant_guess_loss"] == pytest.approx(math.log(10))
+    assert "the loss of a constant guess (ln 10 = 2.3)" in f.evidence and "learned nothing" in f.evidence
+    assert f.advice[0].startswith("Check that every input keeps its label")
+    assert kinds(diagnose(history(epochs=flat, relu=relu_history(0.99, 0.997)), run)) == ["dead_relu"]
+    fell = [dict(e, train_loss=e["train_loss"] * 0.97) for e in flat]  # 3 % below a constant guess: learning
+    assert F.detect_no_signal(history(epochs=fell), run) is None
+    above = [dict(e) for e in flat]
+    above[2]["train_acc"] = 0.2  # above chance on the training images: the other no_signal, not "nothing learned"
+    assert "learned_nothing" not in F.detect_no_signal(history(epochs=above), run).data
 
 
 def test_underfitting_advice_follows_the_lr_range_test_and_the_regularisers_that_are_on():

@@ -114,6 +114,13 @@ EARLY_STOP_PATIENCE = 3
 NO_SIGNAL_SIGMAS = 3.0
 NO_SIGNAL_MIN_MARGIN = 0.02
 NO_SIGNAL_MIN_EPOCHS = 2
+# ... or nothing is learned at all: both accuracies at chance in every epoch and the training loss never below
+# (1 - NO_SIGNAL_LOSS_MARGIN) x ln(classes), the loss of the best constant guess on balanced classes. AlexNet-small
+# on shuffled labels stayed within 0.2 % of ln(10) for 10 epochs while its ReLUs died one after the other (a
+# constant output is the best a model can do with labels that do not match); on the real labels the same model
+# and lr are healthy. Where a cause from the first steps explains it (vanishing gradients without units dying, a
+# softmax before the loss, an lr far too low, a diverging loss), that cause is the finding instead.
+NO_SIGNAL_LOSS_MARGIN = 0.02
 # Underfitting: the accuracy ends below chance + half the way from chance to 100 % (55 % for 10 classes) on
 # both splits, or the training loss fell by less than 10 % from the first epoch to the last while the
 # training accuracy stays below 90 %.
@@ -191,8 +198,9 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     severity by cause before symptom. A symptom whose cause is already named is left out: no lr_too_low,
     no_signal or underfitting next to a diverging or NaN loss; no lr_too_low next to vanishing gradients (the
     steps are small because the gradients are); no no_signal or underfitting next to lr_too_low, a softmax
-    before the loss, a dead layer (error) or vanishing gradients; no underfitting or overfitting next to
-    no_signal (the accuracy at chance is the problem, not the fit)."""
+    before the loss, a dead layer (error) or vanishing gradients, except the no_signal of a model that learned
+    nothing while its units died (see NO_SIGNAL_LOSS_MARGIN); no underfitting or overfitting next to no_signal
+    (the accuracy at chance is the problem, not the fit)."""
     run = dict(run or {})
     if lr_finder:
         run.setdefault("lr_finder", lr_finder)
@@ -207,8 +215,16 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     if "vanishing_gradients" in found:  # tiny updates from tiny gradients: a higher lr does not fix the collapse
         found.pop("lr_too_low", None)
     causes = ("lr_too_low", "softmax_before_cross_entropy", "vanishing_gradients")
-    if any(k in found for k in causes) or (found.get("dead_relu") and found["dead_relu"].severity == "error"):
-        found.pop("no_signal", None)
+    dead = found.get("dead_relu")
+    # Nothing learned while ReLUs died one after the other: dead_relu alone would blame the step size, where
+    # labels that do not match their inputs do the same; the no_signal finding says so beside it. Without units
+    # dying on the way, underfitting (whose advice names the data too) or the cause from the first steps speaks.
+    nothing = "no_signal" in found and found["no_signal"].data.get("learned_nothing")
+    if nothing and (dead is None or dead.data.get("from_start") or any(k in found for k in causes[:2])):
+        found.pop("no_signal")
+    if any(k in found for k in causes) or (dead and dead.severity == "error"):
+        if not nothing:
+            found.pop("no_signal", None)
         found.pop("underfitting", None)
     if "no_signal" in found:
         found.pop("underfitting", None)
@@ -776,8 +792,10 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
     chance, ceiling = level
     late = [a for _, a in accs[len(accs) // 2:]]
     typical, last = statistics.median(late), late[-1]
-    if typical > ceiling or last > ceiling or max(train) <= ceiling:
+    if typical > ceiling or last > ceiling:
         return None
+    if max(train) <= ceiling:
+        return _learned_nothing(epochs, accs, train, chance, ceiling)
     best_row, best = max(accs, key=lambda p: p[1])
     n = _finite(run.get("val_size"))
     evidence = (f"Over the last {len(late)} of {len(epochs)} epochs the validation accuracy was {_pct(typical)} "
@@ -798,6 +816,33 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
                    evidence, advice, {"val_acc_late_median": typical, "val_acc_last": last, "best_val_acc": best,
                                       "best_epoch": best_row["epoch"], "chance": chance, "ceiling": ceiling,
                                       "train_acc": max(train)})
+
+
+def _learned_nothing(epochs, accs, train, chance: float, ceiling: float) -> Finding | None:
+    """Both accuracies at chance in every epoch and the training loss at a constant guess's (see
+    NO_SIGNAL_LOSS_MARGIN): nothing reached the model that it could learn, or it could not learn at all."""
+    losses = [_finite(e.get("train_loss")) for e in epochs]
+    guess = math.log(1 / chance)
+    if (max(a for _, a in accs) > ceiling or any(v is None for v in losses)
+            or min(losses) < (1 - NO_SIGNAL_LOSS_MARGIN) * guess):
+        return None
+    evidence = (f"In all {len(epochs)} epochs the training accuracy stayed at {_pct(min(train))}-{_pct(max(train))} "
+                f"and the validation accuracy at {_pct(min(a for _, a in accs))}-{_pct(max(a for _, a in accs))}, "
+                f"within noise of chance ({_pct(chance)}; up to {_pct(ceiling)}), and the training loss at "
+                f"{_g(min(losses))}-{_g(max(losses))}, the loss of a constant guess (ln {int(round(1 / chance))} = "
+                f"{_g(guess)}): the model learned nothing, not even the training images. Labels that do not match "
+                "their inputs give exactly this (the best a model can do is a constant output, and its units die "
+                "on the way); so does a model that cannot learn (see the other findings).")
+    advice = ["Check that every input keeps its label: look at a few (image, label) pairs from the training "
+              "loader (inputs and labels shuffled separately, or a label column read from the wrong place, look "
+              "like this).",
+              "Train on one small batch (e.g. 32 images) until its accuracy nears 100 %: if it cannot, the model or "
+              "the optimisation is the problem (the other findings say where); if it can, the data is."]
+    return Finding("no_signal", "warning", f"No signal: nothing learned, accuracy at chance ({_pct(chance)}) on both "
+                   "splits", evidence, advice,
+                   {"learned_nothing": True, "chance": chance, "ceiling": ceiling, "train_acc": max(train),
+                    "best_val_acc": max(a for _, a in accs), "train_loss_min": min(losses), "constant_guess_loss":
+                    guess, "loss_margin": NO_SIGNAL_LOSS_MARGIN})
 
 
 def detect_underfitting(history: Mapping, run: Mapping) -> Finding | None:
