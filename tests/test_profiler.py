@@ -564,10 +564,14 @@ def test_the_confirmation_runs_off_the_contenders_for_its_time(monkeypatch):
     assert confirmation["seconds"] >= 1.0 and confirmation["rounds"] > core.CONFIRM_ROUNDS
     assert all(len(e["round_speedups"]) == confirmation["rounds"] for e in confirmation["contenders"])
     assert result.recommended == confirmation["variant"]
-    monkeypatch.setattr(core, "CONFIRM_CONTENDERS", 1)
     monkeypatch.setattr(core, "CONFIRM_MIN_S", 0.0)
+    monkeypatch.setattr(core, "CONFIRM_MAX_S", 1e-6)  # no second contender fits: the fastest runs alone
     confirmation = run(variants=["channels_last", "fuse"]).record["recommendation"]["confirmation"]
     assert len(confirmation["contenders"]) == 1 and confirmation["rounds"] == core.CONFIRM_ROUNDS
+    monkeypatch.setattr(core, "CONFIRM_MAX_S", 1e9)
+    monkeypatch.setattr(core, "CONFIRM_CONTENDERS", 1)  # one copy kept
+    confirmation = run(variants=["channels_last", "fuse"]).record["recommendation"]["confirmation"]
+    assert len(confirmation["contenders"]) == 1
 
 
 def test_slow_variant_is_not_recommended(monkeypatch):

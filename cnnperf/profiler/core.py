@@ -83,6 +83,10 @@ CONFIRM_STEPS = 5
 # variants is a coin toss, and the runoff in turns decides.
 CONFIRM_CONTENDERS = 3
 RUNOFF_FACTOR = 1.5
+# ... and no more of them than CONFIRM_ROUNDS rounds fit in CONFIRM_MAX_S by their search medians (the fastest
+# always runs): ResNet-50 at batch 128 on a GPU takes a few hundred ms a step, and the GPU check gives its whole
+# profile 100 s.
+CONFIRM_MAX_S = 15.0
 # After every variant of the search the baseline is timed again for this many steps: the variant's speed-up is
 # over the baseline's blocks just before and just after it (B V B V B ...), so that drift and load during the
 # search hit both sides (the baseline once measured 34.9 ms at the start of a run and 840 ms at its end).
@@ -602,13 +606,21 @@ class _Profiler:
     # -- the confirmation ---------------------------------------------------------------------------------------
     def _contenders(self) -> list[str]:
         """The kept variants that gained MIN_GAIN in the search and came within RUNOFF_FACTOR of the fastest,
-        fastest first."""
+        fastest first, as many as fit CONFIRM_MAX_S."""
         rows = sorted((row for name, (row, _) in self.kept.items() if name != BASELINE),
                       key=lambda row: -row["speedup"])
         if not rows or rows[0]["speedup"] < 1 + MIN_GAIN:
             return []
-        return [row["name"] for row in rows
+        rows = [row for row in rows
                 if row["speedup"] >= 1 + MIN_GAIN and row["speedup"] * RUNOFF_FACTOR >= rows[0]["speedup"]]
+
+        def rounds_s(rows) -> float:  # CONFIRM_ROUNDS rounds: each side's warm-up step and timed steps
+            ms = self.kept[BASELINE][0]["median_ms"] + sum(row["median_ms"] for row in rows)
+            return CONFIRM_ROUNDS * (CONFIRM_STEPS + 1) * ms / 1e3
+
+        while len(rows) > 1 and rounds_s(rows) > CONFIRM_MAX_S:
+            rows.pop()
+        return [row["name"] for row in rows]
 
     def _confirm(self, record: dict) -> None:
         """Time the baseline and the contenders again, in turns (rounds of CONFIRM_STEPS steps each, the order
@@ -617,8 +629,10 @@ class _Profiler:
         if its slow rounds still gain (see :func:`cnnperf.profiler.policy.recommend`). A machine whose load
         changed during the search (another job on a shared CPU, a GPU clocking down) shows up as a gain that does
         not hold; then the baseline is recommended and the summary says why."""
+        if BASELINE not in self.kept:
+            return
         names = self._contenders()
-        if not names or BASELINE not in self.kept:
+        if not names:
             return
         self.log(f"confirming {', '.join(names)} against {BASELINE}, in turns")
         order = [BASELINE, *names]
