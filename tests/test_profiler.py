@@ -522,16 +522,21 @@ def test_the_runoff_keeps_the_fewer_options_within_the_minimum_gain():
     assert c["variant"] == "bf16"
 
 
-def test_confirmation_reruns_the_recommended_variant(monkeypatch):
+def slow_baseline(monkeypatch) -> None:
+    """Make the baseline (eager) sleep 10 ms in every forward: every variant gains, and holds it in turns."""
     original = core.prepare
 
-    def prepare(options, *args, **kwargs):  # the baseline sleeps 10 ms in every forward
+    def prepare(options, *args, **kwargs):
         prep = original(options, *args, **kwargs)
         if not options:
             prep.module.register_forward_pre_hook(lambda module, inputs: time.sleep(0.01))
         return prep
 
     monkeypatch.setattr(core, "prepare", prepare)
+
+
+def test_confirmation_reruns_the_recommended_variant(monkeypatch):
+    slow_baseline(monkeypatch)
     result = run(variants=["channels_last"])
     rec = result.record["recommendation"]
     assert rec["variant"] == "channels_last"  # the baseline sleeps 10 ms per forward: a gain that holds
@@ -545,15 +550,7 @@ def test_confirmation_reruns_the_recommended_variant(monkeypatch):
 def test_the_confirmation_runs_off_the_contenders_for_its_time(monkeypatch):
     """Every kept contender (the fastest sound variants within RUNOFF_FACTOR of the fastest) is timed in every
     round; the rounds go on until CONFIRM_MIN_S has passed; only CONFIRM_CONTENDERS copies are kept."""
-    original = core.prepare
-
-    def prepare(options, *args, **kwargs):  # the baseline sleeps 10 ms in every forward
-        prep = original(options, *args, **kwargs)
-        if not options:
-            prep.module.register_forward_pre_hook(lambda module, inputs: time.sleep(0.01))
-        return prep
-
-    monkeypatch.setattr(core, "prepare", prepare)
+    slow_baseline(monkeypatch)
     monkeypatch.setattr(core, "CONFIRM_MIN_S", 1.0)
     monkeypatch.setattr(core, "CONFIRM_MAX_ROUNDS", 1000)
     monkeypatch.setattr(core, "RUNOFF_FACTOR", 1e9)  # the tiny variants' speed-ups differ by chance here
