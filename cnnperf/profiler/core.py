@@ -395,11 +395,17 @@ class _Profiler:
                  "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
                  "optimizer": None, "seed": self.seed,
                  "num_workers": self.loader.num_workers if self.loader is not None else None,
-                 "cpu_count": cpu_count(), "load_average": _load_average(), "tf32": self.tf32,
+                 "cpu_count": cpu_count(), "load_average": self._load_average(), "tf32": self.tf32,
                  "dynamic_mmap_threshold": _malloc.dynamic_mmap_threshold() if self.device.type == "cpu" else None,
                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None}
         facts.update(self.run_info)
         return facts
+
+    def _load_average(self) -> float | None:
+        """The highest 1-minute load average among the ranks' machines (a busy one slows every rank's step),
+        the same on every rank so that the summary's note on load is."""
+        loads = [load for load in ranks.all_gather(_load_average(), self.world) if load is not None]
+        return max(loads) if loads else None
 
     # -- the search -----------------------------------------------------------------------------------------
     def _search(self, record: dict) -> None:
@@ -656,11 +662,13 @@ class _Profiler:
                 len(rounds) < CONFIRM_ROUNDS or time.perf_counter() - start < CONFIRM_MIN_S)
             if not ranks.agree(more, self.world):  # every rank runs the same rounds
                 break
-        if self.world > 1:  # the slowest rank's time, round by round (every rank waits for it)
-            gathered = ranks.all_gather(rounds, self.world)
-            rounds = [{name: max(g[i][name] for g in gathered) for name in order} for i in range(len(rounds))]
+        seconds = time.perf_counter() - start
+        if self.world > 1:  # the slowest rank's times, round by round (every rank waits for it)
+            gathered = ranks.all_gather((rounds, seconds), self.world)
+            rounds = [{name: max(g[0][i][name] for g in gathered) for name in order} for i in range(len(rounds))]
+            seconds = max(g[1] for g in gathered)
         confirmation = confirmation_of(rounds, CONFIRM_STEPS, {name: self.kept[name][0]["options"] for name in names})
-        confirmation["seconds"] = time.perf_counter() - start
+        confirmation["seconds"] = seconds
         record["recommendation"] = recommend(self.rows, confirmation=confirmation)
         for c in confirmation["contenders"]:
             self.log(f"  {c['variant']}: {c['speedup']:.2f}x in turns (p20-p80 {c['speedup_p20']:.2f}-"
