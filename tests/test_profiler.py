@@ -552,6 +552,7 @@ def test_the_confirmation_runs_off_the_contenders_for_its_time(monkeypatch):
     round; the rounds go on until CONFIRM_MIN_S has passed; only CONFIRM_CONTENDERS copies are kept."""
     slow_baseline(monkeypatch)
     monkeypatch.setattr(core, "CONFIRM_MIN_S", 1.0)
+    monkeypatch.setattr(core, "CONFIRM_ROUNDS", 2)  # two rounds take ~0.15 s here, 0.35 s on a slow CI machine
     monkeypatch.setattr(core, "CONFIRM_MAX_ROUNDS", 1000)
     monkeypatch.setattr(core, "RUNOFF_FACTOR", 1e9)  # the tiny variants' speed-ups differ by chance here
     result = run(variants=["channels_last", "fuse"])
