@@ -250,6 +250,49 @@ def test_dead_fractions_of_inplace_reused_and_fused_relus_are_exact():
     assert relu["dead_fraction"] == [[0.5, 7 / 8]]
 
 
+def test_activation_spreads_and_input_stats_are_exact():
+    """The spread of a unit between inputs, sqrt(mean((a - b)^2) / 2) over SPREAD_PAIRS pairs of images (the
+    first against the next), a module called twice pooling both calls; the input's stats over INPUT_STAT_IMAGES
+    images. Against float64 sums written out here."""
+    from cnnperf.doctor import monitor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tanh = nn.Tanh()
+            self.relu = nn.ReLU()  # called twice per forward
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.relu(self.tanh(x)) - 0.25))
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(21, 6)  # an odd batch larger than 2 * SPREAD_PAIRS: only the first 16 images count
+    doctor = Doctor(net, sample_every=1)
+    loss = net(x).sum()
+    loss.backward()
+    doctor.after_backward(loss)
+    h = doctor.history()
+    p = monitor.SPREAD_PAIRS
+
+    def spread(*acts):  # float64: every call's squared differences over the pairs, pooled
+        sq = sum(((a[:p].double() - a[p:2 * p].double()) ** 2).sum() for a in acts)
+        return math.sqrt(sq / (2 * sum(a[:p].numel() for a in acts)))
+
+    t = torch.tanh(x)
+    r1 = torch.relu(t)
+    r2 = torch.relu(r1 - 0.25)
+    assert h["activations"]["names"] == ["tanh", "relu"]
+    assert h["activations"]["spread"][0] == pytest.approx([spread(t), spread(r1, r2)], rel=1e-5)
+    dead = [int((r.amax(dim=0) <= 0).sum()) for r in (r1, r2)]
+    assert h["relu"]["dead_fraction"] == [[pytest.approx(sum(dead) / 12)]]
+    first = x[:monitor.INPUT_STAT_IMAGES].double()
+    stats = {k: h["inputs"][k][0] for k in ("mean", "std", "min", "max")}
+    assert stats == pytest.approx({"mean": float(first.mean()), "std": float(first.std()),
+                                   "min": float(first.min()), "max": float(first.max())}, rel=1e-5)
+
+
 def test_per_layer_norms_and_ratios_are_exact():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     lr = 0.1
