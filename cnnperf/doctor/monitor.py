@@ -260,9 +260,13 @@ class Doctor:
         sampled = self._is_sampled(step)
         self._sample, self._snapshot = None, None  # a previous sampled step whose after_step never came
         with torch.no_grad():
-            has_grad = [p.grad is not None for p in self._params]
-            with_grad = [p for p, h in zip(self._params, has_grad) if h]
-            grads = [p.grad for p in with_grad]
+            grads = [p.grad for p in self._params]  # each .grad once: 1 us a read here, after a backward
+            has_grad = [g is not None for g in grads]
+            if not all(has_grad):
+                with_grad = [p for p, h in zip(self._params, has_grad) if h]
+                grads = [g for g in grads if g is not None]
+            else:
+                with_grad = self._params
             if self._params[0].device.type == "cpu" and all(type(g) is torch.Tensor for g in grads):
                 total, per_param = _cpu_norms(grads)
             else:  # one fused pass (and the all-reduce of sharded DTensor gradients): the total and each norm
