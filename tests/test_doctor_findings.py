@@ -190,6 +190,17 @@ def test_no_overfitting_for_noise_bumps_and_late_bests(val):
     assert F.detect_overfitting(h, RUN) is None
 
 
+def test_no_overfitting_when_the_training_loss_stopped_falling():
+    # the healthy VGG-11-BN of bench/doctor_cases.py: a validation-loss spike at the end, the training loss flat
+    train, val = [0.930, 0.185, 0.0825, 0.0474, 0.0807], [2.25, 0.122, 0.0836, 0.214, 0.102]
+    accs = ([0.724, 0.950, 0.975, 0.986, 0.978], [0.281, 0.975, 0.969, 0.942, 0.975])
+    assert F.detect_overfitting(history(epochs=epochs(train, val, *accs)), RUN) is None
+    # the same validation curve while the training loss falls by OVERFIT_MIN_TRAIN_DROP (and no more): overfitting
+    train[-1] = train[2] * (1 - F.OVERFIT_MIN_TRAIN_DROP)
+    f = F.detect_overfitting(history(epochs=epochs(train, val, *accs)), RUN)
+    assert f is not None and f.data["val_loss_rising"]
+
+
 def test_underfitting_when_both_accuracies_stay_low():
     h = history(epochs=epochs([2.2, 2.0, 1.9], [2.2, 2.0, 1.95], [0.2, 0.3, 0.4], [0.2, 0.3, 0.38]))
     f = F.detect_underfitting(h, RUN)

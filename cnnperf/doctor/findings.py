@@ -96,12 +96,16 @@ LR_LOW_MIN_GRAD = 1e-12  # gradients at least this big (relative to the weights)
 
 # --- fitting ----------------------------------------------------------------------------------------------
 # Overfitting: the validation loss ends 10 % (and 0.01) above its best, 2 or more epochs after it, while the
-# training loss kept falling; or the training accuracy ends 10 points above the validation accuracy. Healthy
-# runs end within ~2 points, with the best validation loss in the last epochs.
+# training loss kept falling (OVERFIT_MIN_TRAIN_DROP); or the training accuracy ends 10 points above the
+# validation accuracy. Healthy runs end within ~2 points, with the best validation loss in the last epochs.
 OVERFIT_VAL_RISE = 0.10
 OVERFIT_MIN_ABS_RISE = 0.01
 OVERFIT_MIN_EPOCHS_AFTER_BEST = 2
 OVERFIT_ACC_GAP = 0.10
+# ... and "kept falling" means by a quarter or more: a model that overfits goes on fitting its training set. A
+# healthy VGG-11-BN on digits (Adam, 5 epochs, 97.8 % / 97.5 %) had its validation loss jump 0.084 -> 0.214 ->
+# 0.102 in its last epochs while the training loss went 0.083 -> 0.047 -> 0.081 (-2 %): noise, not overfitting.
+OVERFIT_MIN_TRAIN_DROP = 0.25
 # Early stopping: stop when the monitored metric (validation accuracy for a classifier, else the validation
 # loss) has not improved for this many epochs (Keras/Lightning's usual patience for short runs). The validation
 # loss is not the default: it rises from overconfidence on the images the model gets wrong while the accuracy
@@ -693,7 +697,8 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     train_best, train_last = _finite(lowest.get("train_loss")), _finite(last.get("train_loss"))
     rising = (after >= OVERFIT_MIN_EPOCHS_AFTER_BEST and last_val >= best_val * (1 + OVERFIT_VAL_RISE)
               and last_val - best_val >= OVERFIT_MIN_ABS_RISE
-              and (train_best is None or train_last is None or train_last < train_best))
+              and (train_best is None or train_last is None
+                   or train_last <= (1 - OVERFIT_MIN_TRAIN_DROP) * train_best))
     train_acc, val_acc = _finite(last.get("train_acc")), _finite(last.get("val_acc"))
     gap = train_acc - val_acc if train_acc is not None and val_acc is not None else None
     wide = gap is not None and gap >= OVERFIT_ACC_GAP
