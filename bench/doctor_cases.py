@@ -262,6 +262,21 @@ def _names_the_init(record: dict) -> str | None:
     return None
 
 
+def _fit_follows_the_curves(record: dict) -> str | None:
+    """For a run whose curves differ from machine to machine: overfitting is reported when the run ends with a
+    train/validation accuracy gap of 10 points or more, and not when it ends within 2 points with its best
+    validation loss in the last epoch."""
+    last = record["history"]["epochs"][-1]
+    gap = last["train_acc"] - last["val_acc"]
+    lowest = min(record["history"]["epochs"], key=lambda e: e["val_loss"])["epoch"]
+    said = any(f["kind"] == "overfitting" for f in record["findings"])
+    if gap >= 0.10 and not said:
+        return f"ends with a {100 * gap:.1f}-point gap, but no overfitting"
+    if gap < 0.02 and lowest == last["epoch"] and said:
+        return f"overfitting, but it ends within {100 * gap:.1f} points at its lowest validation loss"
+    return None
+
+
 ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 CASES = [
@@ -333,8 +348,9 @@ CASES = [
     Case("alexnet_small_adam_lr_0.01", "held_out_3", lambda: zoo("alexnet_small"), _adam(1e-2), 6,
          expect=("dead_relu",), what="AlexNet-small, Adam at lr 0.01 (10x its default), real labels"),
     Case("conv10_relu_bn_sgd", "held_out", lambda: deep_conv(10, nn.ReLU, bn=True), _sgd(0.05), 6,
-         expect=("overfitting",), what="10 BN convs, SGD 0.05: listed as healthy before it ran, but its validation "
-         "accuracy fell to 16 % at epoch 4 and it ends with a 14-point train/validation gap"),
+         check=_fit_follows_the_curves, what="10 BN convs, SGD 0.05, an unstable run: on the machine it was "
+         "written on, validation accuracy 16 % at epoch 4 and a 14-point gap at the end; on a later one 68 %, 38 %, "
+         "47 %, 90 %, 98 % (97.5 % train): the verdict must follow the run's own curves"),
     # --- healthy: no finding at all -------------------------------------------------------------------------
     Case("convnet_adam", "healthy", lambda: zoo("convnet"), _adam(), 5),
     Case("convnet_sgd", "healthy", lambda: zoo("convnet"), _sgd(0.05), 5),

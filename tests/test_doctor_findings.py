@@ -333,6 +333,12 @@ def test_vanishing_signal_when_the_activations_stop_varying_between_inputs():
     assert F.detect_vanishing_gradients(history(layers=layers(rows), activations=healthy), run) is None
     once = {**acts, "spread": spread[:2] + [[0.3] * 10] * 4}  # faded on the first steps only (AlexNet-small, Adam)
     assert F.detect_vanishing_gradients(history(layers=layers(rows), activations=once), run) is None
+    # faded on every step but the first SIGNAL_FADE_START_STEPS: the output collapsing to a constant (VGG-11-BN
+    # on shuffled labels), not the depth
+    start = F.SIGNAL_FADE_START_STEPS
+    later = {**acts, "spread": [[0.3] * 10] * start + spread[start:]}
+    assert F.detect_vanishing_gradients(history(layers=layers(rows), activations=later), run) is None
+    assert f.data["signal_fade_at_start"] == pytest.approx(0.56 ** 9)
 
 
 def test_vanishing_gradients_names_an_initialisation_too_small_for_relu():

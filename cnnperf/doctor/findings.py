@@ -46,6 +46,11 @@ VANISHING_STEP_FRACTION = 0.5
 # gradient ratios grow only 5-8x: the layers' weights get small gradients alike), 12 tanh convs 1,070x, 10 ReLU
 # convs with default init 5,400x, GELU 1.8e6x, sigmoid 1.6e7x.
 SIGNAL_FADE = 30.0
+# ... and from the start: the median over the first SIGNAL_FADE_START_STEPS sampled steps fades too. A fade
+# that sets in later is the output collapsing to a constant (labels with nothing to learn, dead units), not
+# the depth or the initialisation: VGG-11-BN on shuffled labels went 3.2x, 18x, then 15-82x; a 12-layer tanh
+# net and AlexNet-small with default init under SGD faded 998x and 249x from the first step.
+SIGNAL_FADE_START_STEPS = 2
 # An initialisation is "too small" below these gains (weights' rms x sqrt(fan_in)): Kaiming's 1.41 for ReLU
 # nets, Xavier/LeCun's 1 for tanh; PyTorch's default init gives 0.58, which shrinks the signal 2.4x per ReLU
 # layer (1.7x per tanh layer) without normalisation.
@@ -437,7 +442,8 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     """A collapse along depth, on at least :data:`VANISHING_STEP_FRACTION` of the sampled steps: the
     gradient-to-weight ratio growing :data:`VANISHING_GROWTH` x or more from the first hidden weight layer to
     the last, or the activations' variation between inputs shrinking :data:`SIGNAL_FADE` x or more from the
-    first activation layer to the last (each a line through all the layers, per sampled step). Names the causes
+    first activation layer to the last, from the first sampled steps on (each a line through all the layers, per
+    sampled step). Names the causes
     it can see: saturating activations, no normalisation, an initialisation too small for the activations."""
     layers = history.get("layers") or {}
     names = list(layers.get("names") or [])
@@ -455,7 +461,9 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     fades = [g for g in (_depth_growth([_finite(v) for v in row]) for row in acts.get("spread") or [])
              if g is not None] if len(act_names) >= VANISHING_MIN_WEIGHT_LAYERS else []
     faded = [g for g in fades if g <= 1 / SIGNAL_FADE]
-    signal = len(fades) >= MIN_SAMPLED_STEPS and len(faded) >= VANISHING_STEP_FRACTION * len(fades)
+    at_start = statistics.median(fades[:SIGNAL_FADE_START_STEPS]) if fades else None
+    signal = (len(fades) >= MIN_SAMPLED_STEPS and len(faded) >= VANISHING_STEP_FRACTION * len(fades)
+              and at_start <= 1 / SIGNAL_FADE)
     if not gradients and not signal:
         return None
     sentences = []
@@ -515,7 +523,8 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     return Finding("vanishing_gradients", "warning", title, evidence, advice,
                    {"median_growth": growth, "steps_steep": len(steep), "steps": len(growths),
                     "threshold": VANISHING_GROWTH, "grad_to_weight": per_layer, "signal_fade": fade,
-                    "signal_fade_threshold": SIGNAL_FADE, "activation_spread": dict(zip(act_names, spreads)),
+                    "signal_fade_threshold": SIGNAL_FADE, "signal_fade_at_start": at_start,
+                    "activation_spread": dict(zip(act_names, spreads)),
                     "init_gain": gain, "small_init": small_init, "causes": causes})
 
 
