@@ -243,6 +243,11 @@ def test_no_signal_when_nothing_is_learned_while_the_units_die():
     assert kinds(diagnose(history(epochs=flat, relu=relu_history(0.99, 0.997)), run)) == ["dead_relu"]
     fell = [dict(e, train_loss=e["train_loss"] * 0.97) for e in flat]  # 3 % below a constant guess: learning
     assert F.detect_no_signal(history(epochs=fell), run) is None
+    spike = [dict(e) for e in flat]
+    spike[3]["val_acc"] = 0.1616  # one epoch above the ceiling (VGG-11-BN on shuffled labels): still nothing learned
+    assert F.detect_no_signal(history(epochs=spike), run).data["learned_nothing"] is True
+    spike[4]["val_acc"] = 0.1616  # the last epoch above it too: not at chance
+    assert F.detect_no_signal(history(epochs=spike), run) is None
     above = [dict(e) for e in flat]
     above[2]["train_acc"] = 0.2  # above chance on the training images: the other no_signal, not "nothing learned"
     assert "learned_nothing" not in F.detect_no_signal(history(epochs=above), run).data

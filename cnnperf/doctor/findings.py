@@ -123,7 +123,9 @@ EARLY_STOP_PATIENCE = 3
 NO_SIGNAL_SIGMAS = 3.0
 NO_SIGNAL_MIN_MARGIN = 0.02
 NO_SIGNAL_MIN_EPOCHS = 2
-# ... or nothing is learned at all: both accuracies at chance in every epoch and the training loss never below
+# ... or nothing is learned at all: the training accuracy at chance in every epoch, the validation accuracy as
+# above (a single epoch above the ceiling is noise: VGG-11-BN on shuffled labels reached 16.2 % once in 10
+# epochs, median 11.7 % over the last half, at ln(10) all along), and the training loss never below
 # (1 - NO_SIGNAL_LOSS_MARGIN) x ln(classes), the loss of the best constant guess on balanced classes. AlexNet-small
 # on shuffled labels stayed within 0.2 % of ln(10) for 10 epochs while its ReLUs died one after the other (a
 # constant output is the best a model can do with labels that do not match); on the real labels the same model
@@ -809,7 +811,7 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
     if typical > ceiling or last > ceiling:
         return None
     if max(train) <= ceiling:
-        return _learned_nothing(epochs, accs, train, chance, ceiling)
+        return _learned_nothing(epochs, accs, train, chance, ceiling, typical)
     best_row, best = max(accs, key=lambda p: p[1])
     n = _finite(run.get("val_size"))
     evidence = (f"Over the last {len(late)} of {len(epochs)} epochs the validation accuracy was {_pct(typical)} "
@@ -832,17 +834,18 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
                                       "train_acc": max(train)})
 
 
-def _learned_nothing(epochs, accs, train, chance: float, ceiling: float) -> Finding | None:
-    """Both accuracies at chance in every epoch and the training loss at a constant guess's (see
-    NO_SIGNAL_LOSS_MARGIN): nothing reached the model that it could learn, or it could not learn at all."""
+def _learned_nothing(epochs, accs, train, chance: float, ceiling: float, typical: float) -> Finding | None:
+    """The training accuracy at chance and the training loss at a constant guess's in every epoch (see
+    NO_SIGNAL_LOSS_MARGIN), the validation accuracy at chance (``typical``: its median over the later half):
+    nothing reached the model that it could learn, or it could not learn at all."""
     losses = [_finite(e.get("train_loss")) for e in epochs]
     guess = math.log(1 / chance)
-    if (max(a for _, a in accs) > ceiling or any(v is None for v in losses)
-            or min(losses) < (1 - NO_SIGNAL_LOSS_MARGIN) * guess):
+    if any(v is None for v in losses) or min(losses) < (1 - NO_SIGNAL_LOSS_MARGIN) * guess:
         return None
     evidence = (f"In all {len(epochs)} epochs the training accuracy stayed at {_pct(min(train))}-{_pct(max(train))} "
-                f"and the validation accuracy at {_pct(min(a for _, a in accs))}-{_pct(max(a for _, a in accs))}, "
-                f"within noise of chance ({_pct(chance)}; up to {_pct(ceiling)}), and the training loss at "
+                f"and the validation accuracy at {_pct(min(a for _, a in accs))}-{_pct(max(a for _, a in accs))} "
+                f"({_pct(typical)} median over the last {len(accs) - len(accs) // 2}), within noise of chance "
+                f"({_pct(chance)}; up to {_pct(ceiling)}), and the training loss at "
                 f"{_g(min(losses))}-{_g(max(losses))}, the loss of a constant guess (ln {int(round(1 / chance))} = "
                 f"{_g(guess)}): the model learned nothing, not even the training images. Labels that do not match "
                 "their inputs give exactly this (the best a model can do is a constant output, and its units die "
