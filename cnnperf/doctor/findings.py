@@ -445,8 +445,8 @@ def detect_vanishing_gradients(history: Mapping, run: Mapping) -> Finding | None
     gradient-to-weight ratio growing :data:`VANISHING_GROWTH` x or more from the first hidden weight layer to
     the last, or the activations' variation between inputs shrinking :data:`SIGNAL_FADE` x or more from the
     first activation layer to the last, from the first sampled steps on (each a line through all the layers, per
-    sampled step). Names the causes
-    it can see: saturating activations, no normalisation, an initialisation too small for the activations."""
+    sampled step). Names the causes it can see: saturating activations, no normalisation, an initialisation too
+    small for the activations."""
     layers = history.get("layers") or {}
     names = list(layers.get("names") or [])
     rows = layers.get("grad_to_weight") or []

@@ -395,13 +395,13 @@ class _Profiler:
                  "loss_fn": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
                  "optimizer": None, "seed": self.seed,
                  "num_workers": self.loader.num_workers if self.loader is not None else None,
-                 "cpu_count": cpu_count(), "load_average": self._load_average(), "tf32": self.tf32,
+                 "cpu_count": cpu_count(), "load_average": self._ranks_load_average(), "tf32": self.tf32,
                  "dynamic_mmap_threshold": _malloc.dynamic_mmap_threshold() if self.device.type == "cpu" else None,
                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None}
         facts.update(self.run_info)
         return facts
 
-    def _load_average(self) -> float | None:
+    def _ranks_load_average(self) -> float | None:
         """The highest 1-minute load average among the ranks' machines (a busy one slows every rank's step),
         the same on every rank so that the summary's note on load is."""
         loads = [load for load in ranks.all_gather(_load_average(), self.world) if load is not None]
