@@ -253,6 +253,63 @@ def test_no_signal_when_nothing_is_learned_while_the_units_die():
     assert "learned_nothing" not in F.detect_no_signal(history(epochs=above), run).data
 
 
+def test_units_dead_after_steps_too_large_blame_the_step_not_the_labels():
+    """AlexNet-small at Adam lr 1e-2 on its real labels (bench/doctor_cases.py): the first sampled step moved the
+    median layer by 46 % of its norm, the ReLUs were dead 10 steps later and nothing was learned. The same
+    curves as shuffled labels, but the step size is the cause: dead_relu alone, its lower lr first, and no
+    no_signal pointing at the labels. At lr 1e-3 (4.6 %, the shuffled-labels run) no_signal stays beside it."""
+    flat = epochs([6.043, 2.304, 2.304, 2.303, 2.303, 2.303], [2.303] * 6, [0.092, 0.081, 0.097, 0.099, 0.088, 0.097],
+                  [0.1] * 6)
+    run = dict(RUN, val_size=359, lr=0.01)
+
+    def h(early_medians):
+        utw = [[m / 2, m, 2 * m] for m in early_medians] + [[1e-4, 1e-4, 1e-4]] * 9
+        return history(epochs=flat, relu=relu_history(0.1, 1.0),
+                       layers=layers([[3e-3] * 3] * len(utw), utw_rows=utw))
+
+    big = diagnose(h([0.46, 0.044, 0.014]), run)
+    assert kinds(big) == ["dead_relu"]
+    f = big[0]
+    assert f.data["big_steps"] is True and f.data["early_update_to_weight"] == pytest.approx(0.46)
+    assert "moved the weights by 46.0% of their norm" in f.evidence
+    assert f.advice[0] == "Lower the learning rate (now 0.01), e.g. to 0.001."
+    # SGD with momentum: the steps grow over the first samples; the largest of the first three counts
+    assert F.detect_dead_relu(h([0.01, 0.05, F.DEAD_RELU_BIG_STEP]), run).data["big_steps"] is True
+    # ... and only the first three: a late big step is not the early one that killed the units
+    late = F.detect_dead_relu(h([0.046, 0.011, 0.0048, 0.5]), run)
+    assert late.data["big_steps"] is False and late.data["early_update_to_weight"] == pytest.approx(0.046)
+    assert kinds(diagnose(h([0.046, 0.011, 0.0048]), run)) == ["dead_relu", "no_signal"]
+    # dead from the first step: the initialisation, whatever the steps
+    assert F.detect_dead_relu(history(epochs=flat, relu=relu_history(1.0, 1.0), layers=layers(
+        [[3e-3] * 3] * 3, utw_rows=[[0.5] * 3] * 3)), run).data["big_steps"] is False
+
+
+def test_no_signal_when_the_training_loss_falls_below_a_guess_while_validation_rises_above_it():
+    """The ConvNet under SGD on shuffled labels (bench/doctor_cases.py): its training accuracy never left the noise
+    of chance (13.8 % at best), but its training loss went below ln(10) while the validation loss rose above it
+    and the validation accuracy fell below chance. Not overfitting (a gap of 11 points at 13.5 %), not
+    underfitting: no signal."""
+    run = dict(RUN, val_size=359)
+    train_loss = [2.313, 2.306, 2.302, 2.303, 2.298, 2.289, 2.284, 2.276]
+    val_loss = [2.307, 2.306, 2.308, 2.316, 2.324, 2.357, 2.379, 2.369]
+    train_acc = [0.095, 0.101, 0.107, 0.116, 0.127, 0.127, 0.138, 0.135]
+    val_acc = [0.100, 0.078, 0.111, 0.114, 0.103, 0.047, 0.031, 0.025]
+    h = history(epochs=epochs(train_loss, val_loss, train_acc, val_acc))
+    found = diagnose(h, run)
+    assert kinds(found) == ["no_signal"] and found[0].severity == "error"
+    f = found[0]
+    assert f.data["losses_apart"] == (2.276, 2.369) and "learned_nothing" not in f.data
+    assert "below chance" in f.evidence and "the validation loss rose to 2.37, above it" in f.evidence
+    # the validation loss within NO_SIGNAL_LOSS_MARGIN of a guess's: nothing learned (underfitting speaks)
+    near = epochs(train_loss, val_loss[:-1] + [math.log(10) * (1 + F.NO_SIGNAL_LOSS_MARGIN) - 1e-3], train_acc,
+                  val_acc)
+    assert kinds(diagnose(history(epochs=near), run)) == ["underfitting"]
+    # the training loss not below a guess's (LeNet-5 at SGD lr 0.5, its units dead): nothing learned either
+    stuck = epochs([2.372, 2.337, 2.321, 2.322], [2.338, 2.312, 2.316, 2.38], [0.134, 0.092, 0.098, 0.088],
+                   [0.097, 0.1, 0.1, 0.1])
+    assert F.detect_no_signal(history(epochs=stuck), run).data["learned_nothing"] is True
+
+
 def test_underfitting_advice_follows_the_lr_range_test_and_the_regularisers_that_are_on():
     h = history(epochs=epochs([2.3, 2.25, 2.24], [2.3, 2.25, 2.24], [0.2, 0.25, 0.26], [0.2, 0.25, 0.26]))
     finder = {"suggested_lr": 0.0546, "method": "steepest descent"}

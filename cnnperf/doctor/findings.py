@@ -84,6 +84,13 @@ NONFINITE_SCALER_TAIL = 10
 DEAD_RELU_WARNING = 0.75
 DEAD_RELU_ERROR = 0.99
 DEAD_RELU_LATE_FRACTION = 0.5  # judge on the last half of the sampled steps: units die during training
+# Units that died during training under steps too large: on one of the first 3 sampled steps, the median weight
+# layer moved by 15 % of its norm or more. AlexNet-small at Adam lr 1e-2 moved 46 % on its first step (Adam's
+# first step is about lr x sign(grad), the largest of a run), and its ReLUs were dead 10 steps later, on its real
+# labels and on shuffled ones alike; at lr 1e-3, 4.6 % on the first step, and on shuffled labels its units still
+# died, over hundreds of steps, because a constant output is all that such labels leave to learn. Healthy
+# training moves the weights by about 0.1-3 % a step. Then the step size is the cause, whatever the labels.
+DEAD_RELU_BIG_STEP = 0.15
 
 # --- the loss ----------------------------------------------------------------------------------------------
 # Loss curves are compared through medians over windows of steps, so that one noisy batch decides nothing.
@@ -102,7 +109,9 @@ LR_LOW_MIN_GRAD = 1e-12  # gradients at least this big (relative to the weights)
 # --- fitting ----------------------------------------------------------------------------------------------
 # Overfitting: the validation loss ends 10 % (and 0.01) above its best, 2 or more epochs after it, while the
 # training loss kept falling (OVERFIT_MIN_TRAIN_DROP); or the training accuracy ends 10 points above the
-# validation accuracy. Healthy runs end within ~2 points, with the best validation loss in the last epochs.
+# validation accuracy, and above the noise of chance (see chance_level): a model at chance on its own training
+# images has fitted nothing to overfit (the ConvNet on shuffled labels ended at 13.5 % and 2.5 %). Healthy runs
+# end within ~2 points, with the best validation loss in the last epochs.
 OVERFIT_VAL_RISE = 0.10
 OVERFIT_MIN_ABS_RISE = 0.01
 OVERFIT_MIN_EPOCHS_AFTER_BEST = 2
@@ -130,7 +139,10 @@ NO_SIGNAL_MIN_EPOCHS = 2
 # on shuffled labels stayed within 0.2 % of ln(10) for 10 epochs while its ReLUs died one after the other (a
 # constant output is the best a model can do with labels that do not match); on the real labels the same model
 # and lr are healthy. Where a cause from the first steps explains it (vanishing gradients without units dying, a
-# softmax before the loss, an lr far too low, a diverging loss), that cause is the finding instead.
+# softmax before the loss, an lr far too low, a diverging loss), that cause is the finding instead. A training
+# accuracy still near chance does not mean nothing was learned when the training loss ends below a constant
+# guess's while the validation loss ends 2 % or more above it: the ConvNet under SGD on shuffled labels ended at
+# 2.28 and 2.37 (ln 10 = 2.30), its training accuracy at 13.5 %, its validation accuracy at 2.5 %, below chance.
 NO_SIGNAL_LOSS_MARGIN = 0.02
 # Underfitting: the accuracy ends below chance + half the way from chance to 100 % (55 % for 10 classes) on
 # both splits, or the training loss fell by less than 10 % from the first epoch to the last while the
@@ -211,7 +223,8 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     steps are small because the gradients are); no no_signal or underfitting next to lr_too_low, a softmax
     before the loss, a dead layer (error) or vanishing gradients, except the no_signal of a model that learned
     nothing while its units died (see NO_SIGNAL_LOSS_MARGIN); no underfitting or overfitting next to no_signal
-    (the accuracy at chance is the problem, not the fit)."""
+    (the accuracy at chance is the problem, not the fit). Nor the no_signal of nothing learned next to units
+    that died under steps too large (see DEAD_RELU_BIG_STEP): the step size is the first cause to fix."""
     run = dict(run or {})
     if lr_finder:
         run.setdefault("lr_finder", lr_finder)
@@ -227,11 +240,13 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
         found.pop("lr_too_low", None)
     causes = ("lr_too_low", "softmax_before_cross_entropy", "vanishing_gradients")
     dead = found.get("dead_relu")
-    # Nothing learned while ReLUs died one after the other: dead_relu alone would blame the step size, where
-    # labels that do not match their inputs do the same; the no_signal finding says so beside it. Without units
-    # dying on the way, underfitting (whose advice names the data too) or the cause from the first steps speaks.
+    # Nothing learned while ReLUs died one after the other under moderate steps: dead_relu alone would blame the
+    # step size, where labels that do not match their inputs do the same; the no_signal finding says so beside
+    # it. Without units dying on the way, underfitting (whose advice names the data too) or the cause from the
+    # first steps speaks; after steps too large, dead_relu's lower lr does.
     nothing = "no_signal" in found and found["no_signal"].data.get("learned_nothing")
-    if nothing and (dead is None or dead.data.get("from_start") or any(k in found for k in causes[:2])):
+    if nothing and (dead is None or dead.data.get("from_start") or dead.data.get("big_steps")
+                    or any(k in found for k in causes[:2])):
         found.pop("no_signal")
     if any(k in found for k in causes) or (dead and dead.severity == "error"):
         if not nothing:
@@ -554,8 +569,18 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
     from_start = all(v["first_sample"] is not None and v["first_sample"] >= DEAD_RELU_WARNING for v in dead.values())
     if severity == "error":
         evidence += "Nothing passes through such a layer, so no layer before it gets a gradient. "
-    evidence += ("They were dead from the first step: the initialisation (or a bias) keeps their input negative."
-                 if from_start else "They died during training, the mark of steps too large for them.")
+    early = _early_update(history)
+    big_steps = not from_start and early is not None and early >= DEAD_RELU_BIG_STEP
+    if from_start:
+        evidence += "They were dead from the first step: the initialisation (or a bias) keeps their input negative."
+    elif big_steps:
+        evidence += (f"They died during training after steps too large for them: an early step moved the weights "
+                     f"by {_pct(early)} of their norm (median layer; healthy training moves them about 0.1-3 % a "
+                     "step).")
+    else:
+        evidence += "They died during training, the mark of steps too large for them" + (
+            f" (the largest early step moved the weights by {_pct(early)} of their norm, median layer)."
+            if early is not None else ".")
     lr = _finite(run.get("lr"))
     lower = f"Lower the learning rate (now {_g(lr)}), e.g. to {_g(lr / 10)}." if lr else "Lower the learning rate 10x."
     init = ("Check the initialisation of the layers before these ReLUs: default or Kaiming init and zero biases "
@@ -568,7 +593,18 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
     title = f"Dead ReLUs: {_pct(worst)} of the units of {worst_name} never fire"
     return Finding("dead_relu", severity, title, evidence, advice,
                    {"layers": dead, "threshold": DEAD_RELU_WARNING, "sampled_steps": len(late),
-                    "from_start": from_start})
+                    "from_start": from_start, "early_update_to_weight": early, "big_steps": big_steps})
+
+
+def _early_update(history: Mapping) -> float | None:
+    """The largest of the median weight layer's update-to-weight ratios on the first MIN_SAMPLED_STEPS sampled
+    steps that have one (None without any)."""
+    layers = history.get("layers") or {}
+    weight_idx = _weight_layers(layers)
+    medians = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
+               for row in layers.get("update_to_weight") or []]
+    medians = [m for m in medians if m is not None][:MIN_SAMPLED_STEPS]
+    return max(medians) if medians else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,7 +748,8 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
                    or train_last <= (1 - OVERFIT_MIN_TRAIN_DROP) * train_best))
     train_acc, val_acc = _finite(last.get("train_acc")), _finite(last.get("val_acc"))
     gap = train_acc - val_acc if train_acc is not None and val_acc is not None else None
-    wide = gap is not None and gap >= OVERFIT_ACC_GAP
+    level = chance_level(run)
+    wide = gap is not None and gap >= OVERFIT_ACC_GAP and (level is None or train_acc > level[1])
     if not rising and not wide:
         return None
     key = monitored(epochs, run.get("monitor"))
@@ -810,16 +847,25 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
     typical, last = statistics.median(late), late[-1]
     if typical > ceiling or last > ceiling:
         return None
-    if max(train) <= ceiling:
+    apart = _splits_apart(epochs[-1], chance)
+    if max(train) <= ceiling and apart is None:
         return _learned_nothing(epochs, accs, train, chance, ceiling, typical)
     best_row, best = max(accs, key=lambda p: p[1])
     n = _finite(run.get("val_size"))
     evidence = (f"Over the last {len(late)} of {len(epochs)} epochs the validation accuracy was {_pct(typical)} "
-                f"(median; {_pct(last)} at the end, at best {_pct(best)} in epoch {best_row['epoch']}), within noise "
-                f"of chance ({_pct(chance)} for {int(round(1 / chance))} classes; up to {_pct(ceiling)} is"
-                + (f" on {int(n):,} validation images)" if n else ")")
-                + f", while the training accuracy reached {_pct(max(train))}: the model fits the training labels but "
-                "learns nothing that carries over, the mark of labels that do not match their inputs.")
+                f"(median; {_pct(last)} at the end, at best {_pct(best)} in epoch {best_row['epoch']}), "
+                + ("within noise of" if typical >= 2 * chance - ceiling else "below")
+                + f" chance ({_pct(chance)} for {int(round(1 / chance))} classes; up to {_pct(ceiling)} is noise"
+                + (f" on {int(n):,} validation images)" if n else ")"))
+    if max(train) > ceiling:
+        evidence += (f", while the training accuracy reached {_pct(max(train))}: the model fits the training labels "
+                     "but learns nothing that carries over, the mark of labels that do not match their inputs.")
+    else:
+        train_loss, val_loss = apart
+        evidence += (f", while the training loss fell to {_g(train_loss)}, below a constant guess's (ln "
+                     f"{int(round(1 / chance))} = {_g(math.log(1 / chance))}), and the validation loss rose to "
+                     f"{_g(val_loss)}, above it: what the model learns from the training labels makes it worse than a "
+                     "guess on the validation images, the mark of labels that do not match their inputs.")
     advice = ["Check that every input keeps its label: look at a few (image, label) pairs from the training and "
               "from the validation loader (inputs and labels shuffled separately, a class mapping that differs "
               "between the splits, or labels off by one all look like this).",
@@ -831,7 +877,17 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
                    f"({_pct(chance)})",
                    evidence, advice, {"val_acc_late_median": typical, "val_acc_last": last, "best_val_acc": best,
                                       "best_epoch": best_row["epoch"], "chance": chance, "ceiling": ceiling,
-                                      "train_acc": max(train)})
+                                      "train_acc": max(train), "losses_apart": apart})
+
+
+def _splits_apart(last: Mapping, chance: float) -> tuple[float, float] | None:
+    """(training loss, validation loss) of the ``last`` epoch when the first ended below a constant guess's loss
+    (ln of the class count) and the second NO_SIGNAL_LOSS_MARGIN or more above it; else None."""
+    train, val = _finite(last.get("train_loss")), _finite(last.get("val_loss"))
+    guess = math.log(1 / chance)
+    if train is None or val is None or train >= guess or val < (1 + NO_SIGNAL_LOSS_MARGIN) * guess:
+        return None
+    return train, val
 
 
 def _learned_nothing(epochs, accs, train, chance: float, ceiling: float, typical: float) -> Finding | None:
