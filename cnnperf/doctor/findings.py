@@ -142,10 +142,15 @@ NO_SIGNAL_MIN_EPOCHS = 2
 # constant output is the best a model can do with labels that do not match); on the real labels the same model
 # and lr are healthy. Where a cause from the first steps explains it (vanishing gradients without units dying, a
 # softmax before the loss, an lr far too low, a diverging loss), that cause is the finding instead. A training
-# accuracy still near chance does not mean nothing was learned when the training loss ends below a constant
-# guess's while the validation loss ends 2 % or more above it: the ConvNet under SGD on shuffled labels ended at
-# 2.28 and 2.37 (ln 10 = 2.30), its training accuracy at 13.5 %, its validation accuracy at 2.5 %, below chance.
+# accuracy still near chance does not mean nothing was learned when the training loss ends 0.5 % or more below a
+# constant guess's while the validation loss comes less than a quarter of that distance below it (or stays above
+# it): what is learned does not carry over. The ConvNet under SGD on shuffled labels ended at 2.28 and 2.37 (ln 10
+# = 2.30), its training accuracy at 13.5 %, its validation accuracy at 2.5 %; LeNet-5 at 2.286 and 2.300. A real
+# learner that slow carries it over: the ConvNet at SGD lr 0.001 ended at 2.286 and 2.284 (0.7 % and 0.8 % below).
+# An epoch's mean training loss near ln 10 varies by about 0.1 % (1,438 images).
 NO_SIGNAL_LOSS_MARGIN = 0.02
+NO_SIGNAL_TRAIN_FIT = 0.005
+NO_SIGNAL_VAL_SHARE = 0.25
 # Underfitting: the accuracy ends below chance + half the way from chance to 100 % (55 % for 10 classes) on
 # both splits, or the training loss fell by less than 10 % from the first epoch to the last while the
 # training accuracy stays below 90 %.
@@ -834,10 +839,11 @@ def _changes(base: Mapping, row: Mapping) -> str:
 
 
 def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
-    """The model fits its training labels while the validation accuracy stays at chance (within noise, see
-    :func:`chance_level`: its median over the later half of the epochs and its last value): what it learns does
-    not carry over, the mark of labels that do not match their inputs. (Both splits at chance is
-    :func:`detect_underfitting`'s: a model that learns nothing yet.)"""
+    """The model fits its training labels (its training accuracy above chance's noise, or its training loss
+    below a constant guess's where the validation loss is not: see NO_SIGNAL_TRAIN_FIT) while the validation
+    accuracy stays at chance (within noise, see :func:`chance_level`: its median over the later half of the
+    epochs and its last value): what it learns does not carry over, the mark of labels that do not match their
+    inputs. (Both splits at chance is :func:`detect_underfitting`'s: a model that learns nothing yet.)"""
     epochs = [e for e in history.get("epochs") or [] if isinstance(e, Mapping)]
     accs = [(e, _finite(e.get("val_acc"))) for e in epochs]
     accs = [(e, a) for e, a in accs if a is not None]
@@ -848,9 +854,12 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
     chance, ceiling = level
     late = [a for _, a in accs[len(accs) // 2:]]
     typical, last = statistics.median(late), late[-1]
-    if typical > ceiling or last > ceiling:
-        return None
     apart = _splits_apart(epochs[-1], chance)
+    # The last epoch above the ceiling means "starting to learn", unless the validation loss says otherwise:
+    # the argmax of near-uniform outputs swings (LeNet-5 on shuffled labels: 2.5 % to 18.4 % from epoch to epoch
+    # at a validation loss of 2.30, ln 10).
+    if typical > ceiling or (last > ceiling and apart is None):
+        return None
     if max(train) <= ceiling and apart is None:
         return _learned_nothing(epochs, accs, train, chance, ceiling, typical)
     best_row, best = max(accs, key=lambda p: p[1])
@@ -865,10 +874,13 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
                      "but learns nothing that carries over, the mark of labels that do not match their inputs.")
     else:
         train_loss, val_loss = apart
-        evidence += (f", while the training loss fell to {_g(train_loss)}, below a constant guess's (ln "
-                     f"{int(round(1 / chance))} = {_g(math.log(1 / chance))}), and the validation loss rose to "
-                     f"{_g(val_loss)}, above it: what the model learns from the training labels makes it worse than a "
-                     "guess on the validation images, the mark of labels that do not match their inputs.")
+        guess = math.log(1 / chance)
+        evidence += (f", while the training loss fell to {_g(train_loss)}, {_pct(1 - train_loss / guess)} below a "
+                     f"constant guess's (ln {int(round(1 / chance))} = {_g(guess)}), and the validation loss ended at "
+                     f"{_g(val_loss)}, " + (f"{_pct(val_loss / guess - 1)} above it" if val_loss >= guess else
+                                            f"only {_pct(1 - val_loss / guess)} below it")
+                     + ": what the model learns from the training labels does not carry over to the validation "
+                     "images, the mark of labels that do not match their inputs.")
     advice = ["Check that every input keeps its label: look at a few (image, label) pairs from the training and "
               "from the validation loader (inputs and labels shuffled separately, a class mapping that differs "
               "between the splits, or labels off by one all look like this).",
@@ -884,13 +896,14 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
 
 
 def _splits_apart(last: Mapping, chance: float) -> tuple[float, float] | None:
-    """(training loss, validation loss) of the ``last`` epoch when the first ended below a constant guess's loss
-    (ln of the class count) and the second NO_SIGNAL_LOSS_MARGIN or more above it; else None."""
+    """(training loss, validation loss) of the ``last`` epoch when the training loss ended NO_SIGNAL_TRAIN_FIT
+    or more below a constant guess's (ln of the class count) while the validation loss came less than
+    NO_SIGNAL_VAL_SHARE of that distance below it (or stayed above it); else None."""
     train, val = _finite(last.get("train_loss")), _finite(last.get("val_loss"))
     guess = math.log(1 / chance)
-    if train is None or val is None or train >= guess or val < (1 + NO_SIGNAL_LOSS_MARGIN) * guess:
+    if train is None or val is None or train > (1 - NO_SIGNAL_TRAIN_FIT) * guess:
         return None
-    return train, val
+    return (train, val) if guess - val < NO_SIGNAL_VAL_SHARE * (guess - train) else None
 
 
 def _learned_nothing(epochs, accs, train, chance: float, ceiling: float, typical: float) -> Finding | None:
