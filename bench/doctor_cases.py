@@ -18,7 +18,10 @@ the LR range test). Three groups:
   before dead_relu learned to tell steps too large from labels that do not match (the third round's false
   lead: no_signal beside dead_relu for AlexNet-small at Adam lr 0.01 on its real labels); ``held_out_5``: a
   fifth, written after that change and the fourth round's miss (the ConvNet on shuffled labels under SGD, which
-  got overfitting and underfitting) were fixed, and before these ran;
+  got overfitting and underfitting) were fixed, and before these ran; ``held_out_6``: a sixth, written after
+  the fifth round's miss (LeNet-5 under SGD on shuffled labels: underfitting) was fixed by reading the losses
+  against a constant guess's, and before these ran: shuffled labels and slow real learners, which must not be
+  called no signal;
 - ``healthy``: setups that train well and must get no finding at all.
 
 The record (device, versions, per case the findings with their titles, evidence and advice, the epochs, the
@@ -212,7 +215,7 @@ def _adam(lr: float = 1e-3):
 @dataclass
 class Case:
     name: str
-    group: str  # "issue", "held_out", "held_out_2" ... "held_out_5" or "healthy"
+    group: str  # "issue", "held_out", "held_out_2" ... "held_out_6" or "healthy"
     model: Callable[[], nn.Module]
     optimizer: Callable
     epochs: int
@@ -388,6 +391,23 @@ CASES = [
     Case("mlp3_relu_sgd_lr_1", "held_out_5", lambda: deep_mlp(3, nn.ReLU, width=128), _sgd(1.0), 4,
          expect=("dead_relu|diverging_loss",), forbid=("no_signal", "underfitting"),
          what="a 3-layer ReLU MLP, SGD momentum at lr 1, real labels"),
+    # --- a sixth round, written after the fifth round's miss was fixed (a training loss below a guess's that the
+    # validation loss does not follow) and before these ran -----------------------------------------------------
+    Case("shuffled_labels_vgg11_sgd", "held_out_6", lambda: zoo("vgg11_small"), _sgd(0.05), 8,
+         expect=("no_signal",), forbid=("overfitting", "underfitting"), data={"shuffled": True, "seed": 9},
+         what="VGG-11-BN (small), SGD momentum 0.05, labels shuffled"),
+    Case("shuffled_labels_lenet_adam_3e-4", "held_out_6", lambda: zoo("lenet5"), _adam(3e-4), 8,
+         expect=("no_signal",), forbid=("overfitting", "underfitting"), data={"shuffled": True, "seed": 10},
+         what="LeNet-5, Adam at lr 3e-4, labels shuffled"),
+    Case("lenet5_sgd_lr_0.002", "held_out_6", lambda: zoo("lenet5"), _sgd(0.002, momentum=0.0), 6,
+         expect=("underfitting|lr_too_low",), forbid=("no_signal",),
+         what="LeNet-5, plain SGD at lr 0.002 (a slow learner on real labels)"),
+    Case("alexnet_small_sgd_lr_0.003", "held_out_6", lambda: zoo("alexnet_small"), _sgd(0.003), 6,
+         expect=("underfitting|vanishing_gradients|lr_too_low",), forbid=("no_signal",),
+         what="AlexNet-small, SGD momentum at lr 0.003, real labels"),
+    Case("mlp3_relu_sgd_lr_0.001", "held_out_6", lambda: deep_mlp(3, nn.ReLU, width=128), _sgd(0.001, momentum=0.0),
+         5, expect=("underfitting|lr_too_low",), forbid=("no_signal",),
+         what="a 3-layer ReLU MLP, plain SGD at lr 0.001, real labels"),
     # --- healthy: no finding at all -------------------------------------------------------------------------
     Case("convnet_adam", "healthy", lambda: zoo("convnet"), _adam(), 5),
     Case("convnet_sgd", "healthy", lambda: zoo("convnet"), _sgd(0.05), 5),
@@ -424,7 +444,7 @@ def verdict(case: Case, record: dict) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/doctor_cases.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=None,
-                   help="comma list of case names or groups (issue, held_out, held_out_2 ... held_out_5, healthy)")
+                   help="comma list of case names or groups (issue, held_out, held_out_2 ... held_out_6, healthy)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record here")
     args = p.parse_args(argv)
     wanted = None if args.cases is None else set(args.cases.split(","))
