@@ -223,7 +223,11 @@ def test_underfitting_when_both_accuracies_stay_low():
 def test_underfitting_when_the_training_loss_is_flat_at_chance():
     h = history(epochs=epochs([2.31, 2.30, 2.30], [2.31, 2.30, 2.30], [0.1, 0.11, 0.1], [0.1, 0.1, 0.1]))
     f = F.detect_underfitting(h, RUN)
-    assert f is not None and any("labels" in a for a in f.advice)
+    assert f is not None and f.advice[0].startswith("Check the data and the loss") and "one small batch" in f.advice[0]
+    # a measured lr far off stays first; the data check comes next, before the generic steps
+    finder = {"suggested_lr": 0.05, "method": "steepest descent"}
+    far = F.detect_underfitting(h, dict(RUN, lr=1e-5, lr_finder=finder))
+    assert far.advice[0].startswith("Use the LR range test's suggestion") and far.advice[1].startswith("Check the data")
     # Nothing learned on either split, with no unit dying on the way: underfitting speaks (its advice names the
     # data too), not no_signal.
     assert F.detect_no_signal(h, RUN).data["learned_nothing"] is True
