@@ -184,6 +184,16 @@ KERNELS: tuple[KernelAudit, ...] = (
           ("_batch_norm_relu_grad_sums_kernel", {"chan_ptr": "*fp32", "partial_ptr": "*fp32"}, ("C", "sgn", "sgp")),
           ("_batch_norm_relu_grad_kernel", {"chan_ptr": "*fp32"}, ("C", "sgn", "sgp")))
       for residual in (False, True)),
+    # The per-channel finalizations: the forward's statistics from the conv's tiles (fp64 inside) and the channel
+    # table (gamma and beta in the dtype under test: a model in .half()), or the backward's table from the saved
+    # statistics; the backward's sums and coefficients.
+    *(KernelAudit(_BN, "_batch_norm_statistics_kernel", _by_width("FINALIZE_CONFIG", "FINALIZE_CONFIG"),
+                  constexprs={"FROM_TILES": from_tiles, "HAS_WEIGHT": True, "HAS_BIAS": True},
+                  arg_types={**_types("*fp32", "stats_ptr", "mean_ptr", "var_ptr", "chan_ptr"), "eps": "fp32"},
+                  divisible_by_16=("C",), variant="tiles" if from_tiles else "")
+      for from_tiles in (True, False)),
+    KernelAudit(_BN, "_batch_norm_grad_coefficients_kernel", {ANY_DTYPE: "FINALIZE_CONFIG"},
+                arg_types=_types("*fp32", "partial_ptr", "chan_ptr", "sums_ptr"), divisible_by_16=("C",)),
     KernelAudit(_GRAD_NORM, "_grad_norm_partial_kernel", {ANY_DTYPE: _grad_norm_chunk_config},
                 constexprs={"NORM_INF": False}, arg_types={**_GRAD_TABLE, "partial_ptr": "*fp32"}),
     KernelAudit(_GRAD_NORM, "_grad_norm_reduce_kernel", {ANY_DTYPE: lambda k: {"BLOCK_C": k.REDUCE_BLOCK_C}},

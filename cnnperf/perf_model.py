@@ -574,12 +574,18 @@ def batch_norm_block_kernels(conv: Conv, fused: bool, residual: bool = False,
     rows = conv.n * conv.oh * conv.ow
     gemms = [("bwd", "dgrad", z + w + x), ("bwd", "wgrad", z + x + w + b)]
     if fused:
-        partials = 2 * _cdiv(rows, BN_PASS_BLOCK_M) * vector
-        kernels = [("fwd", "conv + statistics epilogue", x + w + b + z + 2 * _cdiv(rows, block_m) * vector),
+        tiles = 2 * _cdiv(rows, block_m) * vector  # the statistics epilogue's (sum, M2) per row tile
+        partials = 2 * _cdiv(rows, BN_PASS_BLOCK_M) * vector  # the gradient sums' per row block
+        kernels = [("fwd", "conv + statistics epilogue", x + w + b + z + tiles),
+                   # the tiles read once from HBM (the second pass of Chan's formula finds them in L2); gamma,
+                   # beta in; mean, var and the six-row channel table out
+                   ("fwd", "statistics finalize (tiles -> mean, var, table)", tiles + 10 * vector),
                    ("fwd", "normalise (+ residual) + ReLU", 2 * z + r + 6 * vector),
+                   ("bwd", "channel table (mean, var)", 10 * vector),
                    # with a residual the sums pass also reads the output (the mask) and writes g, which the dz
                    # pass reads instead of grad_out
                    ("bwd", "gradient sums (dY, z)", 2 * z + 2 * r + 6 * vector + partials),
+                   ("bwd", "gradient coefficients (partials -> b, k, sums)", partials + 6 * vector),
                    ("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector)]
         return kernels + gemms
     kernels = [("fwd", "conv", x + w + b + z), ("fwd", "BN statistics (z)", z + 2 * vector),

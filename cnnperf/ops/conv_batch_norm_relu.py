@@ -329,21 +329,36 @@ def _pass_config(device: torch.device) -> dict:
     return K.INTERPRET_CONFIG if device.type != "cuda" else K.CONFIG
 
 
-def _channel_table(mean, var, bn_weight, bn_bias, eps: float) -> torch.Tensor:
-    """The kernels' fp32 (6, C) table: mean, invstd, scale = gamma * invstd, beta (0 without), and the
-    gradient's b and k (zeros here; the backward fills them in once it has the sums)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * bn_weight.float() if bn_weight is not None else invstd
-    beta = bn_bias.float() if bn_bias is not None else torch.zeros_like(mean)
-    zeros = torch.zeros_like(mean)
-    return torch.stack((mean, invstd, scale, beta, zeros, zeros)).contiguous()
+def _finalize_config(device: torch.device) -> dict:
+    K = _kernels()
+    return K.INTERPRET_FINALIZE_CONFIG if device.type != "cuda" else K.FINALIZE_CONFIG
+
+
+def _channel_table(stats, mean, var, bn_weight, bn_bias, eps: float, rows: int, tile_m: int) -> torch.Tensor:
+    """The kernels' fp32 (6, C) table (mean, invstd, scale = gamma * invstd, beta (0 without), and the gradient's
+    b and k as zeros), one launch. With ``stats`` (the conv kernel's (2, tiles, C) per-tile statistics of
+    ``tile_m`` rows each, ``rows`` in all) it also writes the batch's mean and biased variance into ``mean`` and
+    ``var``; without, it reads them."""
+    K, cfg = _kernels(), _finalize_config(mean.device)
+    c = mean.numel()
+    chan = torch.empty((6, c), device=mean.device, dtype=torch.float32)
+    unused = chan  # (never read without HAS_WEIGHT / HAS_BIAS / FROM_TILES)
+    with backend.quiet_interpreter():
+        K._batch_norm_statistics_kernel[(-(-c // cfg["BLOCK_C"]),)](
+            stats if stats is not None else unused, mean, var,
+            bn_weight if bn_weight is not None else unused, bn_bias if bn_bias is not None else unused, chan,
+            rows, c, stats.shape[1] if stats is not None else 0, tile_m, eps, FROM_TILES=stats is not None,
+            HAS_WEIGHT=bn_weight is not None, HAS_BIAS=bn_bias is not None, BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    return chan
 
 
 def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation,
                                  groups):
-    """Triton forward: the conv kernel stores z and its per-tile statistics (``STATS``), the tiles are combined
-    (Chan's formula, float64 on (tiles, C) values), and one pass writes relu((z - mean) * scale + beta
-    (+ residual)). Returns (output, z, mean, var), channels_last, the statistics in float32."""
+    """Triton forward: the conv kernel stores z and its per-tile statistics (``STATS``), one small kernel combines
+    the tiles (Chan's formula, float64 on (tiles, C) values) into the mean, the variance and the channel table,
+    and one pass writes relu((z - mean) * scale + beta (+ residual)). Returns (output, z, mean, var),
+    channels_last, the statistics in float32."""
     x = cbr._nhwc(input)
     w = cbr._weight_khwc(weight)
     n, c_in, h, wd = x.shape
@@ -370,8 +385,9 @@ def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, residu
 
     with backend.quiet_interpreter():
         cbr._launch("fwd", x.dtype, config, grid, args, const, conv, x.device)
-    mean, var = _combine_tiles(stats, m, block_m)
-    chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
+    mean = torch.empty(c_out, device=x.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    chan = _channel_table(stats, mean, var, bn_weight, bn_bias, eps, m, block_m)
     y = torch.empty_like(z)
     res = cbr._nhwc(residual) if residual is not None else z  # (never read without HAS_RESIDUAL)
     K, cfg = _kernels(), _pass_config(x.device)
@@ -402,26 +418,12 @@ def _model_stats_config(conv, dtype: torch.dtype, device_index: int) -> dict:
     return cbr.perf_model.choose_config("fwd", conv, configs, cbr._gpu(device_index))
 
 
-def _combine_tiles(stats: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel, float32, from the row tiles' (sum, n_i^2 x squared deviations from
-    the tile's mean) with Chan's parallel formula: M2 = sum M2_i + sum n_i (mean_i - mean)^2. In float64:
-    (tiles, C) values, a few KB."""
-    tiles = stats.shape[1]
-    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64, device=stats.device)
-    counts[-1] = rows - block_m * (tiles - 1)
-    sums, scaled_m2 = stats.double()
-    m2 = scaled_m2 / counts**2
-    mean = sums.sum(0) / rows
-    var = (m2.sum(0) + (counts * (sums / counts - mean) ** 2).sum(0)) / rows
-    return mean.float(), var.float()
-
-
 def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_weight, bn_bias, output, eps,
                                   stride, padding, dilation, groups, output_mask):
-    """Triton backward: one pass sums g and g * xhat per channel (the BatchNorm's gamma and beta gradients; with
-    a residual, ``output`` given, the mask is ``output > 0`` and it also writes g, the residual's gradient), one
-    pass writes dz, and the convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's
-    gradient as it goes)."""
+    """Triton backward: one pass sums g and g * xhat per row block and channel (with a residual, ``output``
+    given, the mask is ``output > 0`` and it also writes g, the residual's gradient), one small kernel adds the
+    blocks up (the BatchNorm's beta and gamma gradients) and writes b and k, one pass writes dz, and the
+    convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's gradient as it goes)."""
     K, cfg = _kernels(), _pass_config(z.device)
     n, c, oh, ow = z.shape
     m = n * oh * ow
@@ -429,7 +431,7 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     zz = cbr._nhwc(z)
     grid = (-(-m // cfg["BLOCK_M"]), -(-c // cfg["BLOCK_C"]))
     strides = (go.stride(0), cbr._pixel_stride(go), go.stride(1))
-    chan = _channel_table(mean, var, bn_weight, bn_bias, eps)
+    chan = _channel_table(None, mean.contiguous(), var.contiguous(), bn_weight, bn_bias, eps, m, 0)
     partial = torch.empty((2, grid[0], c), device=z.device, dtype=torch.float32)
     has_residual = output is not None
     y = cbr._nhwc(output) if has_residual else zz  # (never read without HAS_RESIDUAL)
@@ -438,12 +440,14 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
                   num_warps=cfg["num_warps"])
     with backend.quiet_interpreter():
         K._batch_norm_relu_grad_sums_kernel[grid](go, zz, y, chan, partial, g, m, c, oh * ow, *strides, **launch)
-    sum_g, sum_gx = partial.sum(1)
-    scale = chan[K.SCALE]
-    chan[K.GRAD_B] = scale * sum_g / m
-    chan[K.GRAD_K] = scale * chan[K.INVSTD] * sum_gx / m
+    sums = torch.empty((2, c), device=z.device, dtype=torch.float32)
+    fin = _finalize_config(z.device)
     dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
     with backend.quiet_interpreter():
+        K._batch_norm_grad_coefficients_kernel[(-(-c // fin["BLOCK_C"]),)](
+            partial, chan, sums, m, c, grid[0], BLOCK_T=fin["BLOCK_T"], BLOCK_C=fin["BLOCK_C"],
+            num_warps=fin["num_warps"])
+        sum_g, sum_gx = sums
         K._batch_norm_relu_grad_kernel[grid](go, zz, g, chan, dz, m, c, oh * ow, *strides, **launch)
         grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
             dz, None, input, weight, oh, ow, stride, padding, dilation, groups, output_mask[:3],
