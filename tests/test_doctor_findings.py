@@ -254,6 +254,13 @@ def test_no_signal_when_nothing_is_learned_while_the_units_die():
     assert "the loss of a constant guess (ln 10 = 2.3)" in f.evidence and "learned nothing" in f.evidence
     assert f.advice[0].startswith("Check that every input keeps its label")
     assert kinds(diagnose(history(epochs=flat, relu=relu_history(0.99, 0.997)), run)) == ["dead_relu"]
+    # Units dying without a whole layer dead (warning) under moderate steps: a constant output is all the labels
+    # leave, and dead_relu's "lower the lr" would be a false lead (the ConvNet on shuffled labels: 83 % of
+    # features.4 dead at Adam lr 1e-3); no_signal alone. After steps too large, dead_relu alone.
+    some = history(epochs=flat, relu=relu_history(0.1, 0.83), layers=layers([[3e-3] * 3] * 3))
+    assert kinds(diagnose(some, run)) == ["no_signal"]
+    big = history(epochs=flat, relu=relu_history(0.1, 0.83), layers=layers([[3e-3] * 3] * 3, utw_rows=[[0.3] * 3] * 3))
+    assert kinds(diagnose(big, run)) == ["dead_relu"]
     fell = [dict(e, train_loss=e["train_loss"] * 0.97) for e in flat]  # 3 % below a constant guess: learning,
     assert "learned_nothing" not in F.detect_no_signal(history(epochs=fell), run).data  # what does not carry over
     both = [dict(e, val_loss=e["val_loss"] * 0.97) for e in fell]  # ... and what does: not at chance, just slow

@@ -228,10 +228,11 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     severity by cause before symptom. A symptom whose cause is already named is left out: no lr_too_low,
     no_signal or underfitting next to a diverging or NaN loss; no lr_too_low next to vanishing gradients (the
     steps are small because the gradients are); no no_signal or underfitting next to lr_too_low, a softmax
-    before the loss, a dead layer (error) or vanishing gradients, except the no_signal of a model that learned
-    nothing while its units died (see NO_SIGNAL_LOSS_MARGIN); no underfitting or overfitting next to no_signal
-    (the accuracy at chance is the problem, not the fit). Nor the no_signal of nothing learned next to units
-    that died under steps too large (see DEAD_RELU_BIG_STEP): the step size is the first cause to fix."""
+    before the loss, a dead layer (error), units killed by steps too large (see DEAD_RELU_BIG_STEP) or
+    vanishing gradients, except the no_signal of a model that learned nothing while its units died under
+    moderate steps (see NO_SIGNAL_LOSS_MARGIN); no underfitting or overfitting next to no_signal (the accuracy
+    at chance is the problem, not the fit), nor a dead_relu warning of units that died under moderate steps
+    (with nothing to learn, a constant output kills them)."""
     run = dict(run or {})
     if lr_finder:
         run.setdefault("lr_finder", lr_finder)
@@ -255,13 +256,18 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     if nothing and (dead is None or dead.data.get("from_start") or dead.data.get("big_steps")
                     or any(k in found for k in causes[:2])):
         found.pop("no_signal")
-    if any(k in found for k in causes) or (dead and dead.severity == "error"):
+    if any(k in found for k in causes) or (dead and (dead.severity == "error" or dead.data.get("big_steps"))):
         if not nothing:
             found.pop("no_signal", None)
         found.pop("underfitting", None)
     if "no_signal" in found:
         found.pop("underfitting", None)
         found.pop("overfitting", None)
+        # Units that died under moderate steps with nothing to learn: a constant output is all such labels leave
+        # (see DEAD_RELU_BIG_STEP); dead_relu's "lower the lr" would be a false lead. A dead layer (error) stays.
+        if dead is not None and dead.severity == "warning" and not dead.data.get("big_steps") \
+                and not dead.data.get("from_start"):
+            found.pop("dead_relu", None)
     rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     order = {k: i for i, k in enumerate(DETECTORS)}
     return sorted(found.values(), key=lambda f: (rank[f.severity], order[f.kind]))
