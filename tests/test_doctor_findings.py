@@ -183,6 +183,9 @@ def test_overfitting_from_an_accuracy_gap_alone():
     # (13.5 %, 2.5 %). Without a class count there is no chance level to judge by: the gap alone speaks.
     run = dict(RUN, val_size=359)
     assert F.detect_overfitting(history(epochs=epochs([1.557], [2.301], [0.584], [0.100])), run) is None
+    # a validation accuracy that collapses to chance after rising is still a gap
+    collapse = epochs([0.5, 0.3, 0.1], [0.9, 0.8, 0.85], [0.90, 0.95, 0.99], [0.60, 0.70, 0.09])
+    assert F.detect_overfitting(history(epochs=collapse), dict(RUN, val_size=10000)) is not None
     assert F.detect_overfitting(history(epochs=epochs([2.28], [2.37], [0.135], [0.025])), run) is None
     assert F.detect_overfitting(history(epochs=epochs([1.557], [2.301], [0.584], [0.160])), run) is not None
     assert F.detect_overfitting(history(epochs=epochs([1.557], [2.301], [0.584], [0.100])),
@@ -261,6 +264,13 @@ def test_no_signal_when_nothing_is_learned_while_the_units_die():
     assert kinds(diagnose(some, run)) == ["no_signal"]
     big = history(epochs=flat, relu=relu_history(0.1, 0.83), layers=layers([[3e-3] * 3] * 3, utw_rows=[[0.3] * 3] * 3))
     assert kinds(diagnose(big, run)) == ["dead_relu"]
+    # the step size not measured (no after_step): not known to be moderate, dead_relu stays
+    unmeasured = history(epochs=flat, relu=relu_history(0.1, 0.83))
+    assert kinds(diagnose(unmeasured, run)) == ["dead_relu", "no_signal"]
+    # a model that fitted its training labels (95 %) has no constant output: its dead units are a finding of their own
+    fitted = [dict(e, train_acc=0.95, train_loss=0.2) for e in flat]
+    assert kinds(diagnose(history(epochs=fitted, relu=relu_history(0.1, 0.83), layers=layers([[3e-3] * 3] * 3)),
+                          run)) == ["no_signal", "dead_relu"]  # error first
     fell = [dict(e, train_loss=e["train_loss"] * 0.97) for e in flat]  # 3 % below a constant guess: learning,
     assert "learned_nothing" not in F.detect_no_signal(history(epochs=fell), run).data  # what does not carry over
     both = [dict(e, val_loss=e["val_loss"] * 0.97) for e in fell]  # ... and what does: not at chance, just slow
@@ -330,6 +340,9 @@ def test_no_signal_when_the_training_loss_falls_below_a_guess_while_validation_r
                    [0.111, 0.100, 0.100, 0.134, 0.184, 0.025, 0.089, 0.167])
     g = F.detect_no_signal(history(epochs=lenet), run)
     assert g.data["losses_apart"] == (2.286, 2.300) and "only 0.1% below it" in g.evidence
+    # ... up to twice the noise above chance: 30 % at the end is not noise, whatever the losses say
+    rising = [dict(e, val_acc=0.30) if e["epoch"] == 8 else e for e in lenet]
+    assert F.detect_no_signal(history(epochs=rising), run) is None
     # a real learner that slow carries its fall over (the ConvNet at SGD lr 0.001, 0.7 % and 0.8 % below a
     # guess's): nothing learned yet, underfitting speaks
     slow = [dict(e, val_loss=2.284) if e["epoch"] == 8 else e for e in lenet]

@@ -314,7 +314,8 @@ def test_batch_norm_block_bytes_count_passes_over_the_conv_output():
     extra = sum(b for *_, b in eager) - sum(b for *_, b in fused)
     # eager: BN stats 1, normalise 2, ReLU 2, ReLU backward 3, BN backward 2 + 3; fused: normalise 2, sums 2, dz 3;
     # less the fused passes' fp32 partial sums (2 x 4 B per channel per 128-row tile, and per 64-row block),
-    # each written once and read once by its finalize kernel
+    # each written once and read once by its finalize kernel; the per-channel vectors (26 fused, 14 eager: a few
+    # KB) are left to the tolerance
     rows, c = 8 * 56 * 56, 64
     workspace = 2 * 2 * 4 * c * (-(-rows // 128) + -(-rows // 64))
     assert abs(extra - (6 * s["y"] - workspace)) < 64 * c * 4

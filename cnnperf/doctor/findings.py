@@ -111,8 +111,9 @@ LR_LOW_MIN_GRAD = 1e-12  # gradients at least this big (relative to the weights)
 # training loss kept falling (OVERFIT_MIN_TRAIN_DROP); or the training accuracy ends 10 points above the
 # validation accuracy, both above the noise of chance (see chance_level): a model at chance on its own training
 # images has fitted nothing to overfit (the ConvNet on shuffled labels ended at 13.5 % and 2.5 %), and one at
-# chance on the validation images is no_signal's case, or too early to tell (VGG-11-BN after one epoch of 10
-# steps: 58 % and 10 %, its BatchNorm's running statistics 10 updates old). Healthy runs end within ~2 points,
+# chance on the validation images in every epoch is no_signal's case, or too early to tell (VGG-11-BN after one
+# epoch of 10 steps: 58 % and 10 %, its BatchNorm's running statistics 10 updates old). A validation accuracy
+# that collapses to chance after rising is still a gap. Healthy runs end within ~2 points,
 # with the best validation loss in the last epochs.
 OVERFIT_VAL_RISE = 0.10
 OVERFIT_MIN_ABS_RISE = 0.01
@@ -249,9 +250,9 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     causes = ("lr_too_low", "softmax_before_cross_entropy", "vanishing_gradients")
     dead = found.get("dead_relu")
     # Nothing learned while ReLUs died one after the other under moderate steps: dead_relu alone would blame the
-    # step size, where labels that do not match their inputs do the same; the no_signal finding says so beside
-    # it. Without units dying on the way, underfitting (whose advice names the data too) or the cause from the
-    # first steps speaks; after steps too large, dead_relu's lower lr does.
+    # step size, where labels that do not match their inputs do the same; the no_signal finding says so (and
+    # replaces a dead_relu warning, below). Without units dying on the way, underfitting (whose advice names the
+    # data too) or the cause from the first steps speaks; after steps too large, dead_relu's lower lr does.
     nothing = "no_signal" in found and found["no_signal"].data.get("learned_nothing")
     if nothing and (dead is None or dead.data.get("from_start") or dead.data.get("big_steps")
                     or any(k in found for k in causes[:2])):
@@ -263,10 +264,14 @@ def diagnose(history: Mapping, run: Mapping | None = None, lr_finder: Mapping | 
     if "no_signal" in found:
         found.pop("underfitting", None)
         found.pop("overfitting", None)
-        # Units that died under moderate steps with nothing to learn: a constant output is all such labels leave
-        # (see DEAD_RELU_BIG_STEP); dead_relu's "lower the lr" would be a false lead. A dead layer (error) stays.
+        # Units that died under measured moderate steps while the training accuracy stayed at chance: a constant
+        # output is all such labels leave (see DEAD_RELU_BIG_STEP), and dead_relu's "lower the lr" would be a
+        # false lead. A dead layer (error), an unmeasured step size and a model that fitted its training
+        # labels keep it.
+        signal = found["no_signal"].data
         if dead is not None and dead.severity == "warning" and not dead.data.get("big_steps") \
-                and not dead.data.get("from_start"):
+                and not dead.data.get("from_start") and dead.data.get("early_update_to_weight") is not None \
+                and signal.get("train_acc", 1.0) <= signal.get("ceiling", 0.0):
             found.pop("dead_relu", None)
     rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     order = {k: i for i, k in enumerate(DETECTORS)}
@@ -591,8 +596,9 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
                      f"by {_pct(early)} of their norm (median layer; healthy training moves them about 0.1-3 % a "
                      "step).")
     else:
-        evidence += "They died during training, the mark of steps too large for them" + (
-            f" (the largest early step moved the weights by {_pct(early)} of their norm, median layer)."
+        evidence += "They died during training: steps too large for them do this" + (
+            f" (the largest early step moved the weights by {_pct(early)} of their norm, median layer; healthy "
+            "training moves them about 0.1-3 % a step), and so does a loss that leaves nothing to learn."
             if early is not None else ".")
     lr = _finite(run.get("lr"))
     lower = f"Lower the learning rate (now {_g(lr)}), e.g. to {_g(lr / 10)}." if lr else "Lower the learning rate 10x."
@@ -762,8 +768,9 @@ def detect_overfitting(history: Mapping, run: Mapping) -> Finding | None:
     train_acc, val_acc = _finite(last.get("train_acc")), _finite(last.get("val_acc"))
     gap = train_acc - val_acc if train_acc is not None and val_acc is not None else None
     level = chance_level(run)
+    best_acc = max((a for a in (_finite(e.get("val_acc")) for e in epochs) if a is not None), default=None)
     wide = (gap is not None and gap >= OVERFIT_ACC_GAP
-            and (level is None or min(train_acc, val_acc) > level[1]))
+            and (level is None or min(train_acc, best_acc) > level[1]))
     if not rising and not wide:
         return None
     key = monitored(epochs, run.get("monitor"))
@@ -863,8 +870,8 @@ def detect_no_signal(history: Mapping, run: Mapping) -> Finding | None:
     apart = _splits_apart(epochs[-1], chance)
     # The last epoch above the ceiling means "starting to learn", unless the validation loss says otherwise:
     # the argmax of near-uniform outputs swings (LeNet-5 on shuffled labels: 2.5 % to 18.4 % from epoch to epoch
-    # at a validation loss of 2.30, ln 10).
-    if typical > ceiling or (last > ceiling and apart is None):
+    # at a validation loss of 2.30, ln 10); then up to twice the noise above chance.
+    if typical > ceiling or last > (ceiling if apart is None else 2 * ceiling - chance):
         return None
     if max(train) <= ceiling and apart is None:
         return _learned_nothing(epochs, accs, train, chance, ceiling, typical)
