@@ -35,8 +35,6 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 1}
 FINALIZE_CONFIG = {"BLOCK_T": 64, "BLOCK_C": 16, "num_warps": 4}
 INTERPRET_FINALIZE_CONFIG = {"BLOCK_T": 2, "BLOCK_C": 4, "num_warps": 1}
 
-MEAN, INVSTD, SCALE, BETA, GRAD_B, GRAD_K = range(6)  # the rows of ``chan``
-
 
 @triton.jit
 def _channel_vector(chan_ptr, row: tl.constexpr, offs_c, mask_c, C):

@@ -113,8 +113,8 @@ LR_LOW_MIN_GRAD = 1e-12  # gradients at least this big (relative to the weights)
 # images has fitted nothing to overfit (the ConvNet on shuffled labels ended at 13.5 % and 2.5 %), and one at
 # chance on the validation images in every epoch is no_signal's case, or too early to tell (VGG-11-BN after one
 # epoch of 10 steps: 58 % and 10 %, its BatchNorm's running statistics 10 updates old). A validation accuracy
-# that collapses to chance after rising is still a gap. Healthy runs end within ~2 points,
-# with the best validation loss in the last epochs.
+# that collapses to chance after rising is still a gap. Healthy runs end within ~2 points, with the best
+# validation loss in the last epochs.
 OVERFIT_VAL_RISE = 0.10
 OVERFIT_MIN_ABS_RISE = 0.01
 OVERFIT_MIN_EPOCHS_AFTER_BEST = 2
@@ -618,11 +618,7 @@ def detect_dead_relu(history: Mapping, run: Mapping) -> Finding | None:
 def _early_update(history: Mapping) -> float | None:
     """The largest of the median weight layer's update-to-weight ratios on the first MIN_SAMPLED_STEPS sampled
     steps that have one (None without any)."""
-    layers = history.get("layers") or {}
-    weight_idx = _weight_layers(layers)
-    medians = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
-               for row in layers.get("update_to_weight") or []]
-    medians = [m for m in medians if m is not None][:MIN_SAMPLED_STEPS]
+    medians = _step_medians(history.get("layers") or {}, "update_to_weight")[:MIN_SAMPLED_STEPS]
     return max(medians) if medians else None
 
 
@@ -701,13 +697,8 @@ def detect_lr_too_low(history: Mapping, run: Mapping) -> Finding | None:
     steps = _steps(history)
     losses = [loss for loss in (_finite(x) for x in steps.get("loss") or []) if loss is not None]
     layers = history.get("layers") or {}
-    weight_idx = _weight_layers(layers)
-    updates = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
-               for row in layers.get("update_to_weight") or []]
-    updates = [u for u in updates if u is not None]
-    grads = [_median([_finite(row[i]) for i in weight_idx if i < len(row)])
-             for row in layers.get("grad_to_weight") or []]
-    grads = [g for g in grads if g is not None]
+    updates = _step_medians(layers, "update_to_weight")
+    grads = _step_medians(layers, "grad_to_weight")
     if len(updates) < MIN_SAMPLED_STEPS or len(losses) < 2 * LOSS_WINDOW_MIN or not grads:
         return None
     update = statistics.median(updates)
@@ -1236,6 +1227,14 @@ def _weight_layers(layers: Mapping) -> list[int]:
     if shapes and len(shapes) == len(names):
         return [i for i, s in enumerate(shapes) if s is not None and len(s) >= 2]
     return [i for i, n in enumerate(names) if n.endswith("weight")]
+
+
+def _step_medians(layers: Mapping, key: str) -> list[float]:
+    """Per sampled step, the median over the weight layers of ``layers[key]`` (a per-layer ratio); steps without
+    a finite value are left out."""
+    weight_idx = _weight_layers(layers)
+    medians = [_median([_finite(row[i]) for i in weight_idx if i < len(row)]) for row in layers.get(key) or []]
+    return [m for m in medians if m is not None]
 
 
 def _first_nonfinite_layers(history: Mapping, from_step: int) -> list[str]:
