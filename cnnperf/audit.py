@@ -105,6 +105,7 @@ class KernelAudit:
     - ``arch_constexprs``: arch -> constexprs that the launcher sets per architecture (``MASK_Y``).
     - ``variant``: names a second entry of the same kernel with other constexprs (``STATS``); it is appended
       to the rows' config labels.
+    - ``min_arch``: compiled only for the architectures from this one on (the launcher runs it only there).
     """
     module: str
     kernel: str
@@ -116,6 +117,7 @@ class KernelAudit:
     tensor_cores: bool = False
     arch_constexprs: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     variant: str = ""
+    min_arch: int = 0
 
 
 def _by_width(list_16: str, list_32: str) -> dict[str, str]:
@@ -133,6 +135,17 @@ _CONV_CHANNELS = ("C_in", "C_out", "C_in_g", "C_out_g")
 _NHWC_STRIDES = ("sxn", "sxh", "sxw")
 _GRAD_NORM = "cnnperf.kernels.grad_norm"
 _BN = "cnnperf.kernels.batch_norm_relu"
+
+
+def _bn_dz_configs(kind: str) -> dict[str, Any]:
+    """The configs of ``kind``'s lists (by width) that the model may pick for a GEMM computing the BatchNorm's
+    dz (:func:`cnnperf.perf_model.choose_config` with ``bn_dz``: no spill predicted on sm_90, the only
+    architecture it runs on)."""
+    def fitting(name):
+        return lambda module: [c for c in getattr(module, name) if pm.registers_estimate(
+            pm.config_dict(c), True, 90, kind, bn_dz=True) <= 255 - pm.SPILL_MARGIN]
+    prefix = f"{kind.upper()}_CONFIGS"
+    return {dtype: fitting(name) for dtype, name in _by_width(f"{prefix}_16", f"{prefix}_32").items()}
 
 
 def _types(triton_type: str, *names: str) -> dict[str, str]:
@@ -164,15 +177,26 @@ KERNELS: tuple[KernelAudit, ...] = (
                 constexprs={"COMPUTE_BIAS": True}, arg_types={"partial_ptr": "*fp32"},
                 divisible_by_16=("C", "sgn", "sgp", "syn", "syp")),
     KernelAudit(_CONV, "_conv_dgrad_kernel", _by_width("DGRAD_CONFIGS_16", "DGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "SPLIT_K": 1},
+                constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "SPLIT_K": 1, "BN_GRAD": False},
                 dtype_constexprs=_DOT_PRECISION,
-                arg_types={"ws_ptr": "*fp32"},
+                arg_types={"ws_ptr": "*fp32", "chan_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS, tensor_cores=True,
                 arch_constexprs={a: {"MASK_Y": c["MASK_Y"]} for a, c in _MASK_BY_ARCH.items()}),
     KernelAudit(_CONV, "_conv_wgrad_kernel", _by_width("WGRAD_CONFIGS_16", "WGRAD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0},
-                dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32", "db_ptr": "*fp32"},
+                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0, "BN_GRAD": False},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32", "db_ptr": "*fp32", "chan_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, arch_constexprs=_MASK_BY_ARCH),
+    # FusedConv2dBatchNormReLU's backward GEMMs computing the BatchNorm's input gradient as they load grad_out
+    # and z (the ReLU's mask recomputed from z), in place of a dz pass: the configs the model may pick for them.
+    KernelAudit(_CONV, "_conv_dgrad_kernel", _bn_dz_configs("dgrad"),
+                constexprs={"KH": 3, "KW": 3, "EVEN_K": True, "SPLIT_K": 1, "BN_GRAD": True, "MASK_Y": True},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "chan_ptr": "*fp32"},
+                divisible_by_16=_CONV_CHANNELS, tensor_cores=True, variant="BN", min_arch=pm.BN_DZ_MIN_ARCH),
+    KernelAudit(_CONV, "_conv_wgrad_kernel", _bn_dz_configs("wgrad"),
+                constexprs={"KH": 3, "KW": 3, "FOLD_C": 0, "BN_GRAD": True, "MASK_Y": True, "BIAS_GRAD": False},
+                dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32", "db_ptr": "*fp32", "chan_ptr": "*fp32"},
+                divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, variant="BN",
+                min_arch=pm.BN_DZ_MIN_ARCH),
     KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
                 constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False}, arg_types={"ws_ptr": "*fp32"},
                 divisible_by_16=("C", "s_r")),
@@ -311,7 +335,7 @@ def plan(kernels: Sequence[KernelAudit] = KERNELS, archs: Sequence[int] = tuple(
                 if config_filter and config_filter not in label:
                     continue
                 constexprs = {**entry.constexprs, **entry.dtype_constexprs.get(dtype, {}), **params}
-                for arch in archs:
+                for arch in (a for a in archs if a >= entry.min_arch):
                     jobs.append(Job(entry.module, entry.kernel, dtype, arch, label,
                                     {**constexprs, **entry.arch_constexprs.get(arch, {})}, options,
                                     dict(entry.arg_types), () if generic_ints else tuple(entry.divisible_by_16),

@@ -240,7 +240,8 @@ def summarize(rows: Sequence[dict], probe: Mapping[str, Any] | None = None) -> d
 def batch_norm_blocks(model: str, batch: int, dtype: str, image_size: int = 224) -> dict[str, Any]:
     """The Conv -> BatchNorm2d -> (+ residual ->) ReLU blocks that :func:`cnnperf.fuse` turns into fused layers
     in ``model`` (training mode), and their HBM bytes per training step fused and unfused
-    (:func:`cnnperf.perf_model.batch_norm_block_kernels`), per block and in total."""
+    (:func:`cnnperf.perf_model.batch_norm_block_kernels`), per block and in total; a fused block's dgrad and
+    wgrad compute dz as they load where the model picks that on sm_90 (``dz_in_gemms``)."""
     from cnnperf.conv_shapes import meta_model, model_conv_layers
     from cnnperf.fusion import REPORT_ATTRIBUTE, fuse
     from cnnperf.nn import FusedConv2dBatchNormReLU
@@ -255,14 +256,18 @@ def batch_norm_blocks(model: str, batch: int, dtype: str, image_size: int = 224)
         if name not in blocks:
             continue
         conv = dataclasses.replace(pm.Conv.of(layer), itemsize=ITEMSIZE[dtype], has_bias=False)
-        row = {"layer": name, "residual": name in report.residual}
+        dz_in_gemms = pm.choose_batch_norm_backward(conv, config_list("dgrad", dtype), config_list("wgrad", dtype),
+                                                    pm.GPUS[90])[0]
+        row = {"layer": name, "residual": name in report.residual, "dz_in_gemms": dz_in_gemms}
         for kind in totals:
-            kernels = pm.batch_norm_block_kernels(conv, fused=kind == "fused", residual=row["residual"])
+            kernels = pm.batch_norm_block_kernels(conv, fused=kind == "fused", residual=row["residual"],
+                                                  dz_in_gemms=dz_in_gemms and kind == "fused")
             row[kind] = sum(bytes_ for _, _, bytes_ in kernels)
             totals[kind] += row[kind]
         rows.append(row)
     return {"model": model, "batch": batch, "dtype": dtype, "blocks": len(rows),
             "residual_blocks": sum(r["residual"] for r in rows), "convs": len(layers),
+            "dz_in_gemms_blocks": sum(r["dz_in_gemms"] for r in rows),
             "fused_bytes": totals["fused"], "unfused_bytes": totals["unfused"],
             "fused_over_unfused": round(totals["fused"] / totals["unfused"], 4) if rows else None, "rows": rows}
 
@@ -273,7 +278,8 @@ def batch_norm_blocks_line(blocks: Mapping[str, Any]) -> str:
         return f"{blocks['model']}: no Conv -> BatchNorm2d -> ReLU block to fuse in training"
     ratio = blocks["fused_over_unfused"]
     return (f"{blocks['model']} Conv -> BatchNorm2d -> ReLU blocks ({blocks['blocks']} of {blocks['convs']} convs, "
-            f"{blocks['residual_blocks']} with a residual add; batch {blocks['batch']} {blocks['dtype']}, training "
+            f"{blocks['residual_blocks']} with a residual add, {blocks['dz_in_gemms_blocks']} with dz computed in the "
+            f"GEMMs; batch {blocks['batch']} {blocks['dtype']}, training "
             f"step): HBM {blocks['fused_bytes'] / 1e9:.2f} GB "
             f"fused vs {blocks['unfused_bytes'] / 1e9:.2f} GB eager, {ratio:.2f}x ({100 * (1 - ratio):.1f} % fewer)")
 

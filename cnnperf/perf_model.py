@@ -61,6 +61,20 @@ PASSES = ("fwd", "mask", "dgrad", "wgrad")
 # with its bias MMA (354 -> 443); sm_80 has no packed bf16 compare, converts every element to fp32 and the
 # loops triple (dgrad 306 -> 934, wgrad 394 -> 1183): there the issue slots cost more than the pass saves.
 MASK_IN_GEMMS_MIN_ARCH = 90
+# FusedConv2dBatchNormReLU's backward GEMMs may compute the BatchNorm's input gradient dz as they load grad_out and
+# z (``bn_dz``) instead of reading a dz that one more pass wrote. Measured with `cnnperf audit` (sm_90, bf16,
+# triton 3.8, the 8 dgrad and 8 wgrad configs, 3x3): the fp32 arithmetic adds 13.7-16.0 SASS instructions to the
+# K loop per operand element a thread loads (dgrad 128x128x64 w8: 279 -> 732; wgrad: 354 -> 796), 2.2-4.1
+# registers per such element (69-131 in all; 4 of the 16 configs spill), and one more A tile of shared memory
+# per stage. The config pick has no
+# compiled kernel: it gives such a loop BN_DZ_BASE_INSTRUCTIONS (the plain loops' median, 225-653) plus the
+# per-element cost, and counts the issue slots that pick otherwise leaves out.
+BN_DZ_INSTRUCTIONS_PER_ELEMENT = 15
+# From sm_90 only: under triton 3.6 the fp32 dgrad at 64x64x32 w8 spills on sm_80 (`cnnperf audit`), and the
+# model's gains are a few per cent of a block's backward, too little to risk on an architecture no GPU has run.
+BN_DZ_MIN_ARCH = 90
+BN_DZ_BASE_INSTRUCTIONS = 280
+BN_DZ_REGISTERS_PER_ELEMENT = 4
 
 # Per-CTA cost of a round of tiles on a SM, in SM clocks: the pipeline's first loads (one DRAM latency, about
 # 600-800 clocks on H100 per published microbenchmarks) plus the epilogue's stores.
@@ -325,15 +339,19 @@ def wgrad_split(conv: Conv, cfg: Mapping[str, int], gpu: GPU, mask_y: bool = Fal
 # ---------------------------------------------------------------------------------------------------------
 
 def smem_estimate(cfg: Mapping[str, int], itemsize: int, arch: int = 90, kind: str = "fwd",
-                  mask_y: bool = False) -> int:
+                  mask_y: bool = False, bn_dz: bool = False) -> int:
     """Shared memory of a pipelined GEMM tile when the compiled kernel is not at hand, as Triton allocates it
     (exact on every conv config the model audits pick, triton 3.8): on sm_90 the A and B tiles of every stage
     plus 1 KB of barriers, on sm_80 of every stage but one; a backward GEMM that applies the ReLU mask
-    (``mask_y``) holds Y's A tiles too, of every stage but two (+2 KB for the wgrad's bias sum)."""
+    (``mask_y``) holds Y's A tiles too, of every stage but two (+2 KB for the wgrad's bias sum); one that
+    computes the BatchNorm's dz (``bn_dz``) z's A tiles of every stage (+2.5 KB; within 2 KB on sm_90's 16
+    configs)."""
     tile = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * itemsize
     stages = cfg.get("num_stages", 3)
     smem = stages * tile + 1024 if arch >= 90 else max(1, stages - 1) * tile
-    if mask_y:
+    if bn_dz:
+        smem += stages * cfg["BLOCK_M"] * cfg["BLOCK_K"] * itemsize + 2560
+    elif mask_y:
         smem += max(0, stages - 2) * cfg["BLOCK_M"] * cfg["BLOCK_K"] * itemsize + (2048 if kind == "wgrad" else 0)
     return smem
 
@@ -344,17 +362,21 @@ SPILL_MARGIN = 32
 
 
 def registers_estimate(cfg: Mapping[str, int], aligned: bool = True, arch: int = 90, kind: str = "fwd",
-                       mask_y: bool = False) -> int:
+                       mask_y: bool = False, bn_dz: bool = False) -> int:
     """Registers a thread when the compiled kernel is not at hand, fitted to `cnnperf audit --model` (ResNet-50,
     VGG-16, triton 3.8; within ~25 of the compiled figure on the configs picked): with acc = the fp32
     accumulator's registers a thread, acc + 64 on sm_90 (wgmma keeps the accumulator in place: 128x128 w8
     111-122), 2 acc + 56 on sm_80 (mma.sync: 128x128 w8 185-189); 64 more for a forward whose channels are not
     multiples of 16 (unvectorised loads and per-element masks: 167 for the folded stem at 64x64 w4); 48 more
     for a backward GEMM that applies the ReLU mask (``mask_y``: the Y tile and the select; dgrad 128x128 w8
-    123 -> 158, wgrad with the bias MMA 119 -> 170, dgrad 64x64 w4 89 -> 130). Over 255 means a spill."""
+    123 -> 158, wgrad with the bias MMA 119 -> 170, dgrad 64x64 w4 89 -> 130); ``BN_DZ_REGISTERS_PER_ELEMENT``
+    more per A-tile element a thread loads for one that computes the BatchNorm's dz (``bn_dz``). Over 255 means
+    a spill."""
     acc = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.get("num_warps", 4))
     regs = acc + 64 if arch >= 90 else 2 * acc + 56
-    if mask_y:
+    if bn_dz:
+        regs += BN_DZ_REGISTERS_PER_ELEMENT * cfg["BLOCK_M"] * cfg["BLOCK_K"] // (32 * cfg.get("num_warps", 4))
+    elif mask_y:
         regs += 48
     return regs + (64 if kind == "fwd" and not aligned else 0)
 
@@ -394,16 +416,22 @@ class KernelCost:
 def gemm_cost(name: str, grid: Grid, cfg: Mapping[str, int], itemsize: int, gpu: GPU, hbm_bytes: int,
               *, aligned: bool = True, registers: int | None = None, shared_bytes: int | None = None,
               mainloop_instructions: int | None = None, mma: str | None = None,
-              mask_y: bool = False) -> KernelCost:
+              mask_y: bool = False, bn_dz: bool = False) -> KernelCost:
     """Time of one implicit-GEMM launch (see the module docstring); ``mask_y``: a backward GEMM that also loads
-    Y's tile beside grad_out's (the ReLU mask): one more A tile to feed from L2 each K iteration."""
+    Y's tile beside grad_out's (the ReLU mask): one more A tile to feed from L2 each K iteration; ``bn_dz``:
+    one that loads z's tile and computes the BatchNorm's dz from the two, whose issue slots count even without
+    a compiled kernel (``BN_DZ_INSTRUCTIONS_PER_ELEMENT``)."""
     warps = cfg.get("num_warps", 4)
-    regs = registers if registers is not None else registers_estimate(cfg, aligned, gpu.arch, name, mask_y)
-    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize, gpu.arch, name, mask_y)
+    regs = registers if registers is not None else registers_estimate(cfg, aligned, gpu.arch, name, mask_y, bn_dz)
+    smem = shared_bytes if shared_bytes is not None else smem_estimate(cfg, itemsize, gpu.arch, name, mask_y,
+                                                                       bn_dz)
     occupancy = max(1, ctas_per_sm(gpu, warps, regs, smem))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     per_iter = {"mma": bm * bn * bk / gpu.macs_per_clk[operands(itemsize, mma, gpu.arch)],
-                "feed": ((2 if mask_y else 1) * bm + bn) * bk * itemsize / gpu.l2_bytes_per_clk}
+                "feed": ((2 if mask_y or bn_dz else 1) * bm + bn) * bk * itemsize / gpu.l2_bytes_per_clk}
+    if mainloop_instructions is None and bn_dz:
+        mainloop_instructions = (BN_DZ_BASE_INSTRUCTIONS
+                                 + BN_DZ_INSTRUCTIONS_PER_ELEMENT * bm * bk // (32 * warps))
     if mainloop_instructions is not None:
         per_iter["issue"] = warps * mainloop_instructions / 4
     bound = max(per_iter, key=per_iter.get)
@@ -454,22 +482,24 @@ def gemm_bytes(kind: str, conv: Conv, split: int = 1, split_k: int = 1, mask_y: 
     return s["y"] + y + s["x"] + split * (s["w"] // conv.itemsize) * 4 + bias  # g (or dY, Y), X -> fp32 slices
 
 
-def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU, mask_y: bool = False) -> dict[str, int]:
+def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU, mask_y: bool = False,
+                  bn_dz: bool = False) -> dict[str, int]:
     """The config of ``configs`` with the least predicted time for ``kind`` on ``conv`` (ties: the first).
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
     estimate comes within ``SPILL_MARGIN`` of a spill or whose shared memory exceeds the GPU's per-block limit
     are left out (unless all are), and the issue term is left out. For fwd and dgrad it also picks
     ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always gets
-    the same config, with no GPU time spent. ``mask_y``: dgrad or wgrad applying the ReLU mask.
+    the same config, with no GPU time spent. ``mask_y``: dgrad or wgrad applying the ReLU mask; ``bn_dz``:
+    computing the BatchNorm's dz.
     """
     configs = [config_dict(c) for c in configs]
     fitting = [c for c in configs
-               if registers_estimate(c, conv.aligned, gpu.arch, kind, mask_y) <= 255 - SPILL_MARGIN
-               and smem_estimate(c, conv.itemsize, gpu.arch, kind, mask_y) <= gpu.smem_per_block]
+               if registers_estimate(c, conv.aligned, gpu.arch, kind, mask_y, bn_dz) <= 255 - SPILL_MARGIN
+               and smem_estimate(c, conv.itemsize, gpu.arch, kind, mask_y, bn_dz) <= gpu.smem_per_block]
     best, best_t = None, math.inf
     for cfg in [dict(c, SPLIT_K=k) if k > 1 else c for c in fitting or configs for k in split_k_choices(kind, conv, c)]:
-        t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu, mask_y=mask_y))
+        t = sum(k.seconds for k in gemm_pass(kind, conv, cfg, gpu, mask_y=mask_y, bn_dz=bn_dz))
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
@@ -511,18 +541,40 @@ def choose_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable
     return best[1], best[2]
 
 
+def choose_batch_norm_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable,
+                               gpu: GPU) -> tuple[bool, dict[str, dict[str, int]]]:
+    """(bn_dz, {"dgrad": config, "wgrad": config}) for the backward GEMMs of a FusedConv2dBatchNormReLU's
+    ``conv``: whether they compute the BatchNorm's dz as they load grad_out and z (one more tile each, and the
+    arithmetic's issue slots) or read a dz that one more pass wrote (3 bytes per element of dz's dtype moved),
+    whichever the model predicts faster with each side's best configs. Never below :data:`BN_DZ_MIN_ARCH`."""
+    dgrad_configs, wgrad_configs = list(dgrad_configs), list(wgrad_configs)
+    best = None
+    for bn_dz in (False, True) if gpu.arch >= BN_DZ_MIN_ARCH else (False,):
+        cfgs = {"dgrad": choose_config("dgrad", conv, dgrad_configs, gpu, bn_dz=bn_dz),
+                "wgrad": choose_config("wgrad", conv, wgrad_configs, gpu, bn_dz=bn_dz)}
+        kernels = [k for kind, cfg in cfgs.items() for k in gemm_pass(kind, conv, cfg, gpu, bn_dz=bn_dz)]
+        if not bn_dz:
+            kernels.append(memory_cost("dz", 3 * conv.sizes()["y"], gpu))
+        t = sum(k.seconds for k in kernels)
+        if best is None or t < best[0]:
+            best = (t, bn_dz, cfgs)
+    return best[1], best[2]
+
+
 def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, split: int | None = None,
-              mask_y: bool = False, **compiled) -> list[KernelCost]:
+              mask_y: bool = False, bn_dz: bool = False, **compiled) -> list[KernelCost]:
     """The kernels of GEMM pass ``kind`` with config ``cfg``: the GEMM and, for wgrad, the workspace's sum
     and cast; ``split``: wgrad's, else :func:`wgrad_split`'s. ``mask_y``: dgrad or wgrad applying the ReLU
-    mask (:func:`choose_backward`). ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the
-    compiled kernel."""
+    mask (:func:`choose_backward`); ``bn_dz``: computing the BatchNorm's dz from grad_out and z (their bytes
+    are Y's and dY's). ``compiled``: registers, shared_bytes, mainloop_instructions, mma of the compiled
+    kernel."""
     if split is None:
-        split = wgrad_split(conv, cfg, gpu, mask_y) if kind == "wgrad" else 1
+        split = wgrad_split(conv, cfg, gpu, mask_y or bn_dz) if kind == "wgrad" else 1
     split_k = cfg.get("SPLIT_K", 1)
     grid = gemm_grid(kind, conv, cfg, split)
-    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu, gemm_bytes(kind, conv, split, split_k, mask_y),
-                         aligned=conv.aligned, mask_y=mask_y, **compiled)]
+    kernels = [gemm_cost(kind, grid, cfg, conv.itemsize, gpu,
+                         gemm_bytes(kind, conv, split, split_k, mask_y or bn_dz),
+                         aligned=conv.aligned, mask_y=mask_y, bn_dz=bn_dz, **compiled)]
     kernels[0].split = split
     if split_k > 1:  # the slices' sum (+ bias and ReLU in the forward)
         out = conv.sizes()["y" if kind == "fwd" else "x"]
@@ -530,7 +582,7 @@ def gemm_pass(kind: str, conv: Conv, cfg: Mapping[str, int], gpu: GPU, split: in
     if kind == "wgrad":  # the slices' sum, cast to the weight's dtype and layout in the same pass
         w32 = conv.sizes()["w"] // conv.itemsize * 4
         kernels.append(memory_cost("wgrad_sum", split * w32 + conv.sizes()["w"], gpu))
-        if mask_y and conv.has_bias:  # the bias gradient's slices summed
+        if (mask_y or bn_dz) and conv.has_bias:  # the bias gradient's slices summed
             kernels.append(memory_cost("bias_sum", split * conv.c_out * 4 + conv.c_out * 4, gpu))
     return kernels
 
@@ -562,11 +614,13 @@ def min_hbm_bytes(kind: str, conv: Conv) -> int:
 BN_PASS_BLOCK_M = 64  # the BatchNorm + ReLU passes' row block (kernels/batch_norm_relu.py CONFIG)
 
 
-def batch_norm_block_kernels(conv: Conv, fused: bool, residual: bool = False,
-                             block_m: int = 128) -> list[tuple[str, str, int]]:
+def batch_norm_block_kernels(conv: Conv, fused: bool, residual: bool = False, block_m: int = 128,
+                             dz_in_gemms: bool = False) -> list[tuple[str, str, int]]:
     """``(direction, kernel, HBM bytes)`` of one training step of ``conv -> BatchNorm2d -> ReLU`` (with
     ``residual``: ``-> + residual -> ReLU``, a ResNet block's last conv); ``block_m``: the forward's row tile (the
-    statistics' tiles). Per-channel fp32 vectors are counted where read."""
+    statistics' tiles); ``dz_in_gemms``: the fused block's dgrad and wgrad compute dz as they load grad_out (or
+    g) and z (:func:`choose_batch_norm_backward`) instead of a dz pass. Per-channel fp32 vectors are counted
+    where read."""
     s = conv.sizes()
     x, w, b, z = s["x"], s["w"], s["b"], s["y"]
     r = z if residual else 0  # one more pass-sized tensor read (the residual; the output for the mask)
@@ -585,9 +639,11 @@ def batch_norm_block_kernels(conv: Conv, fused: bool, residual: bool = False,
                    # with a residual the sums pass also reads the output (the mask) and writes g, which the dz
                    # pass reads instead of grad_out
                    ("bwd", "gradient sums (dY, z)", 2 * z + 2 * r + 6 * vector + partials),
-                   ("bwd", "gradient coefficients (partials -> b, k, sums)", partials + 6 * vector),
-                   ("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector)]
-        return kernels + gemms
+                   ("bwd", "gradient coefficients (partials -> b, k, sums)", partials + 6 * vector)]
+        if dz_in_gemms:
+            return kernels + [("bwd", "dgrad (dY, z -> dz as loaded)", 2 * z + w + x + 6 * vector),
+                              ("bwd", "wgrad (dY, z -> dz as loaded)", 2 * z + x + w + b + 6 * vector)]
+        return kernels + [("bwd", "dz (dY, z -> dz)", 3 * z + 6 * vector)] + gemms
     kernels = [("fwd", "conv", x + w + b + z), ("fwd", "BN statistics (z)", z + 2 * vector),
                ("fwd", "BN normalise (z -> out)", 2 * z + 4 * vector)]
     if residual:

@@ -10,7 +10,8 @@ per-tile statistics) and its dgrad / wgrad GEMMs. Here, over NHWC rows (M = N*OH
   no atomics). With a residual it also writes g, the residual's gradient.
 - ``_batch_norm_relu_grad_kernel``: dz = scale * g - b - (z - mean) * k, the BatchNorm's input gradient with
   the per-channel b = scale * sum(g) / M and k = scale * invstd * sum(g * xhat) / M, written NHWC for the GEMMs
-  (with a residual, g is read back instead of recomputed from grad_out and y).
+  (with a residual, g is read back instead of recomputed from grad_out and y); only where the GEMMs do not
+  compute dz as they load (``BN_GRAD`` in kernels/conv_bias_relu.py, the same formula).
 
 Per-channel vectors come as one fp32 (6, C) table ``chan``: rows mean, invstd, scale (gamma * invstd), beta (0
 without one), b, k (the last two for the gradient only). Everything is computed in fp32 (the tiles' combination

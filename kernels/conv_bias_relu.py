@@ -14,6 +14,10 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
   also sum their grad-output tiles, the bias gradient's partial sums per slice (no pass of their own).
 - ``MASK_Y`` (dgrad and wgrad): the ReLU's backward, g = grad_out * (out > 0), applied where grad_out is loaded
   as an operand (the saved output is loaded beside it), so g is never written to memory.
+- ``BN_GRAD`` (dgrad and wgrad, FusedConv2dBatchNormReLU's backward): the operand is the BatchNorm's input
+  gradient dz = scale * g - b - (z - mean) * k, computed in fp32 from the grad_out (or g) and z tiles as they are
+  loaded (``MASK_Y`` then recomputes the ReLU's mask from z) with the per-channel table of
+  kernels/batch_norm_relu.py, where the performance model predicts that faster than a dz pass.
 - ``_relu_mask_bias_grad_kernel``: g = grad_out * (out > 0) written NHWC, and the bias gradient's partial sums
   per row block in the same pass (summed afterwards: deterministic, no atomics); only where the two GEMMs
   cannot read grad_out and out directly (not channels_last, or a bias gradient without a weight gradient).
@@ -334,9 +338,35 @@ def _phase_taps(phase, pad, dil, stride, step, K: tl.constexpr):
 
 
 @triton.jit
+def _channel_row(chan_ptr, row: tl.constexpr, channels, mask_c, C, AXIS: tl.constexpr):
+    v = tl.load(chan_ptr + row * C + channels, mask=mask_c, other=0.0)
+    return v[None, :] if AXIS == 1 else v[:, None]
+
+
+@triton.jit
+def _batch_norm_dz(g, z_ptrs, chan_ptr, channels, rows_ok, mask_c, C, MASK: tl.constexpr, AXIS: tl.constexpr):
+    """The BatchNorm's input gradient from a tile of the grad of its output (``g``) as loaded, in g's dtype:
+    dz = scale * g' - b - (z - mean) * k, g' = g where the ReLU passed (``MASK``: (z - mean) * scale + beta > 0,
+    recomputed as kernels/batch_norm_relu.py does; else g is masked already), 0 outside the tile's valid rows
+    and ``channels`` (along ``AXIS``). Per-channel vectors from the fp32 (6, C) table: mean, invstd, scale, beta,
+    b, k."""
+    ok = rows_ok & (mask_c[None, :] if AXIS == 1 else mask_c[:, None])
+    centred = (tl.load(z_ptrs, mask=ok, other=0.0).to(tl.float32)
+               - _channel_row(chan_ptr, 0, channels, mask_c, C, AXIS))
+    scale = _channel_row(chan_ptr, 2, channels, mask_c, C, AXIS)
+    g32 = g.to(tl.float32)
+    if MASK:
+        g32 = tl.where(centred * scale + _channel_row(chan_ptr, 3, channels, mask_c, C, AXIS) > 0, g32, 0.0)
+    dz = (g32 * scale - _channel_row(chan_ptr, 4, channels, mask_c, C, AXIS)
+          - centred * _channel_row(chan_ptr, 5, channels, mask_c, C, AXIS))
+    return tl.where(ok, dz, 0.0).to(g.dtype)
+
+
+@triton.jit
 def _conv_dgrad_kernel(
     g_ptr,  # grad of the output (masked unless MASK_Y), contiguous NHWC (N*OH*OW, C_out)
-    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; else unused
+    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; BN_GRAD: z, the BatchNorm's input; else unused
+    chan_ptr,  # BN_GRAD: fp32 (6, C_out) channel table (kernels/batch_norm_relu.py); else unused
     w_ptr,  # weight, contiguous (C_out, KH, KW, C_in_g)
     dx_ptr,  # out: grad of the input, contiguous NHWC (N*H*W, C_in)
     ws_ptr,  # fp32 workspace (SPLIT_K, N*H*W, C_in) when SPLIT_K > 1: partial sums
@@ -349,6 +379,7 @@ def _conv_dgrad_kernel(
     SPLIT_K: tl.constexpr,  # slices of each phase's K loop (the grid's second axis is groups x phases x SPLIT_K)
     EVEN_K: tl.constexpr,  # C_out_g is a multiple of BLOCK_K: no channel mask in the K loop
     MASK_Y: tl.constexpr,  # g is the raw grad of the output: zero it where y <= 0 as it is loaded
+    BN_GRAD: tl.constexpr,  # the operand is the BatchNorm's input gradient, computed from g and z as loaded
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -398,7 +429,10 @@ def _conv_dgrad_kernel(
         mask_k = _channel_mask(offs_k, C_out_g, EVEN_K, BLOCK_K)
         g_offs = (g_row + (oh * OW + ow) * C_out)[:, None] + offs_k[None, :]
         a = tl.load(g_ptr + g_offs, mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-        if MASK_Y:
+        if BN_GRAD:
+            a = _batch_norm_dz(a, y_ptr + g_offs, chan_ptr, group * C_out_g + offs_k, row_ok[:, None],
+                               mask_k, C_out, MASK_Y, 1)
+        elif MASK_Y:
             y = tl.load(y_ptr + g_offs, mask=row_ok[:, None] & mask_k[None, :], other=0.0)
             a = tl.where(y > 0, a, tl.zeros_like(a))
         b = tl.load(w_ptr + ((group * C_out_g + offs_k) * (KH * KW * C_in_g) + (kh * KW + kw) * C_in_g)[:, None]
@@ -416,7 +450,8 @@ def _conv_dgrad_kernel(
 @triton.jit
 def _conv_wgrad_kernel(
     g_ptr,  # grad of the output (masked unless MASK_Y), contiguous NHWC (N*OH*OW, C_out)
-    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; else unused
+    y_ptr,  # MASK_Y: the saved output, contiguous NHWC like g; BN_GRAD: z, the BatchNorm's input; else unused
+    chan_ptr,  # BN_GRAD: fp32 (6, C_out) channel table (kernels/batch_norm_relu.py); else unused
     x_ptr,  # input, NHWC memory: x[n, h, w, c] at n*sxn + h*sxh + w*sxw + c
     dw_ptr,  # out: fp32 workspace (SPLIT, C_out, KH*KW*C_in_g); slice s holds the sum over its rows
     db_ptr,  # out, BIAS_GRAD: fp32 (SPLIT, C_out), slice s's sum of g over its rows; else unused
@@ -429,6 +464,7 @@ def _conv_wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     FOLD_C: tl.constexpr,  # 0: a tile is one tap's (C_out, C_in) block; C_in_g: one filter row's (C_out, (kw, c))
     MASK_Y: tl.constexpr,  # g is the raw grad of the output: zero it where y <= 0 as it is loaded
+    BN_GRAD: tl.constexpr,  # the operand is the BatchNorm's input gradient, computed from g and z as loaded
     BIAS_GRAD: tl.constexpr,  # the first tap's first column block also sums its g tiles into db
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -485,7 +521,10 @@ def _conv_wgrad_kernel(
             b_ptrs = x_ptr + (n_idx * sxn + ih * sxh + iw * sxw + group * C_in_g)[:, None] + offs_n[None, :]
         g_offs = offs_k[None, :] * C_out + (group * C_out_g + offs_m)[:, None]
         a = tl.load(g_ptr + g_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if MASK_Y:
+        if BN_GRAD:
+            a = _batch_norm_dz(a, y_ptr + g_offs, chan_ptr, group * C_out_g + offs_m, mask_k[None, :], mask_m,
+                               C_out, MASK_Y, 0)
+        elif MASK_Y:
             y = tl.load(y_ptr + g_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a = tl.where(y > 0, a, tl.zeros_like(a))
         if BIAS_GRAD:

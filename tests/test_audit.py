@@ -188,10 +188,13 @@ def test_full_plan_covers_every_config_and_builds_a_signature():
     for entry in audit.KERNELS:  # a kernel may have several entries (variants)
         n = sum(len(audit._normalize_configs(audit.resolve_configs(entry.module, c))) for c in entry.configs.values())
         assert n > 0, entry.kernel
-        expected[entry.kernel] = expected.get(entry.kernel, 0) + n * len(audit.ARCHS)
+        archs = sum(arch >= entry.min_arch for arch in audit.ARCHS)  # the BatchNorm dz GEMMs: sm_90 only
+        expected[entry.kernel] = expected.get(entry.kernel, 0) + n * archs
     for kernel, n in expected.items():
         assert sum(j.kernel == kernel for j in jobs) == n, kernel
     assert {j.arch for j in jobs} == {80, 90} and set(audit.DTYPES) <= {j.dtype for j in jobs}
+    bn_dz = [j for j in jobs if j.config.endswith(" BN")]
+    assert bn_dz and {j.arch for j in bn_dz} == {90} and all(j.constexprs["BN_GRAD"] for j in bn_dz)
     signatures = {}
     for job in jobs:
         kernel = getattr(importlib.import_module(job.module), job.kernel)

@@ -99,3 +99,51 @@ def test_grad_output_with_a_width_of_one_and_odd_strides(op):
 
     for got, expected in zip(grads("triton"), grads("reference")):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dz_in_gemms", [True, False], ids=["dz-in-gemms", "dz-pass"])
+def test_dz_computed_in_the_gemms_or_written_by_a_pass(monkeypatch, dz_in_gemms, residual):
+    """Both ways of feeding the BatchNorm's input gradient to the conv's dgrad and wgrad (computed as they load
+    grad_out or g and z, or read from a dz pass; a GPU picks per shape) against float64, and the launcher takes
+    the one asked for."""
+    from cnnperf.ops import conv_batch_norm_relu as op, conv_bias_relu as cbr
+
+    tables = []
+    gemms = cbr.conv_gemm_backward
+    monkeypatch.setattr(cbr, "conv_gemm_backward", lambda *a, **k: tables.append(k.get("chan")) or gemms(*a, **k))
+    if not dz_in_gemms:
+        monkeypatch.setattr(op, "_dz_in_gemms", lambda *args: False)
+    layer = randomize(FusedConv2dBatchNormReLU(4, 6, 3, stride=2, padding=1, bias=True, device=DEVICE))
+    with backend.override("triton"):
+        compare_training(layer, (3, 4, 7, 8), steps=2, eval_step=False, channels_last=True, residual=residual)
+    assert len(tables) == 2 and all((t is not None) == dz_in_gemms for t in tables)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "conv"])
+def test_dz_for_a_frozen_conv_weight_or_conv(frozen):
+    """A conv bias gradient without the weight's (no wgrad to sum it: the dz pass), and a frozen convolution
+    (gamma and beta only: no dz at all), against the reference path. (The conv bias's gradient is zero but for
+    rounding: the BatchNorm takes the mean out; so the tolerance is the gradients' scale.)"""
+    from cnnperf import functional
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 3, device=DEVICE)
+    b = torch.randn(5, device=DEVICE, requires_grad=frozen == "weight")
+    gamma = torch.rand(5, device=DEVICE).add_(0.5).requires_grad_(True)
+    beta = torch.randn(5, device=DEVICE, requires_grad=True)
+    if frozen == "weight":
+        x.requires_grad_(True)
+    wanted = [t for t in (x, b, gamma, beta) if t.requires_grad]
+
+    def grads(path):
+        with backend.override(path):
+            out = functional.conv2d_batch_norm_relu(x, w, b, 1, 1, bn_weight=gamma, bn_bias=beta, training=True)
+            torch.manual_seed(1)
+            return torch.autograd.grad(out, wanted, torch.randn_like(out))
+
+    expected = grads("reference")
+    scale = max(e.abs().max().item() for e in expected)
+    for got, want in zip(grads("triton"), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)

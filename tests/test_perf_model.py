@@ -151,6 +151,29 @@ def test_choose_backward_masks_in_the_gemms_where_that_is_faster():
     assert pm.choose_backward(wide, dgrad, wgrad, pm.A100)[0] is False
 
 
+def test_batch_norm_dz_in_the_gemms_only_where_the_pass_it_saves_outweighs_the_issue_slots():
+    """FusedConv2dBatchNormReLU's backward: dgrad and wgrad compute dz as they load grad_out and z (one more tile,
+    ~15 instructions an element: audit) only where the dz pass costs more, on ResNet-50 (bf16, batch 32) layer1's
+    1x1 convs, whose GEMMs are short beside their conv output (Z); never on a 3x3, whose K loop repeats each
+    element over the taps, nor on sm_80. The configs fit the registers with the dz arithmetic."""
+    dgrad, wgrad = audit_model.config_list("dgrad", "bfloat16"), audit_model.config_list("wgrad", "bfloat16")
+    expand = pm.Conv(32, 64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), 1, 2, False)
+    three = pm.Conv(32, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, 2, False)
+    for conv, expected in ((expand, True), (three, False)):
+        for gpu in (pm.H200, pm.A100):
+            bn_dz, cfgs = pm.choose_batch_norm_backward(conv, dgrad, wgrad, gpu)
+            assert bn_dz is (expected and gpu.arch >= 90), (conv, gpu.name)
+            for kind, cfg in cfgs.items():
+                assert cfg == pm.choose_config(kind, conv, dgrad if kind == "dgrad" else wgrad, gpu, bn_dz=bn_dz)
+                if bn_dz:
+                    assert pm.registers_estimate(cfg, True, gpu.arch, kind, bn_dz=True) <= 255 - pm.SPILL_MARGIN
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    grid = pm.gemm_grid("dgrad", three, cfg)
+    plain = pm.gemm_cost("dgrad", grid, cfg, 2, pm.H200, 0)
+    fused = pm.gemm_cost("dgrad", grid, cfg, 2, pm.H200, 0, bn_dz=True)
+    assert fused.bound == "issue" and fused.seconds > 1.5 * plain.seconds  # 280 + 15 x 32 per K iteration
+
+
 def test_masked_gemms_read_y_and_the_wgrad_writes_the_bias_partials():
     conv = _conv()
     s = conv.sizes()
@@ -304,6 +327,9 @@ def test_resnet50_conv_batchnorm_relu_blocks_move_at_least_25_percent_fewer_byte
     assert not any("downsample" in r["layer"] for r in blocks["rows"])
     assert blocks["fused_over_unfused"] <= 0.75
     assert "49 of 53 convs, 16 with a residual add" in audit_model.batch_norm_blocks_line(blocks)
+    # layer1's four 1x1 convs whose dz pass costs more than computing dz in the GEMMs (H200 model)
+    assert {r["layer"] for r in blocks["rows"] if r["dz_in_gemms"]} == {
+        "layer1.0.conv1", "layer1.0.conv3", "layer1.1.conv3", "layer1.2.conv3"}
 
 
 def test_batch_norm_block_bytes_count_passes_over_the_conv_output():
@@ -325,6 +351,14 @@ def test_batch_norm_block_bytes_count_passes_over_the_conv_output():
     extra_residual = (sum(b for *_, b in pm.batch_norm_block_kernels(conv, fused=False, residual=True))
                       - sum(b for *_, b in pm.batch_norm_block_kernels(conv, fused=True, residual=True)))
     assert extra_residual - extra == 0
+    # dz computed in the GEMMs: no dz pass (3 Z), one more read of Z in each of dgrad and wgrad; the same
+    # with the residual (the GEMMs read g, which the sums pass writes anyway, instead of grad_out).
+    for residual in (False, True):
+        kernels = pm.batch_norm_block_kernels(conv, fused=True, residual=residual)
+        in_gemms = pm.batch_norm_block_kernels(conv, fused=True, residual=residual, dz_in_gemms=True)
+        saved = sum(b for *_, b in kernels) - sum(b for *_, b in in_gemms)
+        assert abs(saved - s["y"]) < 64 * c * 4
+        assert not any(k.startswith("dz") for _, k, _ in in_gemms)
 
 
 def _bench_record(path, device="NVIDIA H200", rows=2):

@@ -422,8 +422,10 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
                                   stride, padding, dilation, groups, output_mask):
     """Triton backward: one pass sums g and g * xhat per row block and channel (with a residual, ``output``
     given, the mask is ``output > 0`` and it also writes g, the residual's gradient), one small kernel adds the
-    blocks up (the BatchNorm's beta and gamma gradients) and writes b and k, one pass writes dz, and the
-    convolution's dgrad and wgrad GEMMs take dz (the wgrad summing the conv bias's gradient as it goes)."""
+    blocks up (the BatchNorm's beta and gamma gradients) and writes b and k; then the convolution's dgrad and
+    wgrad GEMMs (the wgrad summing the conv bias's gradient as it goes) take dz, the BatchNorm's input gradient:
+    computed as they load grad_out (or g) and z where :func:`_dz_in_gemms` says so, else written by one more
+    pass."""
     K, cfg = _kernels(), _pass_config(z.device)
     n, c, oh, ow = z.shape
     m = n * oh * ow
@@ -442,20 +444,46 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
         K._batch_norm_relu_grad_sums_kernel[grid](go, zz, y, chan, partial, g, m, c, oh * ow, *strides, **launch)
     sums = torch.empty((2, c), device=z.device, dtype=torch.float32)
     fin = _finalize_config(z.device)
-    dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
+    grad_input = grad_weight = grad_bias = None
     with backend.quiet_interpreter():
         K._batch_norm_grad_coefficients_kernel[(-(-c // fin["BLOCK_C"]),)](
             partial, chan, sums, m, c, grid[0], BLOCK_T=fin["BLOCK_T"], BLOCK_C=fin["BLOCK_C"],
             num_warps=fin["num_warps"])
         sum_g, sum_gx = sums
-        K._batch_norm_relu_grad_kernel[grid](go, zz, g, chan, dz, m, c, oh * ow, *strides, **launch)
-        grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
-            dz, None, input, weight, oh, ow, stride, padding, dilation, groups, output_mask[:3],
-            bias_in_wgrad=bool(output_mask[1]))
-    if output_mask[2] and grad_bias is None:
-        grad_bias = dz.float().sum(0).to(weight.dtype)
+        conv_args = (input, weight, oh, ow, stride, padding, dilation, groups, output_mask[:3])
+        if not any(output_mask[:3]):
+            pass  # a frozen convolution: the BatchNorm's parameters only
+        elif _dz_in_gemms(has_residual or grad_output.is_contiguous(memory_format=torch.channels_last), input,
+                          weight, stride, padding, dilation, groups, output_mask):
+            # The GEMMs read grad_out (masked as the sums pass did) or g, and z: no dz in memory.
+            grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
+                g if has_residual else grad_output, zz, *conv_args, bias_in_wgrad=True, chan=chan,
+                relu_mask=not has_residual)
+        else:
+            dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
+            K._batch_norm_relu_grad_kernel[grid](go, zz, g, chan, dz, m, c, oh * ow, *strides, **launch)
+            grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
+                dz, None, *conv_args, bias_in_wgrad=bool(output_mask[1]))
+            if output_mask[2] and grad_bias is None:
+                grad_bias = dz.float().sum(0).to(weight.dtype)
     # Copies: the two sums are views of one tensor, and a custom op's outputs may not alias each other.
     grad_gamma = sum_gx.to(bn_weight.dtype, copy=True) if output_mask[3] else None
     grad_beta = sum_g.to(bn_bias.dtype, copy=True) if output_mask[4] else None
     grad_residual = g.permute(0, 3, 1, 2) if output_mask[5] else None
     return grad_input, grad_weight, grad_bias, grad_gamma, grad_beta, grad_residual
+
+
+def _dz_in_gemms(rows_ready: bool, input, weight, stride, padding, dilation, groups, output_mask) -> bool:
+    """Whether the dgrad and wgrad GEMMs compute the BatchNorm's input gradient dz as they load their operand
+    (saving the dz pass's write and two reads for one more tile read in each GEMM's K loop): with their operand
+    in NHWC rows (``rows_ready``: g, or a dense channels_last grad_out), a weight gradient asked for where the
+    conv bias's is (the wgrad sums it), and on a GPU where the model predicts it faster for this shape
+    (:func:`cnnperf.ops.conv_bias_relu.model_batch_norm_backward`); always where those hold in the interpreter,
+    to test it."""
+    if not rows_ready or (output_mask[2] and not output_mask[1]):
+        return False
+    if input.device.type != "cuda":
+        return True
+    conv = cbr._problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype,
+                        bool(output_mask[2]))
+    return cbr.model_batch_norm_backward(conv, input.dtype, cbr._device_index(input.device))[0]

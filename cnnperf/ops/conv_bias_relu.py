@@ -304,6 +304,14 @@ def model_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int)
                                       _gpu(device_index))
 
 
+@functools.lru_cache(maxsize=4096)
+def model_batch_norm_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> tuple[bool, dict]:
+    """(whether dgrad and wgrad compute a BatchNorm's dz as they load grad_out and z, their configs):
+    :func:`cnnperf.perf_model.choose_batch_norm_backward` on this GPU, cached per shape."""
+    return perf_model.choose_batch_norm_backward(conv, config_list("dgrad", dtype), config_list("wgrad", dtype),
+                                                 _gpu(device_index))
+
+
 @functools.cache
 def _gpu(index: int) -> perf_model.GPU:
     """The model's GPU for CUDA device ``index``: the Hopper figures from sm_90 up, else the Ampere ones, with
@@ -317,13 +325,13 @@ def _gpu(index: int) -> perf_model.GPU:
                                smem_per_sm=smem_sm)
 
 
-def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device):
+def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device, bn_dz: bool = False):
     """The config kernel ``kind`` launches with, or None to autotune, in this order: the pinned one
     (:func:`pinned_configs`); the interpreter's fixed one under ``TRITON_INTERPRET=1``; the one stored for this
     shape in ``CNNPERF_CONFIG_CACHE`` (:mod:`cnnperf.ops.conv_config_cache`); None (the autotuner) with
     ``CNNPERF_AUTOTUNE=1``, unless ``torch.use_deterministic_algorithms(True)`` asks for the same choice every
     run or a CUDA graph is being captured (the autotuner's timing runs cannot be); else the performance
-    model's pick."""
+    model's pick. ``bn_dz``: dgrad or wgrad computing a BatchNorm's dz (stored and picked apart)."""
     K = _kernels()
     config = getattr(_pinned, kind, None)
     if config is None and backend.interpret():
@@ -332,21 +340,23 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
     if config is None and device.type == "cuda":
         file = conv_config_cache.path()
         if file is not None:
-            config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device))
+            config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device, bn_dz))
         if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()
                                or torch.cuda.is_current_stream_capturing()):  # nothing can be timed in capture
-            config = model_config(kind, conv, dtype, _device_index(device))
+            config = (model_batch_norm_backward(conv, dtype, _device_index(device))[1][kind] if bn_dz
+                      else model_config(kind, conv, dtype, _device_index(device)))
     return config
 
 
-def _cache_entry(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device) -> str:
+def _cache_entry(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device,
+                 bn_dz: bool = False) -> str:
     import triton
 
     from cnnperf import __version__
 
     precision = f" {_input_precision(dtype)}" if dtype.itemsize == 4 else ""
     return conv_config_cache.key(torch.cuda.get_device_name(device), f"triton {triton.__version__} cnnperf "
-                                 f"{__version__}", kind, f"{dtype}{precision}", conv)
+                                 f"{__version__}", kind + (" bn_dz" if bn_dz else ""), f"{dtype}{precision}", conv)
 
 
 def launch_configs(input_shape, weight_shape, stride, padding, dilation, groups, dtype: torch.dtype,
@@ -366,7 +376,8 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict, conv=None, device=None) -> None:
+def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict, conv=None, device=None,
+            bn_dz: bool = False) -> None:
     """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` when None; then
     the autotuner's winner goes to ``CNNPERF_CONFIG_CACHE`` if set (``conv`` and ``device`` name the entry)."""
     K = _kernels()
@@ -383,7 +394,7 @@ def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dic
     tuner[grid](*args, **const)
     file = conv_config_cache.path()
     if file is not None and conv is not None and getattr(tuner, "best_config", None) is not None:
-        conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device),
+        conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device, bn_dz),
                                  perf_model.config_dict(tuner.best_config))
 
 
@@ -512,17 +523,24 @@ def conv_bias_relu_backward(grad_output, input, weight, output, stride, padding,
 
 
 def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, groups, output_mask,
-                       bias_in_wgrad: bool):
+                       bias_in_wgrad: bool, chan: torch.Tensor | None = None, relu_mask: bool = True):
     """The convolution's gradients from the gradient of its output ``g`` (contiguous NHWC rows (N*OH*OW, C_out),
     or with ``y`` the raw grad_output whose ReLU mask ``y > 0`` the GEMMs apply as they load it, ``y`` of the
     same layout): (grad_input, grad_weight, grad_bias), None where not computed. The bias gradient is summed by
-    the wgrad as it goes with ``bias_in_wgrad`` (and a weight gradient asked for), else left to the caller."""
+    the wgrad as it goes with ``bias_in_wgrad`` (and a weight gradient asked for), else left to the caller.
+
+    With ``chan`` (a BatchNorm's fp32 (6, C_out) channel table, kernels/batch_norm_relu.py) ``y`` is z, the
+    BatchNorm's input, and ``g`` the gradient of its ReLU's output (``relu_mask``: raw, the mask recomputed from
+    z; else masked already): the GEMMs compute the BatchNorm's input gradient as they load them."""
     n, c_in, h, wd = input.shape
     c_out, c_in_g, kh, kw = weight.shape
     c_out_g = c_out // groups
     prec = _input_precision(input.dtype)
     conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
-    mask_y = y is not None
+    bn = chan is not None
+    mask_y = y is not None and (relu_mask or not bn)
+    extra = dict(BN_GRAD=bn, MASK_Y=mask_y)
+    chan = chan if bn else _unused(g.device)
     grad_bias = None
 
     w = _weight_khwc(weight) if output_mask[0] else None
@@ -530,45 +548,45 @@ def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, g
     if output_mask[0]:
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
-        config = _config("dgrad", conv, input.dtype, g.device)
+        config = _config("dgrad", conv, input.dtype, g.device, bn)
         pixels = n * h * wd
         split_k = _split_k(config, pixels * c_in, groups * stride[0] * stride[1])
         ws = (torch.empty((split_k, pixels, c_in), device=g.device, dtype=torch.float32) if split_k > 1
               else _unused(g.device))
-        args = (g, y if mask_y else g, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
+        args = (g, y if y is not None else g, chan, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
         const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K"),
-                     MASK_Y=mask_y, INPUT_PRECISION=prec)
+                     INPUT_PRECISION=prec, **extra)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
         def grid(meta):
             return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]),
                     groups * stride[0] * stride[1] * split_k)
 
-        _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device)
+        _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device, bn)
         if split_k > 1:
             _split_k_sum(ws, dx, dx, pixels, c_in, False, relu=False)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
         x = _nhwc(input)
-        config = _config("wgrad", conv, input.dtype, g.device)
-        split = _wgrad_split(conv, config, input.dtype, g.device, mask_y)
+        config = _config("wgrad", conv, input.dtype, g.device, bn)
+        split = _wgrad_split(conv, config, input.dtype, g.device, y is not None)
         partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
         bias_grad = bias_in_wgrad and bool(output_mask[2])
         partial_b = (torch.empty((split, c_out), device=g.device, dtype=torch.float32) if bias_grad
                      else _unused(g.device))
-        args = (g, y if mask_y else g, x, partial_w, partial_b, n, h, wd, c_in, oh, ow, c_out,
+        args = (g, y if y is not None else g, chan, x, partial_w, partial_b, n, h, wd, c_in, oh, ow, c_out,
                 x.stride(0), x.stride(2), x.stride(3),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, split)
         fold = perf_model.fold_channels(c_in_g)
-        const = dict(KH=kh, KW=kw, FOLD_C=fold, MASK_Y=mask_y, BIAS_GRAD=bias_grad, INPUT_PRECISION=prec)
+        const = dict(KH=kh, KW=kw, FOLD_C=fold, BIAS_GRAD=bias_grad, INPUT_PRECISION=prec, **extra)
 
         def grid(meta):  # one tile per (kh, kw) and channel block, or per kh and (kw, c) block when folded
             cols, taps = (kw * fold, kh) if fold else (c_in_g, kh * kw)
             return (_cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]) * taps, split, groups)
 
-        _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device)
+        _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device, bn)
         # The slices' sum, cast and laid out as the custom op returns it (_backward_results), in one pass.
         grad_weight = torch.empty(weight.shape, device=g.device, dtype=weight.dtype,
                                   memory_format=torch_format(input, weight))
