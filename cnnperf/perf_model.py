@@ -66,15 +66,15 @@ MASK_IN_GEMMS_MIN_ARCH = 90
 # triton 3.8, the 8 dgrad and 8 wgrad configs, 3x3): the fp32 arithmetic adds 13.7-16.0 SASS instructions to the
 # K loop per operand element a thread loads (dgrad 128x128x64 w8: 279 -> 732; wgrad: 354 -> 796), 2.2-4.1
 # registers per such element (69-131 in all; 4 of the 16 configs spill), and one more A tile of shared memory
-# per stage. The config pick has no
-# compiled kernel: it gives such a loop BN_DZ_BASE_INSTRUCTIONS (the plain loops' median, 225-653) plus the
-# per-element cost, and counts the issue slots that pick otherwise leaves out.
+# per stage. The config pick has no compiled kernel: it gives such a loop BN_DZ_BASE_INSTRUCTIONS (the plain
+# loops' median, 225-653) plus the per-element cost, and counts the issue slots that pick otherwise leaves out.
 BN_DZ_INSTRUCTIONS_PER_ELEMENT = 15
-# From sm_90 only: under triton 3.6 the fp32 dgrad at 64x64x32 w8 spills on sm_80 (`cnnperf audit`), and the
-# model's gains are a few per cent of a block's backward, too little to risk on an architecture no GPU has run.
-BN_DZ_MIN_ARCH = 90
 BN_DZ_BASE_INSTRUCTIONS = 280
 BN_DZ_REGISTERS_PER_ELEMENT = 4
+# From sm_90 on (the H200's figures, which the launchers use for newer GPUs too): under triton 3.6 the fp32
+# dgrad at 64x64x32 w8 spills on sm_80 (`cnnperf audit`), and the model's gains are a few per cent of a block's
+# backward, too little to risk on an architecture no GPU has run.
+BN_DZ_MIN_ARCH = 90
 
 # Per-CTA cost of a round of tiles on a SM, in SM clocks: the pipeline's first loads (one DRAM latency, about
 # 600-800 clocks on H100 per published microbenchmarks) plus the epilogue's stores.
@@ -488,7 +488,8 @@ def choose_config(kind: str, conv: Conv, configs: Iterable, gpu: GPU, mask_y: bo
 
     The pick sees shapes only (no compiled kernel): registers and shared memory are estimated, configs whose
     estimate comes within ``SPILL_MARGIN`` of a spill or whose shared memory exceeds the GPU's per-block limit
-    are left out (unless all are), and the issue term is left out. For fwd and dgrad it also picks
+    are left out (unless all are), and the issue term is left out (but for ``bn_dz``, whose arithmetic is
+    estimated: ``BN_DZ_INSTRUCTIONS_PER_ELEMENT``). For fwd and dgrad it also picks
     ``SPLIT_K`` (:func:`split_k_choices`; the key is absent for 1). Deterministic: the same shape always gets
     the same config, with no GPU time spent. ``mask_y``: dgrad or wgrad applying the ReLU mask; ``bn_dz``:
     computing the BatchNorm's dz.
@@ -541,18 +542,20 @@ def choose_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable
     return best[1], best[2]
 
 
-def choose_batch_norm_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable,
-                               gpu: GPU) -> tuple[bool, dict[str, dict[str, int]]]:
+def choose_batch_norm_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable, gpu: GPU,
+                               kinds: Sequence[str] = ("dgrad", "wgrad")) -> tuple[bool, dict[str, dict[str, int]]]:
     """(bn_dz, {"dgrad": config, "wgrad": config}) for the backward GEMMs of a FusedConv2dBatchNormReLU's
     ``conv``: whether they compute the BatchNorm's dz as they load grad_out and z (one more tile each, and the
     arithmetic's issue slots) or read a dz that one more pass wrote (3 bytes per element of dz's dtype moved),
-    whichever the model predicts faster with each side's best configs. Never below :data:`BN_DZ_MIN_ARCH`."""
+    whichever the model predicts faster with each side's best configs, over the GEMMs that run (``kinds``: a
+    first layer has no dgrad, a frozen weight no wgrad). Never below :data:`BN_DZ_MIN_ARCH`."""
     dgrad_configs, wgrad_configs = list(dgrad_configs), list(wgrad_configs)
     best = None
     for bn_dz in (False, True) if gpu.arch >= BN_DZ_MIN_ARCH else (False,):
         cfgs = {"dgrad": choose_config("dgrad", conv, dgrad_configs, gpu, bn_dz=bn_dz),
                 "wgrad": choose_config("wgrad", conv, wgrad_configs, gpu, bn_dz=bn_dz)}
-        kernels = [k for kind, cfg in cfgs.items() for k in gemm_pass(kind, conv, cfg, gpu, bn_dz=bn_dz)]
+        kernels = [k for kind, cfg in cfgs.items() if kind in kinds
+                   for k in gemm_pass(kind, conv, cfg, gpu, bn_dz=bn_dz)]
         if not bn_dz:
             kernels.append(memory_cost("dz", 3 * conv.sizes()["y"], gpu))
         t = sum(k.seconds for k in kernels)

@@ -542,16 +542,19 @@ def _conv_wgrad_kernel(
             tl.store(db_ptr + split * C_out + group * C_out_g + offs_m, tl.sum(db, axis=1), mask=mask_m)
 
 
-def _autotuned(kernel, configs):
-    return triton.autotune(configs=configs, key=_SHAPE_KEY)(kernel)
+def _autotuned(kernel, configs, variants=()):
+    """``variants``: constexprs that change the kernel's loop (the ReLU mask, the BatchNorm's dz), keyed too, so
+    that a variant is tuned on its own rather than given the winner of another."""
+    return triton.autotune(configs=configs, key=_SHAPE_KEY + list(variants))(kernel)
 
 
 _FWD = {16: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_16),
         32: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_32)}
-_DGRAD = {16: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_16),
-          32: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_32)}
-_WGRAD = {16: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_16),
-          32: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_32)}
+_GEMM_VARIANTS = ("MASK_Y", "BN_GRAD")
+_DGRAD = {16: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_16, _GEMM_VARIANTS),
+          32: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_32, _GEMM_VARIANTS)}
+_WGRAD = {16: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_16, _GEMM_VARIANTS),
+          32: _autotuned(_conv_wgrad_kernel, WGRAD_CONFIGS_32, _GEMM_VARIANTS)}
 
 
 def _bits(dtype):

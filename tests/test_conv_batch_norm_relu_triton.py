@@ -112,12 +112,22 @@ def test_dz_computed_in_the_gemms_or_written_by_a_pass(monkeypatch, dz_in_gemms,
     tables = []
     gemms = cbr.conv_gemm_backward
     monkeypatch.setattr(cbr, "conv_gemm_backward", lambda *a, **k: tables.append(k.get("chan")) or gemms(*a, **k))
-    if not dz_in_gemms:
-        monkeypatch.setattr(op, "_dz_in_gemms", lambda *args: False)
-    layer = randomize(FusedConv2dBatchNormReLU(4, 6, 3, stride=2, padding=1, bias=True, device=DEVICE))
+    # (a GPU would ask the model, which picks the pass for this shape)
+    monkeypatch.setattr(op, "_dz_in_gemms", lambda rows_ready, *args: dz_in_gemms and rows_ready)
+    layer = randomize(FusedConv2dBatchNormReLU(4, 6, 3, stride=2, padding=1, device=DEVICE))
     with backend.override("triton"):
         compare_training(layer, (3, 4, 7, 8), steps=2, eval_step=False, channels_last=True, residual=residual)
     assert len(tables) == 2 and all((t is not None) == dz_in_gemms for t in tables)
+
+
+def test_dz_in_the_gemms_needs_their_rows_and_no_conv_bias_gradient():
+    from cnnperf.ops import conv_batch_norm_relu as op
+
+    x, w = torch.empty(2, 3, 6, 6), torch.empty(4, 3, 3, 3)
+    args = (x, w, [1, 1], [1, 1], [1, 1], 1)
+    assert op._dz_in_gemms(True, *args, [True, True, False, True, True, False])  # the interpreter: always
+    assert not op._dz_in_gemms(False, *args, [True, True, False, True, True, False])  # NCHW grad_out
+    assert not op._dz_in_gemms(True, *args, [True, True, True, True, True, False])  # the conv bias's gradient
 
 
 @pytest.mark.parametrize("frozen", ["weight", "conv"])

@@ -197,6 +197,15 @@ def test_mask_pass_only_where_needed(channels_last, grad_layout, frozen, mask_pa
     assert spy.launches == int(mask_pass)
 
 
+def test_the_autotuner_tunes_each_backward_variant_apart():
+    """The ReLU mask and the BatchNorm's dz change the GEMMs' K loop (and their registers): a variant must not
+    inherit the config another won for the same shape, so both constexprs are in the autotuner's key."""
+    from cnnperf.kernels import conv_bias_relu as K
+
+    for tuner in (*K._DGRAD.values(), *K._WGRAD.values()):
+        assert {"MASK_Y", "BN_GRAD"} <= set(tuner.keys) <= set(tuner.arg_names)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter cannot autotune (it has no GPU to time configs)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_autotuned(dtype, monkeypatch):

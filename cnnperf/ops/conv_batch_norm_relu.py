@@ -423,9 +423,9 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
     """Triton backward: one pass sums g and g * xhat per row block and channel (with a residual, ``output``
     given, the mask is ``output > 0`` and it also writes g, the residual's gradient), one small kernel adds the
     blocks up (the BatchNorm's beta and gamma gradients) and writes b and k; then the convolution's dgrad and
-    wgrad GEMMs (the wgrad summing the conv bias's gradient as it goes) take dz, the BatchNorm's input gradient:
-    computed as they load grad_out (or g) and z where :func:`_dz_in_gemms` says so, else written by one more
-    pass."""
+    wgrad GEMMs take dz, the BatchNorm's input gradient: computed as they load grad_out (or g) and z where
+    :func:`_dz_in_gemms` says so, else written by one more pass (and the wgrad sums the conv bias's gradient
+    from it as it goes)."""
     K, cfg = _kernels(), _pass_config(z.device)
     n, c, oh, ow = z.shape
     m = n * oh * ow
@@ -456,8 +456,8 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
         elif _dz_in_gemms(has_residual or grad_output.is_contiguous(memory_format=torch.channels_last), input,
                           weight, stride, padding, dilation, groups, output_mask):
             # The GEMMs read grad_out (masked as the sums pass did) or g, and z: no dz in memory.
-            grad_input, grad_weight, grad_bias = cbr.conv_gemm_backward(
-                g if has_residual else grad_output, zz, *conv_args, bias_in_wgrad=True, chan=chan,
+            grad_input, grad_weight, _ = cbr.conv_gemm_backward(
+                g if has_residual else grad_output, zz, *conv_args, bias_in_wgrad=False, chan=chan,
                 relu_mask=not has_residual)
         else:
             dz = torch.empty((m, c), device=z.device, dtype=z.dtype)
@@ -476,14 +476,16 @@ def conv_batch_norm_relu_backward(grad_output, input, weight, z, mean, var, bn_w
 def _dz_in_gemms(rows_ready: bool, input, weight, stride, padding, dilation, groups, output_mask) -> bool:
     """Whether the dgrad and wgrad GEMMs compute the BatchNorm's input gradient dz as they load their operand
     (saving the dz pass's write and two reads for one more tile read in each GEMM's K loop): with their operand
-    in NHWC rows (``rows_ready``: g, or a dense channels_last grad_out), a weight gradient asked for where the
-    conv bias's is (the wgrad sums it), and on a GPU where the model predicts it faster for this shape
-    (:func:`cnnperf.ops.conv_bias_relu.model_batch_norm_backward`); always where those hold in the interpreter,
-    to test it."""
-    if not rows_ready or (output_mask[2] and not output_mask[1]):
+    in NHWC rows (``rows_ready``: g, or a dense channels_last grad_out), no conv bias gradient asked for (the
+    wgrad's bias MMA beside the dz arithmetic spills in fp32, `cnnperf audit`; and a conv bias before a
+    BatchNorm is rare: torchvision's convs have none), and on a GPU where the model predicts it faster for this
+    shape (:func:`cnnperf.ops.conv_bias_relu.model_batch_norm_backward`); always where those hold in the
+    interpreter, to test it."""
+    if not rows_ready or output_mask[2]:
         return False
     if input.device.type != "cuda":
         return True
     conv = cbr._problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype,
                         bool(output_mask[2]))
-    return cbr.model_batch_norm_backward(conv, input.dtype, cbr._device_index(input.device))[0]
+    kinds = tuple(kind for kind, wanted in zip(("dgrad", "wgrad"), output_mask) if wanted)
+    return cbr.model_batch_norm_backward(conv, input.dtype, cbr._device_index(input.device), kinds)[0]

@@ -305,11 +305,12 @@ def model_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int)
 
 
 @functools.lru_cache(maxsize=4096)
-def model_batch_norm_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> tuple[bool, dict]:
-    """(whether dgrad and wgrad compute a BatchNorm's dz as they load grad_out and z, their configs):
-    :func:`cnnperf.perf_model.choose_batch_norm_backward` on this GPU, cached per shape."""
+def model_batch_norm_backward(conv: perf_model.Conv, dtype: torch.dtype, device_index: int,
+                              kinds: tuple[str, ...] = ("dgrad", "wgrad")) -> tuple[bool, dict]:
+    """(whether the GEMMs ``kinds`` compute a BatchNorm's dz as they load grad_out and z, the configs of dgrad
+    and wgrad): :func:`cnnperf.perf_model.choose_batch_norm_backward` on this GPU, cached per shape."""
     return perf_model.choose_batch_norm_backward(conv, config_list("dgrad", dtype), config_list("wgrad", dtype),
-                                                 _gpu(device_index))
+                                                 _gpu(device_index), kinds)
 
 
 @functools.cache
