@@ -161,15 +161,19 @@ def _grad_norm_chunk_config(module) -> dict[str, int]:
 _GRAD_TABLE = _types("*i64", "addr_ptr", "numel_ptr", "meta_ptr", "chunk_tensor_ptr", "chunk_start_ptr")
 
 KERNELS: tuple[KernelAudit, ...] = (
-    KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_CONFIGS_16", "FWD_CONFIGS_32"),
-                constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
-                            "SPLIT_K": 1, "STATS": False},
-                dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
-                divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True),
+    # Without and with the residual added before the ReLU (eval: a ResNet block's last conv, its BatchNorm folded).
+    *(KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel",
+                  _by_width(*(f"FWD{'_RESIDUAL' if residual else ''}_CONFIGS_{bits}" for bits in (16, 32))),
+                  constexprs={"KH": 3, "KW": 3, "HAS_BIAS": True, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
+                              "SPLIT_K": 1, "STATS": False, "HAS_RESIDUAL": residual},
+                  dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
+                  divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True,
+                  variant="residual" if residual else "")
+      for residual in (False, True)),
     # The forward of FusedConv2dBatchNormReLU: z and its per-tile BatchNorm statistics in the epilogue, no ReLU.
     KernelAudit(_CONV, "_conv_bias_relu_fwd_kernel", _by_width("FWD_STATS_CONFIGS_16", "FWD_STATS_CONFIGS_32"),
                 constexprs={"KH": 3, "KW": 3, "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "FOLD_C": 0,
-                            "SPLIT_K": 1, "STATS": True},
+                            "SPLIT_K": 1, "STATS": True, "HAS_RESIDUAL": False},
                 dtype_constexprs=_DOT_PRECISION, arg_types={"ws_ptr": "*fp32", "stats_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, variant="STATS"),
     KernelAudit(_CONV, "_relu_mask_bias_grad_kernel",
@@ -197,9 +201,10 @@ KERNELS: tuple[KernelAudit, ...] = (
                 dtype_constexprs=_DOT_PRECISION, arg_types={"dw_ptr": "*fp32", "db_ptr": "*fp32", "chan_ptr": "*fp32"},
                 divisible_by_16=_CONV_CHANNELS + _NHWC_STRIDES, tensor_cores=True, variant="BN",
                 min_arch=pm.BN_DZ_MIN_ARCH),
-    KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
-                constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False}, arg_types={"ws_ptr": "*fp32"},
-                divisible_by_16=("C", "s_r")),
+    *(KernelAudit(_CONV, "_split_k_sum_kernel", _by_width("SPLIT_K_SUM_CONFIG", "SPLIT_K_SUM_CONFIG"),
+                  constexprs={"HAS_BIAS": True, "RELU": True, "WEIGHT": False, "HAS_RESIDUAL": residual},
+                  arg_types={"ws_ptr": "*fp32"}, divisible_by_16=("C", "s_r"), variant="residual" if residual else "")
+      for residual in (False, True)),
     # The BatchNorm + ReLU passes, without and with the residual add (a ResNet block's last conv).
     *(KernelAudit(_BN, kernel, _by_width("CONFIG", "CONFIG"), constexprs={"HAS_RESIDUAL": residual},
                   arg_types=types, divisible_by_16=divisible, variant="residual" if residual else "")

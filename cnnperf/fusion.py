@@ -16,11 +16,10 @@ Two ways of finding the pattern, tried from the model down:
 ``Conv2d -> BatchNorm2d -> ReLU``: in training mode the conv becomes a ``FusedConv2dBatchNormReLU`` and the
 BatchNorm2d a :class:`cnnperf.nn.BatchNorm2dInFusedConv` sharing its parameters and running statistics (so the
 ``state_dict`` keeps its keys; the ReLU becomes ``nn.Identity`` or leaves the graph); in eval mode the BatchNorm
-is folded into the conv's weight and bias for good. In a traced graph, in training mode, a ``Conv2d ->
-BatchNorm2d -> add -> ReLU`` (a ResNet block's last conv, whose ReLU comes after the residual add) becomes the
-fused layer called with the other addend, where the ReLU was. A ``Conv2d -> BatchNorm2d`` without a ReLU after
-it (a downsampling branch), a residual add in eval mode and ``SyncBatchNorm`` are left as they are, with the
-reason in the report.
+is folded into the conv's weight and bias for good. In a traced graph a ``Conv2d -> BatchNorm2d -> add -> ReLU``
+(a ResNet block's last conv, whose ReLU comes after the residual add) becomes the fused layer (either kind)
+called with the other addend, where the ReLU was. A ``Conv2d -> BatchNorm2d`` without a ReLU after it (a
+downsampling branch) and ``SyncBatchNorm`` are left as they are, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -64,7 +63,8 @@ class FuseReport:
     folded_bn: the BatchNorm2d layers folded into them (eval mode; gone from the returned model).
     batch_norm: the BatchNorm2d layers that fused layers compute (training mode; a ``BatchNorm2dInFusedConv``
         in their place holds their state).
-    residual: the convs fused with their BatchNorm2d, a residual add and the ReLU (training mode, ``torch.fx``).
+    residual: the convs fused with their BatchNorm2d (computed or folded), a residual add and the ReLU
+        (``torch.fx``).
     skipped: ``(name, reason)`` for each ``nn.Conv2d`` left as it is.
     untraced: ``(name, error)`` for each module ``torch.fx`` could not trace (its children were fused instead).
     """
@@ -78,8 +78,8 @@ class FuseReport:
 
     def __str__(self) -> str:
         lines = [f"cnnperf.fuse: {len(self.fused)} Conv2d+ReLU fused ({len(self.batch_norm)} with BatchNorm2d in "
-                 f"training mode, {len(self.residual)} of them with a residual add; {len(self.folded_bn)} with "
-                 f"BatchNorm2d folded), {len(self.skipped)} Conv2d left as they are"]
+                 f"training mode; {len(self.folded_bn)} with BatchNorm2d folded; {len(self.residual)} with a "
+                 f"residual add), {len(self.skipped)} Conv2d left as they are"]
         lines += [f"  fused     {name}" for name in self.fused]
         lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  untraced  {name or '(model)'}: {error}" for name, error in self.untraced]
@@ -280,7 +280,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
         if node.target in read_directly:
             report.skipped.append((qualified, "its parameters are also read directly in forward"))
             continue
-        found = _graph_chain(node, modules, residual=not fold, fused_calls=fused_calls)
+        found = _graph_chain(node, modules, fused_calls)
         if isinstance(found, str):
             report.skipped.append((qualified, found))
             continue
@@ -369,11 +369,10 @@ def _mutation_between(first: torch.fx.Node, last: torch.fx.Node, modules: dict[s
     return None
 
 
-def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], residual: bool,
-                 fused_calls: dict[torch.fx.Node, str]):
+def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], fused_calls: dict[torch.fx.Node, str]):
     """``(bn_node or None, relu_node, add_node or None, other addend or None)`` when the conv's output goes to a
-    ReLU alone (through a BatchNorm2d alone; with ``residual``, through a BatchNorm2d and an add of one other
-    tensor), else the reason it does not. ``fused_calls``: the calls of layers fused with a residual so far."""
+    ReLU alone (through a BatchNorm2d alone, or through a BatchNorm2d and an add of one other tensor), else the
+    reason it does not. ``fused_calls``: the calls of layers fused with a residual so far."""
     user = _sole_user(conv_node)
     if user is None:
         return f"its output has {len(conv_node.users)} users; only a ReLU as the one user can be fused"
@@ -387,15 +386,12 @@ def _graph_chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module], residu
         if user in fused_calls:
             return f"followed by BatchNorm2d, whose output is the residual that fused {fused_calls[user]} adds"
         other = _other_addend(user, bn_node)
-        if residual and other is not None and _sole_user(user) is not None \
+        if other is not None and _sole_user(user) is not None \
                 and _is_relu_node(_sole_user(user), user, modules):
             return bn_node, _sole_user(user), user, other
     if not _is_relu_node(user, conv_node if bn_node is None else bn_node, modules):
         bn = modules[bn_node.target] if bn_node is not None else None
-        why = f"followed by {_chain(bn, _node_name(user, modules))}, not a ReLU"
-        if bn is not None and not residual and _other_addend(user, bn_node) is not None:
-            why += " (a residual add is fused in training mode only)"
-        return why
+        return f"followed by {_chain(bn, _node_name(user, modules))}, not a ReLU"
     return bn_node, user, None, None
 
 

@@ -17,19 +17,21 @@ torch.fx.wrap("conv2d_batch_norm_relu")
 
 
 class FusedConv2dBiasReLU(nn.Conv2d):
-    """``nn.Conv2d`` followed by ReLU, computed by one fused op.
+    """``nn.Conv2d`` followed by ReLU, computed by one fused op; ``layer(x, residual)`` adds a residual before
+    the ReLU (a ResNet block's last conv with its BatchNorm folded in: ``relu(conv(x) + identity)``).
 
     Same constructor, parameters and ``state_dict`` as :class:`torch.nn.Conv2d`, so a checkpoint moves either
     way. ``padding_mode`` other than ``'zeros'`` pads explicitly first, as ``nn.Conv2d`` does.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             pad = self._reversed_padding_repeated_twice
             input = nn.functional.pad(input, pad, mode=self.padding_mode)
-            return conv2d_bias_relu(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            return conv2d_bias_relu(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups,
+                                    residual=residual)
         return conv2d_bias_relu(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                self.groups)
+                                self.groups, residual=residual)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "FusedConv2dBiasReLU":

@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
-def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """``relu(conv2d(input, weight, bias, ...))``, with every argument form ``F.conv2d`` takes.
+def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                     residual=None) -> torch.Tensor:
+    """``relu(conv2d(input, weight, bias, ...) (+ residual))``, with every argument form ``F.conv2d`` takes.
 
-    input: (N, C_in, H, W) or (C_in, H, W); weight: (C_out, C_in / groups, KH, KW); bias: (C_out,) or None.
-    Returns (N, C_out, OH, OW) in the dtype of ``input``.
+    input: (N, C_in, H, W) or (C_in, H, W); weight: (C_out, C_in / groups, KH, KW); bias: (C_out,) or None;
+    residual: None or a tensor added before the ReLU (broadcast and promoted as ``+`` does).
+    Returns (N, C_out, OH, OW) in the dtype of ``input`` (or the promoted one).
     """
-    return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return F.relu(z if residual is None else z + residual)
 
 
 def conv2d_bias_relu_backward(

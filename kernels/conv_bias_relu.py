@@ -4,7 +4,8 @@ All kernels work on NHWC (channels_last) activations, so that the GEMM's reducti
 contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups), contiguous.
 
 - ``_conv_bias_relu_fwd_kernel``: implicit GEMM, M = N*OH*OW output pixels, N = C_out/groups, K = KH*KW*C_in/g,
-  one loop over (kh, kw, channel block); bias + ReLU in the epilogue. Groups are the grid's second axis.
+  one loop over (kh, kw, channel block); bias (+ a residual, ``HAS_RESIDUAL``: a ResNet block's last conv with
+  its BatchNorm folded, in eval) + ReLU in the epilogue. Groups are the grid's second axis.
 - ``_conv_dgrad_kernel``: grad_input as one implicit GEMM per stride phase (the input pixels with
   ``ih % stride_h == ph``, ``iw % stride_w == pw``), over only the taps that reach that phase: every tap is then
   valid for all the phase's pixels but the borders (no MMA on the zero rows a stride would leave).
@@ -63,6 +64,11 @@ def _stats_configs(configs):
 
 FWD_STATS_CONFIGS_16 = _stats_configs(FWD_CONFIGS_16)
 FWD_STATS_CONFIGS_32 = _stats_configs(FWD_CONFIGS_32)
+# The forward with HAS_RESIDUAL holds the residual's tile in its epilogue too: the STATS lists' warps (with 4,
+# fp32 128x128x16 spilled 352-424 B on sm_80 and sm_90), without the tiles over 128x128 (128x256x32 w8 bf16
+# spilled 16 B on sm_90 under triton 3.6; `cnnperf audit`).
+FWD_RESIDUAL_CONFIGS_16 = [c for c in FWD_STATS_CONFIGS_16 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+FWD_RESIDUAL_CONFIGS_32 = [c for c in FWD_STATS_CONFIGS_32 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
 # dgrad: M = input pixels of a stride phase, N = C_in/groups, K = (taps, C_out/groups). The forward's tiles, except
 # where the dgrad's extra index math spills on sm_80 (`cnnperf audit`: 128x64x64 w4 and 256x128x64 w8 16-bit,
 # 64x128x32 w4 and 128x128x16 w4 fp32, under triton 3.6 or 3.8; 64x64x32 w4 fp32, 24 B under 3.8 once the
@@ -120,15 +126,17 @@ def _k_slice(iters, k_slice, SPLIT_K: tl.constexpr):
 def _split_k_sum_kernel(
     ws_ptr,  # fp32 (SPLIT_K, R, C): the slices' partial sums
     b_ptr,  # bias (C,), read only if HAS_BIAS
+    r_ptr,  # residual, contiguous (R, C), read only if HAS_RESIDUAL
     out_ptr,  # out, in its own dtype: row r at r * s_r; column c at c, or (WEIGHT) at ci*s_ci + kh*s_kh + kw*s_kw
     R, C, SPLIT_K,
     s_r,
     C_in_g, KW, s_ci, s_kh, s_kw,  # WEIGHT only: column c = (kh * KW + kw) * C_in_g + ci of a (C_out, K) matrix
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out = relu?(sum of the slices in order + bias?), cast to out's dtype: deterministic (no atomics), one
-    pass. WEIGHT: the wgrad's (C_out, KH*KW*C_in_g) sums land in the weight's own layout (any strides)."""
+    """out = relu?(sum of the slices in order + bias? + residual?), cast to out's dtype: deterministic (no
+    atomics), one pass. WEIGHT: the wgrad's (C_out, KH*KW*C_in_g) sums land in the weight's own layout (any
+    strides)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
@@ -138,6 +146,8 @@ def _split_k_sum_kernel(
         acc += tl.load(ws_ptr + k * R * C + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if WEIGHT:
@@ -183,6 +193,7 @@ def _conv_bias_relu_fwd_kernel(
     y_ptr,  # output, contiguous NHWC (N*OH*OW, C_out)
     ws_ptr,  # fp32 workspace (SPLIT_K, N*OH*OW, C_out) when SPLIT_K > 1: partial sums, no bias or ReLU yet
     stats_ptr,  # STATS: fp32 (2, cdiv(N*OH*OW, BLOCK_M), C_out): per row tile, sum and rows^2 x squared deviations
+    r_ptr,  # HAS_RESIDUAL: the residual added before the ReLU, contiguous NHWC like y
     N, H, W, C_in,  # input sizes (C_in: all groups)
     OH, OW, C_out,  # output sizes (C_out: all groups)
     sxn, sxh, sxw,  # input strides in elements; the channel stride is 1
@@ -191,6 +202,7 @@ def _conv_bias_relu_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
     SPLIT_K: tl.constexpr,  # slices of the K loop (the grid's second axis is groups x SPLIT_K); 1: bias, ReLU here
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,  # y = relu(conv + bias + residual) (not with STATS)
     STATS: tl.constexpr,  # no ReLU: store z = conv + bias and its BatchNorm statistics per tile (SPLIT_K == 1)
     EVEN_K: tl.constexpr,  # C_in_g is a multiple of BLOCK_K: no channel mask in the K loop
     EVEN_N: tl.constexpr,  # C_out_g is a multiple of BLOCK_N: no column mask on the weight loads and stores
@@ -296,6 +308,8 @@ def _conv_bias_relu_fwd_kernel(
             tl.store(stats, tile_sum, mask=mask_n)
             tl.store(stats + tl.cdiv(M, BLOCK_M) * C_out, tl.sum(dev * dev, axis=0), mask=mask_n)
         else:
+            if HAS_RESIDUAL:
+                acc += tl.load(r_ptr + y_offs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             acc = tl.maximum(acc, 0.0)
             tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -550,6 +564,8 @@ def _autotuned(kernel, configs, variants=()):
 
 _FWD = {16: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_16),
         32: _autotuned(_conv_bias_relu_fwd_kernel, FWD_CONFIGS_32)}
+_FWD_RESIDUAL = {16: _autotuned(_conv_bias_relu_fwd_kernel, FWD_RESIDUAL_CONFIGS_16),
+                 32: _autotuned(_conv_bias_relu_fwd_kernel, FWD_RESIDUAL_CONFIGS_32)}
 _GEMM_VARIANTS = ("MASK_Y", "BN_GRAD")
 _DGRAD = {16: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_16, _GEMM_VARIANTS),
           32: _autotuned(_conv_dgrad_kernel, DGRAD_CONFIGS_32, _GEMM_VARIANTS)}
@@ -561,9 +577,10 @@ def _bits(dtype):
     return 32 if dtype.itemsize == 4 else 16
 
 
-def conv_bias_relu_fwd_autotuned(dtype):
-    """The forward kernel autotuned over the config list for ``dtype``'s width (a torch dtype)."""
-    return _FWD[_bits(dtype)]
+def conv_bias_relu_fwd_autotuned(dtype, residual: bool = False):
+    """The forward kernel autotuned over the config list for ``dtype``'s width (a torch dtype), with a residual
+    over its own list."""
+    return (_FWD_RESIDUAL if residual else _FWD)[_bits(dtype)]
 
 
 def conv_dgrad_autotuned(dtype):

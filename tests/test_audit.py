@@ -182,7 +182,7 @@ def test_every_kernel_has_an_audit_entry():
 def test_full_plan_covers_every_config_and_builds_a_signature():
     jobs = audit.plan()
     conv = importlib.import_module(_entry(FWD).module)
-    fwd = [j for j in jobs if j.kernel == FWD and not j.config.endswith("STATS")]
+    fwd = [j for j in jobs if j.kernel == FWD and not j.config.endswith(("STATS", "residual"))]
     assert len(fwd) == (2 * len(conv.FWD_CONFIGS_16) + len(conv.FWD_CONFIGS_32)) * len(audit.ARCHS)
     expected = {}
     for entry in audit.KERNELS:  # a kernel may have several entries (variants)
@@ -193,6 +193,9 @@ def test_full_plan_covers_every_config_and_builds_a_signature():
     for kernel, n in expected.items():
         assert sum(j.kernel == kernel for j in jobs) == n, kernel
     assert {j.arch for j in jobs} == {80, 90} and set(audit.DTYPES) <= {j.dtype for j in jobs}
+    residual = [j for j in jobs if j.kernel == FWD and j.config.endswith(" residual")]
+    assert len(residual) == (2 * len(conv.FWD_RESIDUAL_CONFIGS_16) + len(conv.FWD_RESIDUAL_CONFIGS_32)) * 2
+    assert all(j.constexprs["HAS_RESIDUAL"] and not j.constexprs["STATS"] for j in residual)
     bn_dz = [j for j in jobs if j.config.endswith(" BN")]
     assert bn_dz and {j.arch for j in bn_dz} == {90} and all(j.constexprs["BN_GRAD"] for j in bn_dz)
     signatures = {}

@@ -59,6 +59,45 @@ def test_input_forms(case):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("case", ["batched", "unbatched", "broadcast", "promoted"])
+def test_residual_added_before_the_relu(case):
+    """``relu(conv2d(x, w, b) + residual)`` with every gradient, the residual's too; a residual that broadcasts or
+    has another dtype takes torch's ops, which broadcast and promote as eager's add."""
+    x, w, b = _tensors(0 if case == "unbatched" else 2, 4, 7, 6, 5, 3)
+    shape = {"unbatched": (5, 7, 6), "broadcast": (5, 1, 1)}.get(case, (2, 5, 7, 6))
+    r = torch.randn(shape, dtype=torch.float64 if case == "promoted" else torch.float32, requires_grad=True)
+    if case == "promoted":  # eager's own dtypes: a float32 conv, the sum in float64
+        out = conv2d_bias_relu(x, w, b, padding=1, residual=r)
+        expected = F.relu(F.conv2d(x, w, b, padding=1) + r)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, expected)
+        return
+    check_against_reference(lambda x, w, b, r: conv2d_bias_relu(x, w, b, padding=1, residual=r),
+                            lambda x, w, b, r: F.relu(F.conv2d(x, w, b, padding=1) + r), [x, w, b, r])
+
+
+def test_residual_layer_and_gradcheck():
+    layer = FusedConv2dBiasReLU(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert_close(layer(x, r), F.relu(layer._conv_forward(x, layer.weight, layer.bias) + r), torch.float64)
+    assert torch.autograd.gradcheck(lambda x, r: layer(x, r), (x, r))
+    frozen = r.detach()  # the residual needs no gradient: the input's and the weight's only
+    layer(x, frozen).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("residual, exc, words", [
+    ("not a tensor", TypeError, "residual must be a torch.Tensor"),
+    (torch.zeros(2, 6, 5, 5, dtype=torch.int64), TypeError, "residual must be a floating-point tensor"),
+    (torch.zeros(2, 6, 5, 5, device="meta"), RuntimeError, "residual is on meta"),
+])
+def test_bad_residual_names_it(residual, exc, words):
+    x, w, b = _tensors(2, 4, 5, 5, 6, 3)
+    with pytest.raises(exc, match=words):
+        conv2d_bias_relu(x, w, b, padding=1, residual=residual)
+
+
 def test_gradcheck_float64():
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -70,6 +109,8 @@ def test_opcheck_custom_op():
     """Schema, fake (meta) implementation, autograd registration and dispatch of the custom op."""
     x, w, b = _tensors(2, 4, 8, 8, 6, 3)
     torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu.default, (x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    r = torch.randn(2, 6, 8, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu.default, (x, w, b, [1, 1], [1, 1], [1, 1], 1, r))
     x, w, _ = _tensors(2, 4, 8, 8, 6, 3, groups=2)
     torch.library.opcheck(torch.ops.cnnperf.conv2d_bias_relu.default, (x, w, None, [2, 1], [0, 1], [1, 2], 2))
     out = conv2d_bias_relu(x, w, None, (2, 1), (0, 1), (1, 2), 2).detach()
@@ -115,6 +156,18 @@ def test_torch_compile_fullgraph(compile_backend):
     model.zero_grad()
     expected.sum().backward()
     assert_close(grad, model[0].weight.grad.double(), torch.float32)
+
+
+def test_torch_compile_fullgraph_with_a_residual():
+    """A ResNet block's tail as fuse() leaves it in eval mode: the fused layer called with the identity."""
+    layer = FusedConv2dBiasReLU(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    compiled = torch.compile(lambda x: layer(x, x), backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    assert_close(got, F.relu(layer._conv_forward(x, layer.weight, layer.bias) + x).double(), torch.float32)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    (expected,) = torch.autograd.grad(F.relu(layer._conv_forward(x, layer.weight, layer.bias) + x).sum(), x)
+    assert_close(grad, expected.double(), torch.float32)
 
 
 def test_torch_compile_under_autocast():

@@ -46,12 +46,13 @@ def _smallest(dtype):
 
 
 def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, groups=1, bias=True,
-          dtype=torch.float32, channels_last=False, grad_layout="nchw", configs=None, frozen=()):
+          dtype=torch.float32, channels_last=False, grad_layout="nchw", configs=None, frozen=(), residual=False):
     """Run the fused op on the Triton backend and compare output and gradients with the float64 reference.
     ``configs``: the kernels' configs (:func:`cnnperf.ops.conv_bias_relu.pinned_configs`), default one small fixed
     config per kernel. ``channels_last`` with ``grad_layout="nhwc"``: the backward's GEMMs read grad_output and
     the output directly (ReLU mask and bias gradient inside them); otherwise a mask pass writes g first.
-    ``frozen``: of "input", "weight", "bias", those that need no gradient."""
+    ``frozen``: of "input", "weight", "bias", those that need no gradient. ``residual``: a random tensor of the
+    output's shape added before the ReLU, its gradient compared too."""
     x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -62,8 +63,11 @@ def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, grou
         if t is not None:
             t.requires_grad_(name not in frozen)
     args = (stride, padding, dilation, groups)
+    if residual:
+        shape = torch.nn.functional.conv2d(x.detach(), wt.to(dtype), None, *args).shape
+        inputs.append(torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True))
     with backend.override("triton"), op.pinned_configs(**(configs if configs is not None else _smallest(dtype))):
-        out = conv2d_bias_relu(*inputs, *args)
+        out = conv2d_bias_relu(*inputs[:3], *args, residual=inputs[3] if residual else None)
         grad = torch.randn(out.shape, device=DEVICE, dtype=dtype)
         if grad_layout == "nhwc":
             grad = grad.contiguous(memory_format=torch.channels_last)
@@ -73,8 +77,8 @@ def _case(n, c_in, h, w, c_out, kh, kw, *, stride=1, padding=0, dilation=1, grou
             if t is not None:
                 t.grad = None
         tf32 = dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
-        check_against_reference(lambda x, w, b: conv2d_bias_relu(x, w, b, *args),
-                                lambda x, w, b: reference.conv2d_bias_relu(x, w, b, *args),
+        check_against_reference(lambda x, w, b, *r: conv2d_bias_relu(x, w, b, *args, residual=r[0] if r else None),
+                                lambda x, w, b, *r: reference.conv2d_bias_relu(x, w, b, *args, *r),
                                 inputs, tf32=tf32, grad_output=grad)
     return out
 
@@ -115,6 +119,15 @@ def test_triton_matches_float64_reference(name, dtype):
     _case(**CASES[name], dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_pad1", "stride2", "groups2", "1x1"])
+def test_residual_added_before_the_relu(name, dtype):
+    """relu(conv + bias + residual) in the forward's epilogue (a ResNet block's last conv, eval): output and all
+    gradients, the residual's too, in both backward layouts (mask in the GEMMs, or a mask pass)."""
+    _case(**CASES[name], dtype=dtype, residual=True)
+    _case(**CASES[name], dtype=dtype, residual=True, channels_last=True, grad_layout="nhwc")
+
+
 def _every_config():
     for kind, lists in CONFIG_LISTS.items():
         for dtypes, configs in zip(([torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"), [torch.float32]), lists):
@@ -152,6 +165,8 @@ def test_split_k(case, split_k):
         base.update(num_warps=4, num_stages=2)
     configs = {"fwd": {**base, "SPLIT_K": split_k}, "dgrad": {**base, "SPLIT_K": split_k}}
     _case(**SPLIT_K_CASES[case], configs=configs)
+    if split_k == 2:  # the slices' sum adds the residual then
+        _case(**SPLIT_K_CASES[case], configs=configs, residual=True)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the model's pick is for GPUs (the interpreter runs one fixed config)")
@@ -195,6 +210,27 @@ def test_mask_pass_only_where_needed(channels_last, grad_layout, frozen, mask_pa
     _case(2, 16, 6, 5, 16, 3, 3, stride=2, padding=1, channels_last=channels_last, grad_layout=grad_layout,
           frozen=frozen)
     assert spy.launches == int(mask_pass)
+
+
+def test_the_residual_forward_has_its_own_config_list_pick_and_autotuner(monkeypatch):
+    """The epilogue with a residual holds one more tile: its list leaves out what spilled there (`cnnperf audit`),
+    the model picks from it, the autotuner tunes over it, and a stored config is kept apart."""
+    from cnnperf import perf_model as pm
+
+    conv = pm.Conv(32, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, 2, False)
+    monkeypatch.setattr(backend, "interpret", lambda: False)
+    monkeypatch.setattr(op, "_gpu", lambda index: pm.H200)
+    monkeypatch.setattr(op, "_device_index", lambda device: 0)
+    op.model_config.cache_clear()
+    picked = op._config("fwd", conv, torch.bfloat16, torch.device("cuda", 0), "residual")
+    labels = [pm.config_label(pm.config_dict(c)) for c in kernels.FWD_RESIDUAL_CONFIGS_16]
+    assert pm.config_label(pm.config_dict(picked)) in labels
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in kernels.FWD_RESIDUAL_CONFIGS_16)
+    assert kernels.conv_bias_relu_fwd_autotuned(torch.bfloat16, residual=True).configs == \
+        kernels.FWD_RESIDUAL_CONFIGS_16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "GPU")
+    assert " | fwd residual | " in op._cache_entry("fwd", conv, torch.bfloat16, torch.device("cuda", 0), "residual")
+    op.model_config.cache_clear()
 
 
 def test_the_autotuner_tunes_each_backward_variant_apart():

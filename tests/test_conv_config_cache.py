@@ -24,7 +24,7 @@ TUNED = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps":
 def gpu_free(monkeypatch, tmp_path):
     """_config as on a GPU, without one: no interpreter, a fixed model pick, a fixed device name."""
     monkeypatch.setattr(op.backend, "interpret", lambda: False)
-    monkeypatch.setattr(op, "model_config", lambda kind, conv, dtype, index: dict(MODEL))
+    monkeypatch.setattr(op, "model_config", lambda kind, conv, dtype, index, variant="": dict(MODEL))
     monkeypatch.setattr(op, "_device_index", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -126,7 +126,7 @@ def test_autotune_records_its_winner_and_determinism_does_not_tune(gpu_free, mon
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(kwargs)
 
-    monkeypatch.setattr(op._kernels(), "conv_bias_relu_fwd_autotuned", lambda dtype: Tuner())
+    monkeypatch.setattr(op._kernels(), "conv_bias_relu_fwd_autotuned", lambda dtype, residual=False: Tuner())
     op._launch("fwd", torch.bfloat16, None, None, (), {"KH": 3}, CONV, CUDA)
     assert launched == [{"KH": 3}]
     assert op._config("fwd", CONV, torch.bfloat16, CUDA) == TUNED  # from the file now, no second tuning

@@ -289,9 +289,9 @@ def test_hooks_on_the_model_and_on_containers_keep_firing(mode):
     expected.sum().backward()
     assert fused_calls == calls == ["layer1.0:pre", "layer4", "model", "layer2:backward"]
     testing.assert_close(out, expected)
-    if mode == "eval":  # inside the hooked containers too: 9 Conv2d -> BatchNorm2d -> ReLU, as without hooks
-        assert {"layer1.0.conv1", "layer4.0.conv1", "layer4.1.conv1"} <= set(report(fused).fused)
-        assert len(report(fused).fused) == 9
+    if mode == "eval":  # inside the hooked containers too: 17 Conv2d -> BatchNorm2d (-> add) -> ReLU, as without hooks
+        assert {"layer1.0.conv1", "layer4.0.conv2", "layer4.1.conv1"} <= set(report(fused).fused)
+        assert len(report(fused).fused) == 17
 
 
 def test_a_rewritten_module_keeps_its_hooks_and_their_handles():
@@ -384,21 +384,22 @@ def test_existing_fused_layer_does_not_stop_tracing():
 # ResNet-18.
 # ---------------------------------------------------------------------------------------------------------
 
-FOLDABLE_RESNET18 = ["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+BLOCKS_RESNET18 = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+FOLDABLE_RESNET18 = ["conv1"] + [f"{block}.{conv}" for block in BLOCKS_RESNET18 for conv in ("conv1", "conv2")]
 
 
-def test_resnet18_eval_folds_stem_and_block_conv1():
+def test_resnet18_eval_folds_stem_and_both_block_convs():
+    """Each BasicBlock's conv2 -> bn2 -> add -> relu too: folded, called with the identity (the block's input, or
+    its downsampled form, which stays as it is: its BatchNorm's output is that residual)."""
     model = randomize_batchnorm(resnet18()).double().eval()
     fused = cnnperf.fuse(model)
 
     assert fused_layers(fused) == FOLDABLE_RESNET18
     assert report(fused).folded_bn == [name.replace("conv", "bn") for name in FOLDABLE_RESNET18]
-    # conv2 -> bn2 and downsample conv -> bn go to the residual add: not fused, BatchNorm kept.
-    assert count(fused, nn.BatchNorm2d) == 8 + 3
-    assert count(fused, nn.Conv2d) == 8 + 3
+    assert report(fused).residual == [f"{block}.conv2" for block in BLOCKS_RESNET18]
+    assert count(fused, nn.BatchNorm2d) == count(fused, nn.Conv2d) == 3  # the downsample pairs
     skipped = dict(report(fused).skipped)
-    assert len(skipped) == 11 and skipped["layer1.0.conv2"] == (
-        "followed by BatchNorm2d and add, not a ReLU (a residual add is fused in training mode only)")
+    assert len(skipped) == 3 and skipped["layer2.0.downsample.0"].startswith("followed by BatchNorm2d")
     assert_same_outputs(model, fused, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
@@ -492,9 +493,9 @@ def test_graph_fuses_batchnorm_and_residual_add_in_training_and_keeps_the_state(
     fused = cnnperf.fuse(model)
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     testing.assert_close(fused(x), model(x))
-    if mode == "eval":  # folded; the residual add is left (FusedConv2dBiasReLU has none)
-        assert report(fused).fused == ["conv1"] and report(fused).folded_bn == ["bn1"]
-        assert "a residual add is fused in training mode only" in dict(report(fused).skipped)["conv2"]
+    if mode == "eval":  # folded, conv2 called with the residual
+        assert report(fused).fused == ["conv1", "conv2"] and report(fused).folded_bn == ["bn1", "bn2"]
+        assert report(fused).residual == ["conv2"] and type(fused.conv2) is FusedConv2dBiasReLU
         return
     assert report(fused).fused == ["conv1", "conv2"] and report(fused).batch_norm == ["bn1", "bn2"]
     assert report(fused).residual == ["conv2"]
@@ -698,8 +699,8 @@ def test_report_is_logged_and_printable(caplog):
     with caplog.at_level(logging.INFO, logger="cnnperf.fuse"):
         fused = cnnperf.fuse(TwoUsers())
     text = str(report(fused))
-    assert text.startswith("cnnperf.fuse: 1 Conv2d+ReLU fused (0 with BatchNorm2d in training mode, 0 of them "
-                           "with a residual add; 0 with BatchNorm2d folded), 1 Conv2d left")
+    assert text.startswith("cnnperf.fuse: 1 Conv2d+ReLU fused (0 with BatchNorm2d in training mode; 0 with "
+                           "BatchNorm2d folded; 0 with a residual add), 1 Conv2d left")
     assert "skipped   conv: its output has 2 users" in text
     assert text in caplog.text
 

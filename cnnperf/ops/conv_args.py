@@ -44,6 +44,26 @@ def conv_arguments(op: str, input, weight, bias, stride, padding, dilation, grou
     return ConvArgs(input, stride, padding, dilation, groups, unbatched)
 
 
+def check_residual(op: str, residual, input, shape: tuple, unbatched: bool) -> torch.Tensor:
+    """A residual added before a fused op's ReLU, 4-D when it has the (unbatched) output's ``shape``; an error
+    naming it when it is no floating-point tensor or on another device than ``input``. (Any other shape
+    broadcasts, as in eager's add.)"""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.device != input.device:
+        raise RuntimeError(f"{op}: residual is on {residual.device} but input {tuple(input.shape)} on "
+                           f"{input.device}")
+    if not residual.is_floating_point():
+        raise TypeError(f"{op}: residual must be a floating-point tensor, got {residual.dtype}")
+    return residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual
+
+
+def odd_residual(residual, shape: tuple, dtype: torch.dtype) -> bool:
+    """Whether a residual is not the output's ``shape`` and ``dtype`` (one that broadcasts, or promotes the sum
+    as eager's add would): torch's ops take such a call, and do exactly that."""
+    return residual is not None and (tuple(residual.shape) != tuple(shape) or residual.dtype != dtype)
+
+
 def has_tangent(*tensors) -> bool:
     """Whether forward-mode AD is active and any of ``tensors`` carries a tangent (a dual tensor)."""
     if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level is open: the common case, checked cheaply

@@ -29,7 +29,15 @@ import torch
 
 from cnnperf import backend, reference
 from cnnperf.ops import conv_bias_relu as cbr
-from cnnperf.ops.conv_args import conv_arguments, functorch_active, has_tangent, memory_format, torch_format
+from cnnperf.ops.conv_args import (
+    check_residual,
+    conv_arguments,
+    functorch_active,
+    has_tangent,
+    memory_format,
+    odd_residual,
+    torch_format,
+)
 from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
 from cnnperf.perf_model import output_hw
 
@@ -64,7 +72,7 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     if residual is not None:
-        residual = _check_residual(residual, batched_input, (input.shape[0], weight.shape[0], oh, ow), unbatched)
+        residual = check_residual(OP, residual, batched_input, (input.shape[0], weight.shape[0], oh, ow), unbatched)
     if not training:
         if running_mean is None:
             raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
@@ -79,11 +87,8 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    # A residual that is not the output's shape and dtype (one that broadcasts, or promotes the sum as eager's
-    # add would) takes torch's ops below, which do exactly that.
-    odd_residual = residual is not None and (tuple(residual.shape) != (input.shape[0], weight.shape[0], oh, ow)
-                                             or residual.dtype != input.dtype)
-    if input.numel() == 0 or weight.numel() == 0 or odd_residual or functorch_active() \
+    odd = odd_residual(residual, (input.shape[0], weight.shape[0], oh, ow), input.dtype)
+    if input.numel() == 0 or weight.numel() == 0 or odd or functorch_active() \
             or has_tangent(input, weight, bias, bn_weight, bn_bias, residual):
         # As conv2d_bias_relu: torch's ops, with their own rules and autograd, for what the custom op has no
         # formulas for (empty problems, forward-mode AD, torch.func transforms).
@@ -129,19 +134,6 @@ def _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, mom
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
-def _check_residual(residual, input, shape: tuple, unbatched: bool) -> torch.Tensor:
-    """The residual, 4-D when it has the (unbatched) output's ``shape``; an error naming it when it is no tensor
-    or on another device. (Any other shape broadcasts, as in eager's add.)"""
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"{OP}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if residual.device != input.device:
-        raise RuntimeError(f"{OP}: residual is on {residual.device} but input {tuple(input.shape)} on "
-                           f"{input.device}")
-    if not residual.is_floating_point():
-        raise TypeError(f"{OP}: residual must be a floating-point tensor, got {residual.dtype}")
-    return residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual
-
-
 def _check_batch_size(n: int, channels: int, oh: int, ow: int) -> None:
     """BatchNorm's own error for one value per channel (torch.nn.functional._verify_batch_size)."""
     if n * oh * ow == 1:
@@ -160,15 +152,12 @@ def _update_running_statistics(running_mean, running_var, mean, var, count: int,
 def _running_statistics(input, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
                         bn_weight, bn_bias, residual, eps):
     """Eval mode: the BatchNorm folded into the convolution (in float32, or float64 for float64 weights) and
-    one conv2d_bias_relu; with a residual, torch's conv2d, the add and the ReLU. Differentiable in weight, bias,
-    bn_weight, bn_bias (and the residual)."""
+    one conv2d_bias_relu (adding the residual before its ReLU). Differentiable in weight, bias, bn_weight,
+    bn_bias (and the residual)."""
     folded_weight, folded_bias = reference.fold_batch_norm(weight, bias, running_mean, running_var, bn_weight,
                                                            bn_bias, eps, reference.statistics_dtype(weight.dtype))
     folded_weight, folded_bias = folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
-    if residual is None:
-        return conv2d_bias_relu(input, folded_weight, folded_bias, stride, padding, dilation, groups)
-    z = torch.nn.functional.conv2d(input, folded_weight, folded_bias, stride, padding, dilation, groups)
-    return torch.relu(z + residual)
+    return conv2d_bias_relu(input, folded_weight, folded_bias, stride, padding, dilation, groups, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,9 +362,9 @@ def conv_batch_norm_relu_forward(input, weight, bias, bn_weight, bn_bias, residu
     z = torch.empty((n, oh, ow, c_out), device=x.device, dtype=x.dtype)
     stats = torch.empty((2, tiles_m, c_out), device=x.device, dtype=torch.float32)
     b = bias.contiguous() if bias is not None else w
-    args = (x, w, b, z, cbr._unused(x.device), stats, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2),
+    args = (x, w, b, z, cbr._unused(x.device), stats, z, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2),
             x.stride(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
-    const = dict(SPLIT_K=1, KH=kh, KW=kw, HAS_BIAS=bias is not None, STATS=True,
+    const = dict(SPLIT_K=1, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=False, STATS=True,
                  EVEN_K=cbr._even("fwd", c_in_g, config, x.dtype, "BLOCK_K"),
                  EVEN_N=cbr._even("fwd", c_out_g, config, x.dtype, "BLOCK_N"),
                  FOLD_C=cbr.perf_model.fold_channels(c_in_g), INPUT_PRECISION=cbr._input_precision(x.dtype))

@@ -1,4 +1,4 @@
-"""conv2d + bias + ReLU: argument checks, the custom op, its autograd, and the Triton launchers.
+"""conv2d + bias (+ residual) + ReLU: argument checks, the custom op, its autograd, and the Triton launchers.
 
 One path through the layers::
 
@@ -13,7 +13,7 @@ differentiated again (create_graph=True).
 
 Layouts: the Triton path works in NHWC (channels_last). The forward saves input, weight and the output only
 (no pre-activation), so the fused layer keeps no more activation memory than eager conv + ReLU; the ReLU mask
-of the backward is ``output > 0``.
+of the backward is ``output > 0``, with or without a residual (whose gradient is then grad_output there).
 
 Memory format of the results, the same in the real and the fake implementation (torch.compile relies on it):
 CUDA -> channels_last always; CPU -> torch's rule, channels_last when the input or the weight is.
@@ -33,7 +33,15 @@ import torch
 
 from cnnperf import backend, perf_model, reference
 from cnnperf.ops import conv_config_cache
-from cnnperf.ops.conv_args import conv_arguments, functorch_active, has_tangent, memory_format, torch_format
+from cnnperf.ops.conv_args import (
+    check_residual,
+    conv_arguments,
+    functorch_active,
+    has_tangent,
+    memory_format,
+    odd_residual,
+    torch_format,
+)
 from cnnperf.perf_model import output_hw
 
 OP = "conv2d_bias_relu"
@@ -46,18 +54,26 @@ _GRID_AXIS1_MAX = 65535  # CUDA's limit on a grid's y dimension: the kernels put
 # Public entry: checks once, then the custom op.
 # ---------------------------------------------------------------------------------------------------------
 
-def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``relu(conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one fused op.
+def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None):
+    """``relu(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)`` in one fused op
+    (``residual``: None, or a tensor added before the ReLU: a ResNet block's identity, its last conv's
+    BatchNorm folded in).
 
     Accepts every argument form of :func:`torch.nn.functional.conv2d`: ints or pairs, ``padding='same'`` or
     ``'valid'``, unbatched (C, H, W) input, no bias, groups. Under :func:`torch.autocast` it computes in the
     autocast dtype, as ``nn.Conv2d`` does.
 
-    Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias (C_out,).
-    Returns (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last memory on CUDA.
+    Shapes: input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, KH, KW); bias (C_out,);
+    residual like the output (another shape broadcasts, another dtype promotes, as eager's add). Returns
+    (N, C_out, OH, OW) (or (C_out, OH, OW)); channels_last memory on CUDA.
     """
+    batched_input = input
     input, stride, padding, dilation, groups, unbatched = conv_arguments(OP, input, weight, bias, stride, padding,
                                                                          dilation, groups)
+    shape = (input.shape[0], weight.shape[0], *output_hw(input.shape[2:], weight.shape[2:], stride, padding,
+                                                         dilation))
+    if residual is not None:
+        residual = check_residual(OP, residual, batched_input, shape, unbatched)
 
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
@@ -65,13 +81,15 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
 
-    if input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias) or functorch_active():
+    if input.numel() == 0 or weight.numel() == 0 or has_tangent(input, weight, bias, residual) \
+            or functorch_active() or odd_residual(residual, shape, input.dtype):
         # Nothing to compute, and torch has its own rules for such shapes (zero input channels give zero output
         # channels; zero output channels are an error); or forward-mode AD or a torch.func transform (grad,
-        # jacrev, vmap, ...), which the custom op has no formulas for: torch's ops, with their autograd, decide.
-        out = reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+        # jacrev, vmap, ...), which the custom op has no formulas for; or a residual that broadcasts or
+        # promotes: torch's ops, with their autograd, decide.
+        out = reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups, residual)
     else:
-        out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+        out = torch.ops.cnnperf.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups, residual)
     return out.squeeze(0) if unbatched else out
 
 
@@ -94,31 +112,29 @@ def unsupported(input, weight, output_numel: int, groups: int = 1, stride=(1, 1)
 
 @torch.library.custom_op("cnnperf::conv2d_bias_relu", mutates_args=())
 def _conv2d_bias_relu_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = memory_format(input, weight)
     path = backend.choose(OP, input.device.type,
                           unsupported(input, weight, input.shape[0] * weight.shape[0] * oh * ow, groups, stride))
+    args = (input, weight, bias, stride, padding, dilation, groups, residual)
     if path == "triton" and input.device.type == "cuda" and backend.requested() == "auto":
         path = _auto_pick(("fwd", input.shape, weight.shape, bias is not None, input.dtype, tuple(stride),
-                           tuple(padding), tuple(dilation), groups),
-                          lambda: conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups),
-                          lambda: _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt))
-    if path == "triton":
-        out = conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups)
-    else:
-        out = _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt)
+                           tuple(padding), tuple(dilation), groups, residual is not None),
+                          lambda: conv_bias_relu_forward(*args), lambda: _reference_forward(*args, fmt))
+    out = conv_bias_relu_forward(*args) if path == "triton" else _reference_forward(*args, fmt)
     return out.contiguous(memory_format=fmt)
 
 
-def _reference_forward(input, weight, bias, stride, padding, dilation, groups, fmt):
+def _reference_forward(input, weight, bias, stride, padding, dilation, groups, residual, fmt):
     if fmt == torch.channels_last:  # cuDNN then writes channels_last directly, no copy afterwards
         input, weight = input.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-    return reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups)
+    return reference.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, groups, residual)
 
 
 @_conv2d_bias_relu_op.register_fake
-def _(input, weight, bias, stride, padding, dilation, groups):
+def _(input, weight, bias, stride, padding, dilation, groups, residual=None):
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], oh, ow))
     return out.contiguous(memory_format=memory_format(input, weight))
@@ -160,10 +176,11 @@ def _(grad_output, input, weight, output, stride, padding, dilation, groups, out
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs
+    input, weight, bias, stride, padding, dilation, groups, residual = inputs
     ctx.save_for_backward(input, weight, output)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
     # The backward runs on autograd's own thread for CUDA tensors, where this thread's backend.override and
     # pinned_configs are not seen: they travel with the node.
     ctx.backend = backend.requested()
@@ -174,8 +191,14 @@ def _backward(ctx, grad_output):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_residual = None
+    if ctx.has_residual and ctx.needs_input_grad[7]:
+        # The residual's gradient is the ReLU's (its mask is output > 0 with or without the residual): written
+        # once, and the conv's gradients take it (masking it again is a no-op).
+        grad_residual = torch.where(output > 0, grad_output, 0)
+        grad_output = grad_residual
     if not any(mask):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, grad_residual
     if torch.is_grad_enabled():
         # create_graph=True: these gradients will be differentiated again (double backward, gradient
         # penalties). The backward op has no formula of its own; torch's ops computing the same do.
@@ -186,7 +209,7 @@ def _backward(ctx, grad_output):
             gi, gw, gb = torch.ops.cnnperf.conv2d_bias_relu_backward(
                 grad_output, input, weight, output, stride, padding, dilation, groups, mask)
     return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            None, None, None, None)
+            None, None, None, None, grad_residual)
 
 
 _conv2d_bias_relu_op.register_autograd(_backward, setup_context=_setup_context)
@@ -280,19 +303,27 @@ def autotuning() -> bool:
     return value in ("1", "true", "on")
 
 
-def config_list(kind: str, dtype: torch.dtype):
-    """The config list kernel ``kind`` ("fwd", "dgrad", "wgrad") picks from for ``dtype`` (by its width)."""
+def config_list(kind: str, dtype: torch.dtype, variant: str = ""):
+    """The config list kernel ``kind`` ("fwd", "dgrad", "wgrad") picks from for ``dtype`` (by its width).
+    Variants of a kernel with a list or a pick of their own: "residual" (the forward adding a residual before
+    its ReLU: its own list), "bn_dz" (dgrad / wgrad computing a BatchNorm's dz: their own pick)."""
     bits = 32 if dtype.itemsize == 4 else 16
-    return getattr(_kernels(), {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}[kind]
-                   + f"_{bits}")
+    name = {"fwd": "FWD_CONFIGS", "dgrad": "DGRAD_CONFIGS", "wgrad": "WGRAD_CONFIGS"}[kind]
+    if variant == "residual":
+        name = "FWD_RESIDUAL_CONFIGS"
+    return getattr(_kernels(), f"{name}_{bits}")
 
 
 @functools.lru_cache(maxsize=4096)
-def model_config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device_index: int) -> dict:
-    """The config the performance model picks for ``kind`` on ``conv`` on this GPU (cached per shape); dgrad's
-    and wgrad's are those of the backward :func:`model_backward` picks."""
+def model_config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device_index: int,
+                 variant: str = "") -> dict:
+    """The config the performance model picks for ``kind`` (its ``variant``) on ``conv`` on this GPU (cached per
+    shape); dgrad's and wgrad's are those of the backward :func:`model_backward` (or, ``bn_dz``,
+    :func:`model_batch_norm_backward`) picks."""
     if kind == "fwd":
-        return perf_model.choose_config(kind, conv, config_list(kind, dtype), _gpu(device_index))
+        return perf_model.choose_config(kind, conv, config_list(kind, dtype, variant), _gpu(device_index))
+    if variant == "bn_dz":
+        return model_batch_norm_backward(conv, dtype, device_index)[1][kind]
     return model_backward(conv, dtype, device_index)[1][kind]
 
 
@@ -326,13 +357,13 @@ def _gpu(index: int) -> perf_model.GPU:
                                smem_per_sm=smem_sm)
 
 
-def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device, bn_dz: bool = False):
+def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device, variant: str = ""):
     """The config kernel ``kind`` launches with, or None to autotune, in this order: the pinned one
     (:func:`pinned_configs`); the interpreter's fixed one under ``TRITON_INTERPRET=1``; the one stored for this
     shape in ``CNNPERF_CONFIG_CACHE`` (:mod:`cnnperf.ops.conv_config_cache`); None (the autotuner) with
     ``CNNPERF_AUTOTUNE=1``, unless ``torch.use_deterministic_algorithms(True)`` asks for the same choice every
     run or a CUDA graph is being captured (the autotuner's timing runs cannot be); else the performance
-    model's pick. ``bn_dz``: dgrad or wgrad computing a BatchNorm's dz (stored and picked apart)."""
+    model's pick. ``variant``: see :func:`config_list`; stored and picked apart."""
     K = _kernels()
     config = getattr(_pinned, kind, None)
     if config is None and backend.interpret():
@@ -341,23 +372,22 @@ def _config(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.
     if config is None and device.type == "cuda":
         file = conv_config_cache.path()
         if file is not None:
-            config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device, bn_dz))
+            config = conv_config_cache.lookup(file, _cache_entry(kind, conv, dtype, device, variant))
         if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()
                                or torch.cuda.is_current_stream_capturing()):  # nothing can be timed in capture
-            config = (model_batch_norm_backward(conv, dtype, _device_index(device))[1][kind] if bn_dz
-                      else model_config(kind, conv, dtype, _device_index(device)))
+            config = model_config(kind, conv, dtype, _device_index(device), variant)
     return config
 
 
 def _cache_entry(kind: str, conv: perf_model.Conv, dtype: torch.dtype, device: torch.device,
-                 bn_dz: bool = False) -> str:
+                 variant: str = "") -> str:
     import triton
 
     from cnnperf import __version__
 
     precision = f" {_input_precision(dtype)}" if dtype.itemsize == 4 else ""
     return conv_config_cache.key(torch.cuda.get_device_name(device), f"triton {triton.__version__} cnnperf "
-                                 f"{__version__}", kind + (" bn_dz" if bn_dz else ""), f"{dtype}{precision}", conv)
+                                 f"{__version__}", f"{kind} {variant}".strip(), f"{dtype}{precision}", conv)
 
 
 def launch_configs(input_shape, weight_shape, stride, padding, dilation, groups, dtype: torch.dtype,
@@ -378,12 +408,14 @@ def _device_index(device: torch.device) -> int:
 
 
 def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dict, conv=None, device=None,
-            bn_dz: bool = False) -> None:
-    """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` when None; then
-    the autotuner's winner goes to ``CNNPERF_CONFIG_CACHE`` if set (``conv`` and ``device`` name the entry)."""
+            variant: str = "") -> None:
+    """Launch kernel ``kind`` with ``config`` (see :func:`_config`), or autotuned for ``dtype`` (over its
+    ``variant``'s list) when None; then the autotuner's winner goes to ``CNNPERF_CONFIG_CACHE`` if set (``conv``
+    and ``device`` name the entry)."""
     K = _kernels()
     kernel, autotuned = {
-        "fwd": (K._conv_bias_relu_fwd_kernel, K.conv_bias_relu_fwd_autotuned),
+        "fwd": (K._conv_bias_relu_fwd_kernel,
+                lambda dtype: K.conv_bias_relu_fwd_autotuned(dtype, residual=variant == "residual")),
         "dgrad": (K._conv_dgrad_kernel, K.conv_dgrad_autotuned),
         "wgrad": (K._conv_wgrad_kernel, K.conv_wgrad_autotuned),
     }[kind]
@@ -395,7 +427,7 @@ def _launch(kind: str, dtype: torch.dtype, config, grid, args: tuple, const: dic
     tuner[grid](*args, **const)
     file = conv_config_cache.path()
     if file is not None and conv is not None and getattr(tuner, "best_config", None) is not None:
-        conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device, bn_dz),
+        conv_config_cache.record(file, _cache_entry(kind, conv, dtype, device, variant),
                                  perf_model.config_dict(tuner.best_config))
 
 
@@ -416,25 +448,26 @@ def _split_k(config, out_elements: int, grid_axis1: int) -> int:
 
 
 def _split_k_sum(ws: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, rows: int, cols: int, has_bias: bool,
-                 relu: bool, weight_layout: tuple | None = None) -> None:
-    """out = relu?(sum of ws's slices in order + bias?) in out's dtype: out is (rows, cols) contiguous, or with
-    ``weight_layout`` = (C_in_g, KW, strides of out) a (C_out, C_in_g, KH, KW) weight gradient, columns
-    (kh, kw, ci)."""
+                 relu: bool, weight_layout: tuple | None = None, residual: torch.Tensor | None = None) -> None:
+    """out = relu?(sum of ws's slices in order + bias? + residual?) in out's dtype: out (and the residual) is
+    (rows, cols) contiguous, or with ``weight_layout`` = (C_in_g, KW, strides of out) a (C_out, C_in_g, KH, KW)
+    weight gradient, columns (kh, kw, ci)."""
     K = _kernels()
     cfg = K.SPLIT_K_SUM_CONFIG
     c_in_g, kw, s_co, s_ci, s_kh, s_kw = weight_layout if weight_layout is not None else (1, 1, cols, 0, 0, 0)
     K._split_k_sum_kernel[(_cdiv(rows, cfg["BLOCK_R"]), _cdiv(cols, cfg["BLOCK_C"]))](
-        ws, bias, out, rows, cols, ws.shape[0], s_co, c_in_g, kw, s_ci, s_kh, s_kw,
-        HAS_BIAS=has_bias, RELU=relu, WEIGHT=weight_layout is not None, BLOCK_R=cfg["BLOCK_R"],
+        ws, bias, residual if residual is not None else ws, out, rows, cols, ws.shape[0], s_co, c_in_g, kw, s_ci,
+        s_kh, s_kw, HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None, RELU=relu,
+        WEIGHT=weight_layout is not None, BLOCK_R=cfg["BLOCK_R"],
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
 
 
-def _even(kind: str, channels: int, config, dtype: torch.dtype, block: str) -> bool:
+def _even(kind: str, channels: int, config, dtype: torch.dtype, block: str, variant: str = "") -> bool:
     """Whether ``channels`` is a multiple of the ``block`` ("BLOCK_K", "BLOCK_N") that will launch: the
     config's, or every one of the list when the autotuner picks (so the constexpr holds for each)."""
     if config is not None:
         return channels % perf_model.config_dict(config)[block] == 0
-    return all(channels % c.kwargs[block] == 0 for c in config_list(kind, dtype))
+    return all(channels % c.kwargs[block] == 0 for c in config_list(kind, dtype, variant))
 
 
 def _problem(input_shape, weight_shape, stride, padding, dilation, groups, dtype, has_bias) -> perf_model.Conv:
@@ -460,8 +493,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    """Triton forward: implicit GEMM over NHWC, bias and ReLU in the epilogue. Returns channels_last output."""
+def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, groups, residual=None) -> torch.Tensor:
+    """Triton forward: implicit GEMM over NHWC, bias (and the residual) and ReLU in the epilogue. Returns
+    channels_last output."""
     x = _nhwc(input)
     w = _weight_khwc(weight)
     n, c_in, h, wd = x.shape
@@ -472,22 +506,26 @@ def conv_bias_relu_forward(input, weight, bias, stride, padding, dilation, group
     c_out_g = c_out // groups
     b = bias.contiguous() if bias is not None else w  # the kernel reads bias[c] at c; never read without HAS_BIAS
     conv = _problem(x.shape, weight.shape, stride, padding, dilation, groups, x.dtype, bias is not None)
-    config = _config("fwd", conv, x.dtype, x.device)
+    variant = "residual" if residual is not None else ""
+    config = _config("fwd", conv, x.dtype, x.device, variant)
     split_k = _split_k(config, m * c_out, groups)
     ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32) if split_k > 1 else _unused(x.device)
-    args = (x, w, b, y, ws, _unused(x.device), n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2), x.stride(3),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
-    const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None, STATS=False,
-                 EVEN_K=_even("fwd", c_in_g, config, x.dtype, "BLOCK_K"),
-                 EVEN_N=_even("fwd", c_out_g, config, x.dtype, "BLOCK_N"), FOLD_C=perf_model.fold_channels(c_in_g),
+    r = _nhwc(residual) if residual is not None else y  # (never read without HAS_RESIDUAL)
+    args = (x, w, b, y, ws, _unused(x.device), r, n, h, wd, c_in, oh, ow, c_out, x.stride(0), x.stride(2),
+            x.stride(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g)
+    const = dict(SPLIT_K=split_k, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 STATS=False,
+                 EVEN_K=_even("fwd", c_in_g, config, x.dtype, "BLOCK_K", variant),
+                 EVEN_N=_even("fwd", c_out_g, config, x.dtype, "BLOCK_N", variant),
+                 FOLD_C=perf_model.fold_channels(c_in_g),
                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]), groups * split_k)
 
-    _launch("fwd", x.dtype, config, grid, args, const, conv, x.device)
+    _launch("fwd", x.dtype, config, grid, args, const, conv, x.device, variant)
     if split_k > 1:
-        _split_k_sum(ws, b, y, m, c_out, bias is not None, relu=True)
+        _split_k_sum(ws, b, y, m, c_out, bias is not None, relu=True, residual=r if residual is not None else None)
     return y.permute(0, 3, 1, 2)
 
 
@@ -539,6 +577,7 @@ def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, g
     prec = _input_precision(input.dtype)
     conv = _problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, bool(output_mask[2]))
     bn = chan is not None
+    variant = "bn_dz" if bn else ""
     mask_y = y is not None and (relu_mask or not bn)
     extra = dict(BN_GRAD=bn, MASK_Y=mask_y)
     chan = chan if bn else _unused(g.device)
@@ -549,14 +588,15 @@ def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, g
     if output_mask[0]:
         dx = torch.empty((n, h, wd, c_in), device=g.device, dtype=input.dtype)
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # between the taps of one stride phase
-        config = _config("dgrad", conv, input.dtype, g.device, bn)
+        config = _config("dgrad", conv, input.dtype, g.device, variant)
         pixels = n * h * wd
         split_k = _split_k(config, pixels * c_in, groups * stride[0] * stride[1])
         ws = (torch.empty((split_k, pixels, c_in), device=g.device, dtype=torch.float32) if split_k > 1
               else _unused(g.device))
         args = (g, y if y is not None else g, chan, w, dx, ws, n, h, wd, c_in, oh, ow, c_out,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], c_in_g, c_out_g, *steps)
-        const = dict(SPLIT_K=split_k, KH=kh, KW=kw, EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K"),
+        const = dict(SPLIT_K=split_k, KH=kh, KW=kw,
+                     EVEN_K=_even("dgrad", c_out_g, config, input.dtype, "BLOCK_K", variant),
                      INPUT_PRECISION=prec, **extra)
         phase0 = n * _cdiv(h, stride[0]) * _cdiv(wd, stride[1])  # the largest phase's pixels
 
@@ -564,14 +604,14 @@ def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, g
             return (_cdiv(phase0, meta["BLOCK_M"]) * _cdiv(c_in_g, meta["BLOCK_N"]),
                     groups * stride[0] * stride[1] * split_k)
 
-        _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device, bn)
+        _launch("dgrad", input.dtype, config, grid, args, const, conv, g.device, variant)
         if split_k > 1:
             _split_k_sum(ws, dx, dx, pixels, c_in, False, relu=False)
         grad_input = dx.permute(0, 3, 1, 2)
 
     if output_mask[1]:
         x = _nhwc(input)
-        config = _config("wgrad", conv, input.dtype, g.device, bn)
+        config = _config("wgrad", conv, input.dtype, g.device, variant)
         split = _wgrad_split(conv, config, input.dtype, g.device, y is not None)
         partial_w = torch.empty((split, c_out, kh * kw * c_in_g), device=g.device, dtype=torch.float32)
         bias_grad = bias_in_wgrad and bool(output_mask[2])
@@ -587,7 +627,7 @@ def conv_gemm_backward(g, y, input, weight, oh, ow, stride, padding, dilation, g
             cols, taps = (kw * fold, kh) if fold else (c_in_g, kh * kw)
             return (_cdiv(c_out_g, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]) * taps, split, groups)
 
-        _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device, bn)
+        _launch("wgrad", input.dtype, config, grid, args, const, conv, g.device, variant)
         # The slices' sum, cast and laid out as the custom op returns it (_backward_results), in one pass.
         grad_weight = torch.empty(weight.shape, device=g.device, dtype=weight.dtype,
                                   memory_format=torch_format(input, weight))
