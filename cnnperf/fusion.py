@@ -91,7 +91,9 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``Conv2d -> BatchNorm2d -> ReLU`` as one fused layer.
 
     Only exact ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.ReLU`` layers are fused, and only when the conv's
-    output goes to the ReLU alone (through the BatchNorm2d alone, if there is one). With ``model`` in training
+    output goes to the ReLU alone (through the BatchNorm2d alone, if there is one; in a traced graph also
+    through a BatchNorm2d and a residual add, the fused layer then called with the other addend). With ``model``
+    in training
     mode a ``Conv2d -> BatchNorm2d -> ReLU`` becomes a :class:`~cnnperf.nn.FusedConv2dBatchNormReLU` (batch
     statistics, running statistics updated as BatchNorm2d does; it follows the BatchNorm's own mode later), the
     BatchNorm2d a :class:`~cnnperf.nn.BatchNorm2dInFusedConv` that keeps its state and keys. With ``model`` in
@@ -286,7 +288,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, name: str, fold: bool, report: FuseRep
             continue
         bn_node, relu_node, add_node, other = found
         if add_node is not None:
-            mutation = _mutation_between(node, add_node, modules)
+            mutation = _mutation_between(node, relu_node, modules)
             if mutation is not None:
                 # The fused layer runs where the ReLU was: a tensor changed in place in between could be its input.
                 report.skipped.append((qualified, f"followed by BatchNorm2d and a residual add, with {mutation} "

@@ -25,7 +25,7 @@ contiguous in memory, and on the weight permuted to (C_out, KH, KW, C_in/groups)
 
 ``SPLIT_K`` (forward and dgrad): a grid too small to fill the GPU (a late layer at batch 32) cuts the K loop
 into slices written to an fp32 workspace; ``_split_k_sum_kernel`` adds them in order (deterministic), with the
-forward's bias and ReLU.
+forward's bias (residual) and ReLU.
 
 ``FOLD_C`` (forward and wgrad): with a few input channels per group (an RGB stem: 3), one tap's channels would
 fill 3 of a 16-64 wide K (or N) block; instead the (kw, c) pairs of a filter row, contiguous in the weight, form
@@ -285,7 +285,7 @@ def _conv_bias_relu_fwd_kernel(
             kh = tl.where(next_row, kh + 1, kh)
 
     y_offs = offs_m[:, None] * C_out + co[None, :]
-    if SPLIT_K > 1:  # _split_k_sum_kernel adds the slices in order, then the bias and the ReLU
+    if SPLIT_K > 1:  # _split_k_sum_kernel adds the slices in order, then the bias, the residual and the ReLU
         tl.store(ws_ptr + k_slice * M * C_out + y_offs, acc, mask=mask_m[:, None] & mask_n[None, :])
     else:
         if HAS_BIAS:

@@ -271,3 +271,16 @@ def test_torch_compile_fullgraph(compile_backend):
     assert_close(model[0].weight.grad, twin[0][0].weight.grad.double(), torch.float32)
     assert_close(model[2].bn.running_var, twin[2][1].running_var.double(), torch.float32)
     assert model[2].bn.num_batches_tracked.item() == 2
+
+
+def test_unbatched_input_with_a_4d_residual_keeps_eagers_rank():
+    """(C, H, W) + (1, C, OH, OW) is 4-D in eager: the result keeps the batch dim then (3-D residual: 3-D)."""
+    from cnnperf.functional import conv2d_batch_norm_relu
+
+    x, w = torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3)
+    for residual, shape in ((torch.randn(1, 4, 5, 5), (1, 4, 5, 5)), (torch.randn(4, 5, 5), (4, 5, 5))):
+        got = conv2d_batch_norm_relu(x, w, None, 1, 1, training=True, residual=residual)
+        z = torch.nn.functional.conv2d(x.unsqueeze(0), w, None, 1, 1)
+        expected = torch.relu(torch.nn.functional.batch_norm(z, None, None, training=True).squeeze(0) + residual)
+        assert got.shape == expected.shape == shape
+        torch.testing.assert_close(got, expected)

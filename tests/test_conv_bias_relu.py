@@ -76,6 +76,31 @@ def test_residual_added_before_the_relu(case):
                             lambda x, w, b, r: F.relu(F.conv2d(x, w, b, padding=1) + r), [x, w, b, r])
 
 
+def test_residual_of_an_unbatched_input_keeps_eagers_rank_and_dtype_under_autocast():
+    x, w, b = _tensors(0, 4, 6, 6, 5, 3)
+    r4 = torch.randn(1, 5, 6, 6)
+    out = conv2d_bias_relu(x, w, b, padding=1, residual=r4)  # eager: (C, H, W) + (1, C, H, W) is 4-D
+    assert out.shape == (1, 5, 6, 6)
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, w, b, padding=1) + r4))
+    x, w, b = _tensors(2, 4, 6, 6, 5, 3)
+    r = torch.randn(2, 5, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 conv plus a float32 residual: float32, as eager
+        out = conv2d_bias_relu(x, w, b, padding=1, residual=r)
+        expected = F.relu(F.conv2d(x, w, b, padding=1) + r)
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
+def test_residual_alone_needs_a_gradient():
+    x, w, b = (t.detach() for t in _tensors(2, 4, 6, 6, 5, 3))
+    r = torch.randn(2, 5, 6, 6, requires_grad=True)
+    out = conv2d_bias_relu(x, w, b, padding=1, residual=r)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, r, grad)
+    torch.testing.assert_close(got, torch.where(out > 0, grad, 0))
+    assert (got == 0).any() and (got != 0).any()
+
+
 def test_residual_layer_and_gradcheck():
     layer = FusedConv2dBiasReLU(4, 6, 3, padding=1).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)

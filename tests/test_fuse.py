@@ -575,13 +575,15 @@ def test_graph_rewrite_keeps_containers_buffers_and_unused_modules(mode):
 
 class ResidualVariants(nn.Module):
     """Residual adds fuse() must get right: a per-channel shift (broadcast), a conv called by keyword, and an
-    in-place op between the conv and the add (the fused layer would run after it: not fused)."""
+    in-place op between the conv and the add, or between the add and the ReLU (the fused layer would run after
+    it, where the ReLU was: not fused)."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
         self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
         self.conv3, self.bn3 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv4, self.bn4 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
         self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
 
     def forward(self, x):
@@ -589,14 +591,20 @@ class ResidualVariants(nn.Module):
         x = F.relu(self.bn2(self.conv2(input=x)) + x)
         out = self.bn3(self.conv3(x))
         x.mul_(2.0)
-        return F.relu(out + x)
+        x = F.relu(out + x)
+        total = self.bn4(self.conv4(x)) + x
+        x.add_(1.0)
+        return F.relu(total) + x
 
 
-def test_residual_adds_that_broadcast_take_keywords_or_follow_an_in_place_op():
-    model = randomize_batchnorm(ResidualVariants()).double().train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_residual_adds_that_broadcast_take_keywords_or_follow_an_in_place_op(mode):
+    model = randomize_batchnorm(ResidualVariants()).double().train(mode == "train")
     fused = cnnperf.fuse(model)
     assert report(fused).residual == ["conv1", "conv2"]
-    assert "with mul_ in place in between" in dict(report(fused).skipped)["conv3"]
+    skipped = dict(report(fused).skipped)
+    assert "with mul_ in place in between" in skipped["conv3"]
+    assert "with add_ in place in between" in skipped["conv4"]
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         testing.assert_close(fused(x), model(x))

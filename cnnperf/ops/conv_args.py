@@ -58,6 +58,11 @@ def check_residual(op: str, residual, input, shape: tuple, unbatched: bool) -> t
     return residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual
 
 
+def residual_rank(residual) -> int:
+    """The residual's number of dims (0 for what is no tensor: :func:`check_residual` then names it)."""
+    return residual.dim() if isinstance(residual, torch.Tensor) else 0
+
+
 def odd_residual(residual, shape: tuple, dtype: torch.dtype) -> bool:
     """Whether a residual is not the output's ``shape`` and ``dtype`` (one that broadcasts, or promotes the sum
     as eager's add would): torch's ops take such a call, and do exactly that."""

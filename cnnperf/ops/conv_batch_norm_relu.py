@@ -36,6 +36,7 @@ from cnnperf.ops.conv_args import (
     has_tangent,
     memory_format,
     odd_residual,
+    residual_rank,
     torch_format,
 )
 from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
@@ -72,6 +73,7 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     if residual is not None:
+        unbatched = unbatched and residual_rank(residual) < 4  # a 4-D residual makes eager's sum 4-D
         residual = check_residual(OP, residual, batched_input, (input.shape[0], weight.shape[0], oh, ow), unbatched)
     if not training:
         if running_mean is None:
