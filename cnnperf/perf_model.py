@@ -530,16 +530,8 @@ def choose_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable
     themselves (reading dY and Y; the wgrad sums the bias gradient) or a mask pass writes g first, whichever
     the model predicts faster with each side's best configs (the fused loads feed one more tile from L2 each K
     iteration; the pass moves 6 bytes an element). Never fused below :data:`MASK_IN_GEMMS_MIN_ARCH`."""
-    dgrad_configs, wgrad_configs = list(dgrad_configs), list(wgrad_configs)
-    best = None
-    for mask_y in (False, True) if gpu.arch >= MASK_IN_GEMMS_MIN_ARCH else (False,):
-        cfgs = {"dgrad": choose_config("dgrad", conv, dgrad_configs, gpu, mask_y),
-                "wgrad": choose_config("wgrad", conv, wgrad_configs, gpu, mask_y)}
-        kernels = [k for kind, cfg in cfgs.items() for k in gemm_pass(kind, conv, cfg, gpu, mask_y=mask_y)]
-        t = sum(k.seconds for k in kernels + ([] if mask_y else mask_pass(conv, gpu)))
-        if best is None or t < best[0]:
-            best = (t, mask_y, cfgs)
-    return best[1], best[2]
+    return _in_gemms_or_pass(conv, dgrad_configs, wgrad_configs, gpu, "mask_y",
+                             gpu.arch >= MASK_IN_GEMMS_MIN_ARCH, mask_pass(conv, gpu))
 
 
 def choose_batch_norm_backward(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable, gpu: GPU,
@@ -549,18 +541,25 @@ def choose_batch_norm_backward(conv: Conv, dgrad_configs: Iterable, wgrad_config
     arithmetic's issue slots) or read a dz that one more pass wrote (3 bytes per element of dz's dtype moved),
     whichever the model predicts faster with each side's best configs, over the GEMMs that run (``kinds``: a
     first layer has no dgrad, a frozen weight no wgrad). Never below :data:`BN_DZ_MIN_ARCH`."""
-    dgrad_configs, wgrad_configs = list(dgrad_configs), list(wgrad_configs)
+    return _in_gemms_or_pass(conv, dgrad_configs, wgrad_configs, gpu, "bn_dz", gpu.arch >= BN_DZ_MIN_ARCH,
+                             [memory_cost("dz", 3 * conv.sizes()["y"], gpu)], kinds)
+
+
+def _in_gemms_or_pass(conv: Conv, dgrad_configs: Iterable, wgrad_configs: Iterable, gpu: GPU, flag: str,
+                      allowed: bool, pass_kernels: list[KernelCost],
+                      kinds: Sequence[str] = ("dgrad", "wgrad")) -> tuple[bool, dict[str, dict[str, int]]]:
+    """(in_gemms, configs): the backward GEMMs with ``flag`` (``mask_y`` or ``bn_dz``: they do an elementwise
+    pass's work as they load) against the GEMMs without it plus ``pass_kernels``, each side with its best
+    configs, timed over ``kinds``; ties and ``allowed`` False keep the pass."""
+    configs = {"dgrad": list(dgrad_configs), "wgrad": list(wgrad_configs)}
     best = None
-    for bn_dz in (False, True) if gpu.arch >= BN_DZ_MIN_ARCH else (False,):
-        cfgs = {"dgrad": choose_config("dgrad", conv, dgrad_configs, gpu, bn_dz=bn_dz),
-                "wgrad": choose_config("wgrad", conv, wgrad_configs, gpu, bn_dz=bn_dz)}
+    for in_gemms in (False, True) if allowed else (False,):
+        cfgs = {kind: choose_config(kind, conv, lst, gpu, **{flag: in_gemms}) for kind, lst in configs.items()}
         kernels = [k for kind, cfg in cfgs.items() if kind in kinds
-                   for k in gemm_pass(kind, conv, cfg, gpu, bn_dz=bn_dz)]
-        if not bn_dz:
-            kernels.append(memory_cost("dz", 3 * conv.sizes()["y"], gpu))
-        t = sum(k.seconds for k in kernels)
+                   for k in gemm_pass(kind, conv, cfg, gpu, **{flag: in_gemms})]
+        t = sum(k.seconds for k in kernels + ([] if in_gemms else pass_kernels))
         if best is None or t < best[0]:
-            best = (t, bn_dz, cfgs)
+            best = (t, in_gemms, cfgs)
     return best[1], best[2]
 
 

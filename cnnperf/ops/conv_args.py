@@ -44,8 +44,9 @@ def conv_arguments(op: str, input, weight, bias, stride, padding, dilation, grou
     return ConvArgs(input, stride, padding, dilation, groups, unbatched)
 
 
-def check_residual(op: str, residual, input, shape: tuple, unbatched: bool) -> torch.Tensor:
-    """A residual added before a fused op's ReLU, 4-D when it has the (unbatched) output's ``shape``; an error
+def check_residual(op: str, residual, input, shape: tuple, unbatched: bool) -> tuple[torch.Tensor, bool]:
+    """(residual, unbatched): a residual added before a fused op's ReLU, 4-D when it has the unbatched output's
+    ``shape[1:]``, and whether the result is still unbatched (a 4-D residual makes eager's sum 4-D); an error
     naming it when it is no floating-point tensor or on another device than ``input``. (Any other shape
     broadcasts, as in eager's add.)"""
     if not isinstance(residual, torch.Tensor):
@@ -55,12 +56,9 @@ def check_residual(op: str, residual, input, shape: tuple, unbatched: bool) -> t
                            f"{input.device}")
     if not residual.is_floating_point():
         raise TypeError(f"{op}: residual must be a floating-point tensor, got {residual.dtype}")
-    return residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual
-
-
-def residual_rank(residual) -> int:
-    """The residual's number of dims (0 for what is no tensor: :func:`check_residual` then names it)."""
-    return residual.dim() if isinstance(residual, torch.Tensor) else 0
+    unbatched = unbatched and residual.dim() < 4
+    return (residual.unsqueeze(0) if unbatched and tuple(residual.shape) == tuple(shape[1:]) else residual,
+            unbatched)
 
 
 def odd_residual(residual, shape: tuple, dtype: torch.dtype) -> bool:

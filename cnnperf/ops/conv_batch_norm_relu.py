@@ -36,7 +36,6 @@ from cnnperf.ops.conv_args import (
     has_tangent,
     memory_format,
     odd_residual,
-    residual_rank,
     torch_format,
 )
 from cnnperf.ops.conv_bias_relu import conv2d_bias_relu
@@ -73,8 +72,8 @@ def conv2d_batch_norm_relu(input, weight, bias=None, stride=1, padding=0, dilati
     _check_batch_norm(weight, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
     oh, ow = output_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     if residual is not None:
-        unbatched = unbatched and residual_rank(residual) < 4  # a 4-D residual makes eager's sum 4-D
-        residual = check_residual(OP, residual, batched_input, (input.shape[0], weight.shape[0], oh, ow), unbatched)
+        residual, unbatched = check_residual(OP, residual, batched_input, (input.shape[0], weight.shape[0], oh, ow),
+                                             unbatched)
     if not training:
         if running_mean is None:
             raise ValueError(f"{OP}: training=False normalises with the running statistics, but running_mean and "
@@ -476,7 +475,6 @@ def _dz_in_gemms(rows_ready: bool, input, weight, stride, padding, dilation, gro
         return False
     if input.device.type != "cuda":
         return True
-    conv = cbr._problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype,
-                        bool(output_mask[2]))
+    conv = cbr._problem(input.shape, weight.shape, stride, padding, dilation, groups, input.dtype, False)
     kinds = tuple(kind for kind, wanted in zip(("dgrad", "wgrad"), output_mask) if wanted)
     return cbr.model_batch_norm_backward(conv, input.dtype, cbr._device_index(input.device), kinds)[0]

@@ -40,7 +40,6 @@ from cnnperf.ops.conv_args import (
     has_tangent,
     memory_format,
     odd_residual,
-    residual_rank,
     torch_format,
 )
 from cnnperf.perf_model import output_hw
@@ -74,8 +73,7 @@ def conv2d_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     shape = (input.shape[0], weight.shape[0], *output_hw(input.shape[2:], weight.shape[2:], stride, padding,
                                                          dilation))
     if residual is not None:
-        unbatched = unbatched and residual_rank(residual) < 4  # a 4-D residual makes eager's sum 4-D
-        residual = check_residual(OP, residual, batched_input, shape, unbatched)
+        residual, unbatched = check_residual(OP, residual, batched_input, shape, unbatched)
 
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
